@@ -1,0 +1,179 @@
+"""Unit tests of common.py's metrics, title matching, arguments, run paths and retriever."""
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+from common import arg  # noqa: E402
+
+
+# ---------------------------------------------------------------- metrics
+
+def test_target_at_rank_7_each_k_looks_at_its_own_slice():
+    ranked = [10, 11, 12, 13, 14, 15, 99, 16, 17, 18]  # target 99 at rank 7
+    m = common.label_metrics(ranked, 99, ks=(1, 5, 10, 50))
+    assert m["recall@1"] == 0 and m["recall@5"] == 0
+    assert m["recall@10"] == 1 and m["recall@50"] == 1
+    assert m["ndcg@5"] == 0 and m["mrr@5"] == 0
+    assert m["ndcg@10"] == pytest.approx(1 / math.log2(8))  # = 1/3
+    assert m["mrr@10"] == pytest.approx(1 / 7)
+
+
+def test_target_at_rank_1_and_missing():
+    assert common.label_metrics([5, 6], 5, ks=(1,)) == {"recall@1": 1.0, "ndcg@1": 1.0, "mrr@1": 1.0}
+    assert common.label_metrics([5, 6], 7, ks=(10,)) == {"recall@10": 0.0, "ndcg@10": 0.0, "mrr@10": 0.0}
+
+
+def test_one_label_per_target_item():
+    acc = common.MetricAccumulator(ks=(1, 10))
+    acc.add([1, 2, 3], [1, 3])   # two labels: rank 1 and rank 3
+    acc.add([4, 5, 6], [9])      # one label, a miss
+    acc.add([7], [])             # no label: ignored
+    r = acc.result()
+    assert acc.labels == 3
+    assert r["recall@1"] == pytest.approx(1 / 3)
+    assert r["recall@10"] == pytest.approx(2 / 3)
+    assert r["mrr@10"] == pytest.approx((1 + 1 / 3) / 3)
+    assert r["ndcg@10"] == pytest.approx((1 + 1 / math.log2(4)) / 3)
+
+
+def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_more_samples():
+    small, large = common.MetricAccumulator(ks=(1,)), common.MetricAccumulator(ks=(1,))
+    for i in range(40):
+        small.add([0], [0 if i % 4 == 0 else 1])
+    for i in range(400):
+        large.add([0], [0 if i % 4 == 0 else 1])
+    lo, hi = small.confidence_intervals()["recall@1"]
+    assert lo <= 0.25 <= hi
+    lo2, hi2 = large.confidence_intervals()["recall@1"]
+    assert (hi2 - lo2) < (hi - lo)
+
+
+# ---------------------------------------------------------------- titles
+
+def test_title_matching_year_articles_fuzzy_and_candidates():
+    items = [{"title": "The Matrix (1999)"}, {"title": "Matrix (2021)"}, {"title": "Amélie (2001)"},
+             {"title": "Star Wars: Episode IV – A New Hope (1977)"}]
+    index = common.TitleIndex(items, popularity=[5, 1, 1, 1])
+    assert index.match("the matrix (1999)") == 0
+    assert index.match("Matrix (2021)") == 1
+    assert index.match("The Matrix") == 0           # no year: the more popular one
+    assert index.match("Amelie") == 2               # accents
+    assert index.match("Star Wars Episode IV A New Hope") == 3
+    assert index.match("Star Wars Episode IV A New Hop") == 3   # fuzzy
+    assert index.match("Completely Different Film") is None
+    assert index.match("The Matrix", candidates=[1, 2]) == 1     # restricted to candidates
+
+
+# ---------------------------------------------------------------- arguments and run paths
+
+@dataclass
+class _Args:
+    name: str = arg("x", "a name", choices=["x", "y"])
+    steps: int = arg(3, "steps")
+    lr: float = arg(1e-3, "learning rate")
+    flag: bool = arg(True, "a switch")
+    rows: list = arg(["a", "b"], "rows")
+
+
+def test_parse_args_types_bools_lists_and_choices():
+    a = common.parse_args(_Args, ["--name", "y", "--steps", "7", "--lr", "0.5", "--no-flag", "--rows", "c"])
+    assert (a.name, a.steps, a.lr, a.flag, a.rows) == ("y", 7, 0.5, False, ["c"])
+    assert common.parse_args(_Args, []).rows == ["a", "b"]
+    with pytest.raises(SystemExit):
+        common.parse_args(_Args, ["--name", "z"])
+
+
+def test_missing_stage_names_the_script_to_run(tmp_path):
+    run = common.RunPaths(tmp_path)
+    with pytest.raises(SystemExit, match="01_prep_data.py"):
+        run.require("data", "items.jsonl")
+    with pytest.raises(SystemExit, match="03_sft_recommender.py"):
+        run.require("retriever", "fused/retriever.pt")
+
+
+def test_read_jsonl_names_file_and_line(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"a": 1}\n{"a": \n')
+    with pytest.raises(common.DataError, match=r"x.jsonl:2"):
+        common.read_jsonl(p)
+
+
+# ---------------------------------------------------------------- retriever
+
+def test_cooccurrence_embeddings_put_co_mentioned_items_together():
+    sets = [[0, 1]] * 20 + [[2, 3]] * 20 + [[0, 1, 4]] * 3
+    emb = common.cooccurrence_embeddings(sets, 8, dim=4)
+    cos = F.cosine_similarity
+    assert cos(emb[0], emb[1], dim=0) > cos(emb[0], emb[2], dim=0)
+    assert emb.shape == (8, 4)
+
+
+@pytest.mark.parametrize("views", [("semantic",), ("collaborative",), ("semantic", "collaborative")])
+def test_retriever_shapes_masking_and_padding(views):
+    torch.manual_seed(0)
+    net = common.DualViewRetriever(torch.randn(30, 12), torch.randn(30, 8), views, dim=8, heads=2, dropout=0.0).eval()
+    items = common.pad_item_lists([[1, 2], [], [5]])
+    assert items.tolist() == [[1, 2], [-1, -1], [5, -1]]
+    scores = net(torch.randn(3, 12), items, exclude_seen=True)
+    assert scores.shape == (3, 30)
+    assert torch.isinf(scores[0, [1, 2]]).all() and torch.isinf(scores[2, 5])
+    assert torch.isfinite(scores[1]).all()
+    # padding must not change a row's scores
+    alone = net(torch.randn(1, 12).copy_(torch.zeros(1, 12)), common.pad_item_lists([[5]]))
+    padded = net(torch.zeros(1, 12), torch.tensor([[5, -1, -1]]))
+    assert torch.allclose(alone, padded, atol=1e-5)
+
+
+def test_fused_retriever_uses_both_views_on_held_out_dialogues(tmp_path):
+    """Half the dialogues describe their target in text (only the semantic view can use that);
+    the other half mention item 2j whose target is 2j+1, a pair known only from co-occurrence
+    (only the collaborative view can use that: those pairs never appear as training labels).
+    On held-out dialogues the fused retriever must beat each single view. It also saves/loads."""
+    torch.manual_seed(0)
+    n_items, sem_dim = 32, 16
+    item_sem = F.normalize(torch.randn(n_items, sem_dim), dim=-1)
+    collab_init = common.cooccurrence_embeddings([[2 * j, 2 * j + 1] for j in range(n_items // 2)] * 5, n_items, 32)
+
+    def make(count, pairs):
+        ctx, ctx_items, targets = [], [], []
+        for i in range(count):
+            if i % 2 == 0:   # the text describes the target
+                t = int(torch.randint(0, n_items, ()))
+                ctx.append(item_sem[t] + 0.05 * torch.randn(sem_dim)); ctx_items.append([])
+            else:            # a mentioned item whose co-occurring partner is the target
+                j = pairs[int(torch.randint(0, len(pairs), ()))]
+                t = 2 * j + 1
+                ctx.append(0.05 * torch.randn(sem_dim)); ctx_items.append([2 * j])
+            targets.append(t)
+        return torch.stack(ctx), common.pad_item_lists(ctx_items), torch.tensor(targets)
+
+    train = make(800, list(range(0, 8)))        # pairs 0..7 seen as labels
+    test = make(400, list(range(8, 16)))        # pairs 8..15 only in co-occurrence
+    top5 = {}
+    for views in [("semantic",), ("collaborative",), ("semantic", "collaborative")]:
+        torch.manual_seed(0)
+        net = common.DualViewRetriever(item_sem, collab_init, views, dim=32, heads=2, dropout=0.0)
+        opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+        for _ in range(200):
+            loss = F.cross_entropy(net(*train[:2], exclude_seen=True), train[2])
+            opt.zero_grad(); loss.backward(); opt.step()
+        net.eval()
+        with torch.no_grad():
+            hits = net(*test[:2], exclude_seen=True).topk(5, dim=1).indices == test[2].unsqueeze(1)
+        top5[views] = hits.any(1).float().mean().item()
+        last = net
+    fused = top5[("semantic", "collaborative")]
+    print(top5)
+    assert fused > top5[("semantic",)] + 0.15, top5
+    assert fused > top5[("collaborative",)] + 0.15, top5
+    last.save(tmp_path / "r", extra={"encoder": "x"})
+    loaded = common.DualViewRetriever.load(tmp_path / "r")
+    assert loaded.extra["encoder"] == "x"
+    assert torch.allclose(loaded(*test[:2]), last(*test[:2]))
