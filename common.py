@@ -1299,3 +1299,115 @@ def load_checkpoint(folder: str | os.PathLike, model: nn.Module, optimizer: torc
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state["step"], state["extra"]
+
+
+# --------------------------------------------------------------------------------------
+# 8. Prompts: the user simulator's three tasks (02 trains them; the eval loop and RL reuse them)
+# --------------------------------------------------------------------------------------
+
+SIM_TASKS = ("feedback", "attributes", "target")
+SIM_INSTRUCTIONS = {
+    "feedback": (
+        "You are a movie seeker talking to a recommender. Given the conversation so far and the "
+        "recommender's latest message with the movies it recommends, write your next reply as the "
+        "seeker would: say whether the movies appeal to you and why, ask about them, or say what "
+        "you are looking for. Reply in one or two sentences."),
+    "attributes": (
+        "You read a conversation between a movie seeker and a recommender. List the attributes of "
+        "the movies this seeker likes, as 'Genres: ...; People: ...' (comma-separated; write none "
+        "when unknown)."),
+    "target": (
+        "You read a conversation between a movie seeker and a recommender. Name the movie(s) the "
+        "seeker will end up accepting, as titles with their year, separated by '; '."),
+}
+
+
+def format_item(item: dict) -> str:
+    """One line per movie for a prompt: 'Knives Out (2019): mystery; dir. Rian Johnson; with A, B, C'."""
+    parts = []
+    if item.get("genres"):
+        parts.append(", ".join(item["genres"][:3]))
+    if item.get("directors"):
+        parts.append("dir. " + ", ".join(item["directors"][:1]))
+    if item.get("stars"):
+        parts.append("with " + ", ".join(item["stars"][:3]))
+    return item["title"] + (": " + "; ".join(parts) if parts else "")
+
+
+def format_items_for_prompt(items: Sequence[dict], ids: Sequence[int]) -> str:
+    """A bulleted list of the movies `ids` (catalogue item ids) with short attributes."""
+    return "\n".join(f"- {format_item(items[i])}" for i in ids) or "(no movie)"
+
+
+def format_dialogue(context: Sequence[dict], max_turns: int = 8) -> str:
+    """The last `max_turns` turns as 'Seeker: ...' / 'Recommender: ...' lines (older turns are cut
+    whole, so the instruction never is)."""
+    turns = list(context)[-max_turns:] if max_turns else list(context)
+    lines = [f"{'Seeker' if t['role'] == 'seeker' else 'Recommender'}: {t['text']}" for t in turns]
+    return "\n".join(lines) or "(the conversation has not started)"
+
+
+def simulator_messages(task: str, context: Sequence[dict], items: Sequence[dict] | None = None,
+                       recommender_text: str = "", recommended_ids: Sequence[int] = (),
+                       answer: str | None = None, max_turns: int = 8) -> list[dict]:
+    """Chat messages of one simulator task. The simulator sees the dialogue so far and, for
+    `feedback`, the recommender's new turn (its text and the recommended movies); never the target.
+    answer: the assistant turn (training); None leaves the prompt for generation."""
+    if task not in SIM_TASKS:
+        raise ValueError(f"unknown simulator task {task!r}; expected one of {SIM_TASKS}")
+    user = "Conversation so far:\n" + format_dialogue(context, max_turns)
+    if task == "feedback":
+        user += ("\n\nThe recommender now says: " + (recommender_text or "(nothing)")
+                 + "\nRecommended movies:\n" + format_items_for_prompt(items or [], recommended_ids)
+                 + "\n\nYour reply as the seeker:")
+    elif task == "attributes":
+        user += "\n\nAttributes of the movies this seeker likes:"
+    else:
+        user += "\n\nMovie(s) the seeker will accept:"
+    messages = [{"role": "system", "content": SIM_INSTRUCTIONS[task]}, {"role": "user", "content": user}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def attribute_answer(items: Sequence[dict], ids: Sequence[int], max_genres: int = 6, max_people: int = 8) -> str:
+    """'Genres: action, mystery; People: Rian Johnson, Daniel Craig' for the movies `ids`: their
+    genres, then directors and the first two stars of each, de-duplicated in order."""
+    genres, people = [], []
+    for i in ids:
+        genres += items[i].get("genres", [])
+        people += items[i].get("directors", [])[:1] + items[i].get("stars", [])[:2]
+    genres = list(dict.fromkeys(genres))[:max_genres]
+    people = list(dict.fromkeys(people))[:max_people]
+    return f"Genres: {', '.join(genres) or 'none'}; People: {', '.join(people) or 'none'}"
+
+
+def parse_attributes(text: str) -> set[str]:
+    """The attribute set of an attribute_answer-style string (lower case, labels and 'none'
+    dropped); tolerant of free text: any comma/semicolon/newline separated phrase counts."""
+    out = set()
+    for part in re.split(r"[;,\n]", text):
+        part = re.sub(r"^\s*(genres?|people|directors?|stars?|actors?)\s*:", "", part, flags=re.I)
+        part = " ".join(part.lower().split()).strip(" .-*")
+        if part and part != "none":
+            out.add(part)
+    return out
+
+
+def target_answer(items: Sequence[dict], ids: Sequence[int]) -> str:
+    """'Knives Out (2019); Joker (2019)': the titles of the movies `ids`."""
+    return "; ".join(items[i]["title"] for i in ids)
+
+
+def parse_titles(text: str) -> list[str]:
+    """Titles in a target_answer-style string (separated by ';' or new lines, list bullets dropped)."""
+    parts = (re.sub(r"^\s*(?:[-*]|\d+[.)])\s*", "", p).strip() for p in re.split(r"[;\n]", text))
+    return [p for p in parts if p]
+
+
+def set_f1(predicted: set, true: set) -> float:
+    """F1 of two sets (1.0 when both are empty)."""
+    if not predicted and not true:
+        return 1.0
+    hit = len(predicted & true)
+    return 0.0 if hit == 0 else 2 * hit / (len(predicted) + len(true))

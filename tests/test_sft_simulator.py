@@ -1,0 +1,158 @@
+"""Tests of 02_sft_simulator.py on the prepared INSPIRED data with a tiny random Llama (`--model tiny`)
+and of the simulator prompts in common.py section 8."""
+import importlib
+import json
+
+import pytest
+import torch
+
+import common
+
+prep = importlib.import_module("01_prep_data")
+sim = importlib.import_module("02_sft_simulator")
+
+TINY = ["--model", "tiny", "--max-len", "192", "--batch-size", "2", "--max-train-samples", "60",
+        "--max-eval-samples", "6", "--gen-batch-size", "6", "--threads", "1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # small ops are several times slower with 2 threads on small CPUs
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def inspired_data(tmp_path_factory, shared_data):
+    run_dir = tmp_path_factory.mktemp("inspired_sim")
+    prep.main(["--dataset", "inspired", "--raw-dir", str(shared_data / "inspired"), "--run-dir", str(run_dir)])
+    return run_dir
+
+
+def run_copy(inspired_data, tmp_path, name):
+    """A fresh run directory sharing the prepared data (so each run has its own simulator/)."""
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    (run_dir / "data").symlink_to(inspired_data / "data")
+    return run_dir
+
+
+def test_missing_data_names_the_prep_script(tmp_path):
+    with pytest.raises(SystemExit, match="01_prep_data.py"):
+        sim.main(["--run-dir", str(tmp_path), "--model", "tiny"])
+
+
+def test_prompt_helpers_round_trip():
+    items = [{"title": "Knives Out (2019)", "genres": ["Mystery"], "directors": ["Rian Johnson"],
+              "stars": ["Daniel Craig", "Chris Evans", "Ana de Armas"]},
+             {"title": "Joker (2019)", "genres": [], "directors": ["Todd Phillips"], "stars": ["Joaquin Phoenix"]}]
+    answer = common.attribute_answer(items, [0, 1])
+    assert answer == "Genres: Mystery; People: Rian Johnson, Daniel Craig, Chris Evans, Todd Phillips, Joaquin Phoenix"
+    assert common.parse_attributes(answer) == {"mystery", "rian johnson", "daniel craig", "chris evans",
+                                               "todd phillips", "joaquin phoenix"}
+    assert common.parse_attributes("Genres: none; People: none") == set()
+    assert common.parse_titles("1. Knives Out (2019); Joker (2019)\n- Alien") == ["Knives Out (2019)", "Joker (2019)", "Alien"]
+    assert common.set_f1({"a", "b"}, {"b", "c"}) == 0.5 and common.set_f1(set(), set()) == 1.0
+    assert "- Knives Out (2019): Mystery; dir. Rian Johnson; with Daniel Craig" in common.format_items_for_prompt(items, [0])
+
+
+def test_three_task_examples_from_one_sample(inspired_data):
+    run = common.RunPaths(inspired_data)
+    items, samples = common.load_items(run), common.load_samples(run, "train")
+    tok = common.load_tokenizer()
+    accepted = sim.accepted_items(samples)
+    s = next(x for x in samples if x["seeker_reply"] and x["liked"] and len(x["context"]) >= 2)
+    answers = {}
+    for task in common.SIM_TASKS:
+        messages = sim.task_messages(task, s, items, accepted, max_turns=8)
+        assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+        assert messages[0]["content"] == common.SIM_INSTRUCTIONS[task]
+        assert s["context"][-1]["text"] in messages[1]["content"]
+        ex = common.build_chat_example(tok, messages, max_len=2048)
+        learned = [i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != common.IGNORE_INDEX]
+        # labels cover exactly the answer and the end-of-turn marker, nothing of the prompt
+        assert tok.decode(learned) == messages[2]["content"] + "<|im_end|>"
+        assert ex["labels"][:len(ex["labels"]) - len(learned)] == [common.IGNORE_INDEX] * (len(ex["labels"]) - len(learned))
+        answers[task] = messages
+    fb = answers["feedback"]
+    assert fb[2]["content"] == s["seeker_reply"]
+    assert s["response"] in fb[1]["content"]
+    assert all(items[i]["title"] in fb[1]["content"] for i in s["targets"])
+    assert answers["attributes"][2]["content"] == common.attribute_answer(items, s["liked"])
+    truth = accepted[s["dialog_id"]] or s["targets"]
+    assert answers["target"][2]["content"] == "; ".join(items[i]["title"] for i in truth)
+    # the simulator never sees the target outside the target task's answer, nor the reply
+    for task in ("attributes", "target"):
+        assert s["response"] not in answers[task][1]["content"]
+    assert s["seeker_reply"] not in fb[1]["content"]
+    # a sample without a seeker reply gives no feedback example
+    assert sim.task_messages("feedback", {**s, "seeker_reply": " "}, items, accepted, 8) is None
+
+
+def test_smoke_run_writes_adapter_log_and_quality(inspired_data, tmp_path):
+    run_dir = run_copy(inspired_data, tmp_path, "smoke")
+    out = sim.main(["--run-dir", str(run_dir), "--steps", "3", "--eval-every", "3", "--save-every", "2"] + TINY)
+    folder = run_dir / "simulator"
+    for f in ("adapter_config.json", "adapter_model.safetensors", "simulator_config.json", "train_log.jsonl",
+              "quality.json", "checkpoint/checkpoint.pt"):
+        assert (folder / f).exists(), f
+    log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["loss"] > 0 and r["seconds"] >= 0 for r in log)
+    assert set(log[-1]["eval_loss"]) == set(common.SIM_TASKS)
+    quality = json.loads((folder / "quality.json").read_text())
+    for name in ("tuned", "base"):
+        q = quality[name]
+        assert 0 <= q["target_hit_rate"] <= 1 and 0 <= q["attribute_f1"] <= 1 and q["reply_loss"] > 0
+        assert q["target_samples"] == 6
+    assert quality["tuned"]["reply_loss"] != quality["base"]["reply_loss"]  # the adapter changed something
+    config = json.loads((folder / "simulator_config.json").read_text())
+    assert config["task_mix"] == {"feedback": 1.0, "attributes": 1.0, "target": 1.0}
+    assert all(n > 0 for n in config["train_examples"].values())
+    # the adapter loads into a fresh tiny model in PEFT layout
+    model, _ = common.tiny_causal_lm()
+    assert common.load_lora(model, folder)["r"] == 16
+    assert out["quality"] == quality
+
+
+def test_feedback_only_mix_builds_feedback_examples_only(inspired_data, tmp_path, monkeypatch):
+    built = []
+    original = sim.task_messages
+    monkeypatch.setattr(sim, "task_messages", lambda task, *a, **k: built.append(task) or original(task, *a, **k))
+    monkeypatch.setattr(sim, "simulator_quality", lambda *a, **k: {"target_hit_rate": 0, "attribute_f1": 0, "reply_loss": 1})
+    run_dir = run_copy(inspired_data, tmp_path, "feedback_only")
+    built.clear()
+    out = sim.main(["--run-dir", str(run_dir), "--steps", "1", "--task-mix", "1", "0", "0"] + TINY)
+    assert out["config"]["train_examples"] == {"feedback": out["config"]["train_examples"]["feedback"]}
+    assert out["config"]["task_mix"] == {"feedback": 1.0}
+    train_calls = built[:60]  # the first 60 calls build the 60 training samples' examples
+    assert set(train_calls) == {"feedback"}
+
+
+def test_epoch_order_respects_the_mix_and_is_a_function_of_seed_and_epoch():
+    pools = {"feedback": [None] * 10, "attributes": [None] * 10, "target": [None] * 10}
+    order = sim.epoch_order(pools, {"feedback": 2.0, "attributes": 1.0, "target": 1.0}, seed=0, epoch=0)
+    tasks = [t for t, _ in order]
+    # shares 2:1:1 of an epoch as long as the pools (30): 15, 7.5 -> 8, 7.5 -> 8 examples
+    assert (tasks.count("feedback"), tasks.count("attributes"), tasks.count("target")) == (15, 8, 8)
+    assert {i for t, i in order if t == "feedback"} == set(range(10))  # every example before any repeats
+    assert order == sim.epoch_order(pools, {"feedback": 2.0, "attributes": 1.0, "target": 1.0}, 0, 0)
+    assert order != sim.epoch_order(pools, {"feedback": 2.0, "attributes": 1.0, "target": 1.0}, 0, 1)
+
+
+def test_killed_run_resumes_to_identical_weights(inspired_data, tmp_path):
+    args = ["--steps", "4", "--save-every", "2", "--grad-accum", "2", "--max-eval-samples", "2"] + TINY
+    whole = run_copy(inspired_data, tmp_path, "whole")
+    sim.main(["--run-dir", str(whole)] + args)
+    split = run_copy(inspired_data, tmp_path, "split")
+    assert sim.main(["--run-dir", str(split)] + args + ["--stop-after", "2"]) == {"stopped_at": 2}
+    assert not (split / "simulator" / "adapter_model.safetensors").exists()
+    sim.main(["--run-dir", str(split)] + args)  # the same command again: resumes at step 2
+    _, a = common.read_lora(whole / "simulator")
+    _, b = common.read_lora(split / "simulator")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(line)["step"] for line in (split / "simulator" / "train_log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4]
+    # a rerun with other settings refuses the checkpoint instead of mixing two runs
+    with pytest.raises(SystemExit, match="other settings"):
+        sim.main(["--run-dir", str(split)] + args + ["--lr", "1e-3"])
