@@ -86,17 +86,6 @@ def training_pairs(samples: list[dict], train_on: str) -> tuple[list[int], list[
     return rows, targets
 
 
-def evaluate_ranking(ranked: list[list[int]], samples: list[dict], ks=common.METRIC_KS) -> dict:
-    """Metrics of ranked lists against new targets (headline) and all targets."""
-    result = {}
-    for name, key in (("new", "new_targets"), ("all", "targets")):
-        acc = common.MetricAccumulator(ks)
-        for r, s in zip(ranked, samples):
-            acc.add(r, s[key])
-        result[name] = {**acc.result(), "labels": acc.labels}
-    return result
-
-
 def train_retriever(args: Args, variant: str, features: dict, samples: dict[str, list[dict]],
                     collab_init: torch.Tensor, log) -> tuple[common.DualViewRetriever, dict]:
     """Train one retriever variant; returns the best-by-validation model and its report."""
@@ -128,7 +117,7 @@ def train_retriever(args: Args, variant: str, features: dict, samples: dict[str,
             total += loss.item() * len(pick)
         ranked = common.rank_items(net, features["valid"], [s["context_items"] for s in samples["valid"]], k,
                                    args.exclude_seen, device=args.device)
-        recall = evaluate_ranking(ranked, samples["valid"], ks=(k,))["new"][f"recall@{k}"]
+        recall = common.score_rankings(ranked, samples["valid"], ks=(k,))["new"][f"recall@{k}"]
         log({"variant": variant, "epoch": epoch, "loss": total / len(perm), f"valid_new_recall@{k}": recall})
         bar.set_postfix(loss=f"{total / len(perm):.3f}", **{f"R@{k}": f"{recall:.3f}"})
         if recall > best_recall:
@@ -143,7 +132,7 @@ def train_retriever(args: Args, variant: str, features: dict, samples: dict[str,
     for split in ("valid", "test"):
         ranked = common.rank_items(net, features[split], [s["context_items"] for s in samples[split]],
                                    max(common.METRIC_KS), args.exclude_seen, device=args.device)
-        report[split] = evaluate_ranking(ranked, samples[split])
+        report[split] = common.score_rankings(ranked, samples[split])
     return net.cpu(), report
 
 

@@ -44,19 +44,6 @@ class Args:
     device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
 
 
-def score_rankings(ranked: list[list[int]], samples: list[dict], args: Args) -> dict:
-    """{'new': {metric: value}, 'all': {...}, 'ci': {'new': {metric: [lo, hi]}, 'all': ...}, 'labels': ...}"""
-    out: dict = {"ci": {}, "labels": {}}
-    for name, key in (("new", "new_targets"), ("all", "targets")):
-        acc = common.MetricAccumulator()
-        for r, s in zip(ranked, samples):
-            acc.add(r, s[key])
-        out[name] = acc.result()
-        out["ci"][name] = acc.confidence_intervals(resamples=args.bootstrap, seed=args.seed)
-        out["labels"][name] = acc.labels
-    return out
-
-
 def popularity_rankings(run: common.RunPaths, num_items: int, samples: list[dict], k: int, exclude_seen: bool) -> list[list[int]]:
     """The most-mentioned training items, minus those already in each dialogue."""
     counts = common.popularity_counts(common.load_dialogues(run, "train"), num_items)
@@ -126,7 +113,7 @@ def main(argv=None) -> dict:
         results["seconds"]["retrievers"] = round(time.time() - started, 1)
 
     for row in args.rows:
-        results["rows"][row] = score_rankings(rankings[row], samples, args)
+        results["rows"][row] = common.score_rankings(rankings[row], samples, bootstrap=args.bootstrap, seed=args.seed)
     results["labels"] = results["rows"][args.rows[0]]["labels"] if args.rows else {"new": 0, "all": 0}
 
     out = run.root / "eval"

@@ -446,6 +446,25 @@ class MetricAccumulator:
         return out
 
 
+def score_rankings(ranked: Sequence[Sequence[int]], samples: Sequence[dict], ks: Sequence[int] = METRIC_KS,
+                   bootstrap: int = 0, seed: int = 0) -> dict:
+    """Metrics of ranked lists against each sample's `new_targets` (headline) and `targets`:
+    {'new': {metric: value}, 'all': {...}, 'labels': {'new': n, 'all': n}} and, with bootstrap > 0,
+    'ci': {'new': {metric: [lo, hi]}, 'all': ...} (95%, resampling samples)."""
+    out: dict = {"labels": {}}
+    if bootstrap:
+        out["ci"] = {}
+    for name, key in (("new", "new_targets"), ("all", "targets")):
+        acc = MetricAccumulator(ks)
+        for r, s in zip(ranked, samples):
+            acc.add(r, s[key])
+        out[name] = acc.result()
+        out["labels"][name] = acc.labels
+        if bootstrap:
+            out["ci"][name] = acc.confidence_intervals(resamples=bootstrap, seed=seed)
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # 6. Dual-view retriever
 # --------------------------------------------------------------------------------------

@@ -177,3 +177,15 @@ def test_fused_retriever_uses_both_views_on_held_out_dialogues(tmp_path):
     loaded = common.DualViewRetriever.load(tmp_path / "r")
     assert loaded.extra["encoder"] == "x"
     assert torch.allclose(loaded(*test[:2]), last(*test[:2]))
+
+
+def test_score_rankings_separates_new_and_all_targets():
+    samples = [{"new_targets": [3], "targets": [3, 1]},   # 1 was mentioned before: not new
+               {"new_targets": [], "targets": [2]}]       # no new target: no "new" label
+    ranked = [[1, 9, 3], [2, 8, 7]]
+    r = common.score_rankings(ranked, samples, ks=(1, 3), bootstrap=50)
+    assert r["labels"] == {"new": 1, "all": 3}
+    assert r["new"]["recall@1"] == 0 and r["new"]["recall@3"] == 1
+    assert r["all"]["recall@1"] == pytest.approx(2 / 3) and r["all"]["recall@3"] == 1
+    assert set(r["ci"]) == {"new", "all"}
+    assert "ci" not in common.score_rankings(ranked, samples, ks=(1,))
