@@ -1,7 +1,7 @@
 """Stage 2: fine-tune the LLM user simulator (one LoRA adapter, three tasks mixed in one SFT run).
 
 Reads   <run-dir>/data/            (01_prep_data.py): items, recommendation samples
-Writes  <run-dir>/simulator/
+Writes  <run-dir>/simulator/ (or --out, e.g. simulator_feedback_only for `--task-mix 1 0 0`)
           adapter_config.json, adapter_model.safetensors   the LoRA adapter (PEFT layout)
           simulator_config.json    the arguments, the task mix, how many examples each task had
           train_log.jsonl          step, loss, lr, seconds (and validation loss every --eval-every)
@@ -21,13 +21,10 @@ is killed (or stopped with --stop-after) and started again ends with the same we
 """
 from __future__ import annotations
 
-import json
-import random
 import time
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 import common
 from common import arg
@@ -37,6 +34,7 @@ from common import arg
 class Args:
     dataset: str = arg("redial", "dataset whose run directory to use", choices=["redial", "inspired"])
     run_dir: str = arg("", "run directory (default: runs/<dataset>)")
+    out: str = arg("simulator", "output folder under the run directory (simulator_feedback_only: the ablation)")
     model: str = arg(common.DEFAULT_LLM, "base LLM: Hugging Face id, folder or .gguf ('tiny': random test model)")
     load_in_4bit: bool = arg(False, "load the base in nf4 4-bit and train LoRA on top (QLoRA)")
     task_mix: list = arg([1.0, 1.0, 1.0], "weights of the feedback, attributes and target tasks")
@@ -62,17 +60,6 @@ class Args:
     seed: int = arg(0, "random seed")
     threads: int = arg(0, "torch CPU threads (0 = torch's default; 1 is fastest on small CPUs)")
     device: str = arg(str(common.default_device()), "torch device")
-
-
-def load_base_model(args: Args):
-    """(model, tokenizer); `--model tiny` is a small random Llama with SmolLM2's tokenizer (tests)."""
-    if args.model != "tiny":
-        return common.load_causal_lm(args.model, load_in_4bit=args.load_in_4bit, device=args.device)
-    model, tok = common.tiny_causal_lm()
-    model.to(args.device)
-    if args.load_in_4bit:
-        common.quantize_to_4bit(model)
-    return model, tok
 
 
 def accepted_items(samples: list[dict]) -> dict[str, list[int]]:
@@ -117,38 +104,6 @@ def build_examples(samples: list[dict], items: list[dict], tok, tasks: list[str]
     return examples, skipped
 
 
-def epoch_order(pools: dict[str, list], weights: dict[str, float], seed: int, epoch: int) -> list[tuple[str, int]]:
-    """One epoch of (task, example index): task t gets a share weights[t] / sum of the epoch's
-    length (the sum of the pools), drawn without repetition as far as its pool allows; shuffled.
-    A pure function of (seed, epoch), so any step's batch can be recomputed on resume."""
-    rng = random.Random(seed * 100_003 + epoch)
-    total, wsum = sum(len(p) for p in pools.values()), sum(weights.values())
-    order = []
-    for t, pool in pools.items():
-        count = round(weights[t] / wsum * total)
-        perm = []
-        while len(perm) < count:
-            perm += rng.sample(range(len(pool)), len(pool))
-        order += [(t, i) for i in perm[:count]]
-    rng.shuffle(order)
-    return order
-
-
-@torch.no_grad()
-def mean_token_loss(model, examples: list[dict], pad_id: int, batch_size: int, device) -> float:
-    """Mean next-token cross-entropy over all answer tokens of `examples`."""
-    was_training = model.training
-    model.eval()
-    total, tokens = 0.0, 0
-    for s in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in common.collate_right_padded(examples[s:s + batch_size], pad_id).items()}
-        n = int((batch["labels"][:, 1:] != common.IGNORE_INDEX).sum())
-        total += common.causal_lm_loss(model, batch).item() * n
-        tokens += n
-    model.train(was_training)
-    return total / max(tokens, 1)
-
-
 def simulator_quality(model, tok, samples: list[dict], items: list[dict], examples: dict, args: Args) -> dict:
     """Target-prediction hit rate and attribute F1 (greedy generation), reply loss (teacher forced)."""
     accepted = accepted_items(samples)
@@ -167,7 +122,7 @@ def simulator_quality(model, tok, samples: list[dict], items: list[dict], exampl
     return {
         "target_hit_rate": sum(hits) / max(len(hits), 1), "target_samples": len(hits),
         "attribute_f1": sum(f1) / max(len(f1), 1), "attribute_samples": len(f1),
-        "reply_loss": mean_token_loss(model, examples["feedback"], tok.pad_token_id, args.batch_size, args.device),
+        "reply_loss": common.mean_token_loss(model, examples["feedback"], tok.pad_token_id, args.batch_size, args.device),
         "reply_samples": len(examples["feedback"]),
         "examples": [{"target_output": o, "attribute_output": a} for o, a in zip(outputs[:3], outputs_attr[:3])],
     }
@@ -177,6 +132,7 @@ def main(argv=None) -> dict:
     args = common.parse_args(Args, argv)
     args.run_dir = common.default_run_dir(args.dataset, args.run_dir)
     run = common.RunPaths(args.run_dir)
+    out_dir = run.root / args.out
     if args.threads:
         torch.set_num_threads(args.threads)
     if len(args.task_mix) != 3 or min(args.task_mix) < 0 or sum(args.task_mix) <= 0:
@@ -193,7 +149,7 @@ def main(argv=None) -> dict:
     print(f"[02] {len(items)} items; {len(train_samples)} training samples; tasks {weights}")
 
     # 2. The base LLM with a fresh LoRA adapter.
-    model, tok = load_base_model(args)
+    model, tok = common.load_llm(args.model, args.load_in_4bit, args.device)
     common.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
@@ -206,86 +162,39 @@ def main(argv=None) -> dict:
         if not train_examples[t]:
             raise SystemExit(f"error: no training example for task {t}; give it weight 0 in --task-mix")
 
-    # 4. AdamW over the LoRA weights, linear warm-up and decay; resume from a checkpoint if any.
-    optimizer = torch.optim.AdamW(common.lora_parameters(model), lr=args.lr, weight_decay=args.weight_decay)
-    warmup = max(1, round(args.warmup * args.steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (args.steps - s) / max(1, args.steps - warmup))))
-    ckpt_dir = run.simulator / "checkpoint"
+    # 4. SFT of the LoRA weights on the mixed, shuffled tasks (AdamW, linear warm-up and decay);
+    #    resumes from out_dir/checkpoint/ when a checkpoint of the same settings is there.
     same_run = {k: getattr(args, k) for k in ("model", "task_mix", "lora_r", "lora_alpha", "batch_size", "grad_accum",
                                                "max_len", "max_turns", "max_train_samples", "seed", "steps", "lr")}
-    step, log_rows = 0, []
-    if (ckpt_dir / "checkpoint.pt").exists():
-        step, extra = common.load_checkpoint(ckpt_dir, model, optimizer, scheduler)
-        if extra.get("same_run") != same_run:
-            raise SystemExit(f"error: {ckpt_dir} was written with other settings {extra.get('same_run')}; "
-                             "rerun with those, or delete the checkpoint folder to start over")
-        log_rows = extra["log"]
-        print(f"[02] resuming from {ckpt_dir} at step {step}")
-    log_path = run.simulator / "train_log.jsonl"
-    common.write_jsonl(log_path, log_rows)  # drops rows logged after the checkpoint we resume from
 
-    def log(row: dict) -> None:
-        log_rows.append(row)
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    def validation_loss() -> dict:
+        return {"eval_loss": {t: round(common.mean_token_loss(model, eval_examples[t], tok.pad_token_id,
+                                                              args.batch_size, args.device), 5)
+                              for t in common.SIM_TASKS if eval_examples[t]}}
 
-    # 5. SFT: each step takes the next batch_size * grad_accum examples of the mixed, shuffled order.
-    per_step = args.batch_size * args.grad_accum
-    epochs: dict[int, list] = {}
-    epoch_len = len(epoch_order(train_examples, weights, args.seed, 0))
-    end = min(args.steps, args.stop_after) if args.stop_after else args.steps
-    model.train()
-    bar = tqdm(range(step, end), desc="simulator SFT", initial=step, total=end)
-    for step in bar:
-        t0 = time.time()
-        picks = []
-        for p in range(step * per_step, (step + 1) * per_step):
-            e = p // epoch_len
-            if e not in epochs:
-                epochs = {e: epoch_order(train_examples, weights, args.seed, e)}
-            picks.append(epochs[e][p % epoch_len])
-        total = 0.0
-        for m in range(args.grad_accum):
-            chunk = [train_examples[t][i] for t, i in picks[m * args.batch_size:(m + 1) * args.batch_size]]
-            batch = {k: v.to(args.device) for k, v in common.collate_right_padded(chunk, tok.pad_token_id).items()}
-            loss = common.causal_lm_loss(model, batch) / args.grad_accum
-            loss.backward()
-            total += loss.item()
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        row = {"step": step + 1, "loss": round(total, 5), "lr": lr, "seconds": round(time.time() - t0, 3)}
-        if args.eval_every and (step + 1) % args.eval_every == 0:
-            row["eval_loss"] = {t: round(mean_token_loss(model, eval_examples[t], tok.pad_token_id, args.batch_size,
-                                                         args.device), 5) for t in common.SIM_TASKS if eval_examples[t]}
-        log(row)
-        bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.1e}")
-        if (step + 1) % args.save_every == 0 or step + 1 == end:
-            common.save_checkpoint(ckpt_dir, step + 1, common.lora_state_dict(model), optimizer, scheduler,
-                                   extra={"same_run": same_run, "log": log_rows})
-    if args.stop_after and args.stop_after < args.steps:
-        print(f"[02] stopped at step {end} of {args.steps}; rerun without --stop-after to resume")
-        return {"stopped_at": end}
+    finished = common.train_lora_sft(model, tok.pad_token_id, train_examples, weights, args, out_dir, same_run,
+                                     eval_fn=validation_loss, desc="simulator SFT")
+    if not finished:
+        print(f"[02] stopped at step {args.stop_after} of {args.steps}; rerun without --stop-after to resume")
+        return {"stopped_at": args.stop_after}
 
-    # 6. The adapter in PEFT layout, and the simulator's quality next to the untuned base model's.
+    # 5. The adapter in PEFT layout, and the simulator's quality next to the untuned base model's.
     model.eval()
-    common.save_lora(model, run.simulator, {"base_model_name_or_path": args.model})
+    common.save_lora(model, out_dir, {"base_model_name_or_path": args.model})
     print(f"[02] quality on {len(eval_samples)} {args.quality_split} samples (tuned, then base)")
     quality = {"split": args.quality_split, "samples": len(eval_samples),
                "tuned": simulator_quality(model, tok, eval_samples, items, eval_examples, args)}
     with common.lora_disabled(model):
         quality["base"] = simulator_quality(model, tok, eval_samples, items, eval_examples, args)
-    common.write_json(run.simulator / "quality.json", quality)
+    common.write_json(out_dir / "quality.json", quality)
     config = {"args": asdict(args), "task_mix": weights, "train_examples": {t: len(e) for t, e in train_examples.items()},
               "skipped_samples": skipped, "seconds": round(time.time() - started, 1)}
-    common.write_json(run.simulator / "simulator_config.json", config)
+    common.write_json(out_dir / "simulator_config.json", config)
     for name in ("tuned", "base"):
         q = quality[name]
         print(f"[02] {name:5s}: target hit {q['target_hit_rate']:.3f}  attribute F1 {q['attribute_f1']:.3f}  "
               f"reply loss {q['reply_loss']:.3f}")
-    print(f"[02] wrote {run.simulator}/ in {config['seconds']} s")
+    print(f"[02] wrote {out_dir}/ in {config['seconds']} s")
     return {"quality": quality, "config": config}
 
 

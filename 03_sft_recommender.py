@@ -1,4 +1,4 @@
-"""Stage 3: train the dual-view retriever that recalls the recommender's candidates.
+"""Stage 3: train the dual-view retriever, then the reasoning recommender (LoRA SFT) on its candidates.
 
 Reads   <run-dir>/data/            (01_prep_data.py): items, dialogues, recommendation samples
 Writes  <run-dir>/retriever/
@@ -7,20 +7,34 @@ Writes  <run-dir>/retriever/
           semantic/, collaborative/  single-view ablations trained the same way
           report.json              Recall@K (K = candidate-set size) and more on valid and test
           train_log.jsonl          loss and validation recall per epoch and variant
+        <run-dir>/recommender_sft/
+          adapter_config.json, adapter_model.safetensors   the recommender's LoRA adapter (PEFT layout)
+          recommender_config.json  arguments, example counts (metadata chains, teacher chains kept)
+          train_log.jsonl          step, loss, lr, seconds (validation loss every --eval-every)
+          quality.json             on valid: format-parse rate, hit rates, tuned vs the untuned base
+          checkpoint/checkpoint.pt every --save-every steps; the same command again resumes from it
 
-The retriever keeps the recommender inside the item space: its Recall@K at the candidate-set
-size bounds every later stage, since the LLM only re-ranks what it recalls. Training is softmax
-cross-entropy over the whole catalogue, one term per new target item of a training sample, with
-the items already mentioned in the dialogue masked out (they are not new recommendations). The
-best epoch by validation Recall@K is kept.
+Part 1, the retriever, keeps the recommender inside the item space: its Recall@K at the
+candidate-set size bounds every later stage, since the LLM only re-ranks what it recalls.
+Training is softmax cross-entropy over the whole catalogue, one term per new target item of a
+training sample, with the items already mentioned in the dialogue masked out (they are not new
+recommendations). The best epoch by validation Recall@K is kept.
 
-(The recommender SFT that also belongs to this stage, DESIGN section 5, is built on top of this
-retriever in the next milestone.)
+Part 2, the recommender (DESIGN section 5): the prompt is the dialogue, the seeker's latest
+feedback and the retriever's K numbered candidates with short attributes
+(common.recommender_messages); the target is a five-line reasoning chain (Preference, Matching,
+Scores, Ranking, Explanation) and then `<answer>` with 10 numbered candidate titles, built from
+metadata by common.reasoning_chain with the true target ranked first. A training sample whose
+target the retriever missed gets it put in place of a random candidate (--inject-target): the
+recommender must learn to rank, and without this 4 in 5 ReDial samples would teach it nothing
+about the target. `--teacher MODEL` instead distils chains from another LLM, keeping only those
+that parse and whose list holds the target (the rest keep the metadata chain).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
 from dataclasses import asdict, dataclass
 
@@ -44,15 +58,43 @@ class Args:
     dropout: float = arg(0.5, "dropout on tokens, attention and feed-forward (chosen on valid Recall@K)")
     epochs: int = arg(40, "maximum training epochs")
     patience: int = arg(6, "stop after this many epochs without a better validation Recall@K")
-    batch_size: int = arg(256, "training examples (sample, target) per step")
-    lr: float = arg(1e-3, "AdamW learning rate")
-    weight_decay: float = arg(0.1, "AdamW weight decay")
+    retriever_batch_size: int = arg(256, "retriever training examples (sample, target) per step")
+    retriever_lr: float = arg(1e-3, "retriever AdamW learning rate")
+    retriever_weight_decay: float = arg(0.1, "retriever AdamW weight decay")
     train_on: str = arg("new", "targets that make training examples", choices=["new", "all"])
     exclude_seen: bool = arg(True, "never recall items already mentioned in the dialogue")
     max_samples: int = arg(0, "use only the first N samples of each split (smoke tests); 0 = all")
     encode_batch_size: int = arg(64, "sentence-encoder batch size")
     seed: int = arg(0, "random seed")
-    device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
+    parts: list = arg(["retriever", "recommender"], "what to train: retriever (part 1) and/or recommender (part 2)",
+                      choices=["retriever", "recommender"])
+    # part 2: the reasoning recommender's LoRA SFT
+    model: str = arg(common.DEFAULT_LLM, "base LLM: Hugging Face id, folder or .gguf ('tiny': random test model)")
+    load_in_4bit: bool = arg(False, "load the base in nf4 4-bit and train LoRA on top (QLoRA)")
+    lora_r: int = arg(16, "LoRA rank (keep the simulator's: 04 and 05 swap both adapters on one base)")
+    lora_alpha: float = arg(32.0, "LoRA alpha (scale alpha / r)")
+    lora_dropout: float = arg(0.05, "dropout on the LoRA input")
+    inject_target: bool = arg(True, "training only: put a missed target in place of a random candidate")
+    teacher: str = arg("", "distil reasoning chains from this LLM (kept when they parse and hit); '' = metadata chains")
+    teacher_samples: int = arg(200, "training samples the teacher is asked about (generation is slow)")
+    steps: int = arg(150, "recommender SFT optimizer steps")
+    batch_size: int = arg(2, "recommender SFT examples per micro-batch")
+    grad_accum: int = arg(2, "micro-batches per optimizer step")
+    lr: float = arg(3e-4, "recommender SFT peak AdamW learning rate")
+    weight_decay: float = arg(0.0, "recommender SFT AdamW weight decay")
+    warmup: float = arg(0.1, "fraction of the steps with a linear warm-up; then linear decay to 0")
+    max_len: int = arg(1280, "tokens per SFT example (the prompt is cut from the left beyond it)")
+    max_turns: int = arg(4, "dialogue turns shown in the recommender prompt (the latest)")
+    gradient_checkpointing: bool = arg(True, "recompute activations in the backward pass (prompts of ~1,000 tokens: "
+                                             "without it a batch of 4 took 15 GiB on CPU)")
+    eval_every: int = arg(0, "validation loss every N steps (0 = never)")
+    save_every: int = arg(25, "checkpoint every N steps")
+    stop_after: int = arg(0, "stop with a checkpoint once this SFT step is reached (rerun to resume); 0 = run all")
+    max_eval_samples: int = arg(40, "valid samples for validation loss and quality.json")
+    gen_batch_size: int = arg(8, "prompts per generation batch")
+    max_new_tokens: int = arg(320, "generation budget of one recommender answer")
+    threads: int = arg(0, "torch CPU threads (0 = torch's default; 1 is fastest on small CPUs)")
+    device: str = arg(str(common.default_device()), "torch device")
 
 
 def encode_features(args: Args, run: common.RunPaths, items: list[dict], samples: dict[str, list[dict]]) -> dict:
@@ -92,7 +134,7 @@ def train_retriever(args: Args, variant: str, features: dict, samples: dict[str,
     common.set_seed(args.seed)
     views = common.RETRIEVER_VIEWS if variant == "fused" else (variant,)
     net = common.DualViewRetriever(features["items"], collab_init, views, args.dim, args.heads, args.dropout).to(args.device)
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.retriever_lr, weight_decay=args.retriever_weight_decay)
     rows, targets = training_pairs(samples["train"], args.train_on)
     if not rows:
         raise SystemExit(f"error: no training labels ({args.train_on} targets) in samples_train.jsonl")
@@ -106,8 +148,8 @@ def train_retriever(args: Args, variant: str, features: dict, samples: dict[str,
         net.train()
         perm = torch.randperm(len(rows_t))
         total = 0.0
-        for start in range(0, len(perm), args.batch_size):
-            pick = perm[start:start + args.batch_size]
+        for start in range(0, len(perm), args.retriever_batch_size):
+            pick = perm[start:start + args.retriever_batch_size]
             r = rows_t[pick].to(args.device)
             scores = net(ctx_sem[r], ctx_items[r], exclude_seen=args.exclude_seen)   # [b, N]
             loss = F.cross_entropy(scores, targets_t[pick])
@@ -136,10 +178,148 @@ def train_retriever(args: Args, variant: str, features: dict, samples: dict[str,
     return net.cpu(), report
 
 
+def sample_truth(sample: dict) -> list[int]:
+    """The items a list should hold for this sample: its new targets, else all its targets."""
+    return sample["new_targets"] or sample["targets"]
+
+
+def training_candidates(candidates: list[list[int]], samples: list[dict], inject: bool, seed: int) -> tuple[list[list[int]], int]:
+    """Candidate lists for SFT; with `inject`, a sample whose target the retriever missed gets it
+    in place of a random candidate (a random slot, so the position says nothing). -> (lists, injected)"""
+    rng = random.Random(seed)
+    out, injected = [], 0
+    for cands, s in zip(candidates, samples):
+        cands = list(cands)
+        truth = sample_truth(s)
+        if inject and truth and not set(truth) & set(cands):
+            cands[rng.randrange(len(cands))] = truth[0]
+            injected += 1
+        out.append(cands)
+    return out, injected
+
+
+def teacher_chains(args: Args, samples: list[dict], candidates: list[list[int]], items: list[dict],
+                   titles: common.TitleIndex) -> tuple[dict[int, str], dict]:
+    """Ask --teacher for the first --teacher-samples training samples; keep (by sample index) the
+    outputs that parse into a valid list holding a true target."""
+    teacher, teacher_tok = common.load_llm(args.teacher, args.load_in_4bit, args.device)
+    asked = list(range(min(args.teacher_samples, len(samples))))
+    prompts = [common.recommender_messages(samples[i]["context"], items, candidates[i], max_turns=args.max_turns)
+               for i in asked]
+    outputs = common.generate(teacher, teacher_tok, prompts, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.gen_batch_size)
+    kept = {}
+    for i, text in zip(asked, outputs):
+        parsed = common.parse_recommendation(text, titles, candidates[i])
+        if parsed["valid"] and set(parsed["ids"]) & set(sample_truth(samples[i])):
+            kept[i] = text.strip()
+    del teacher
+    return kept, {"teacher": args.teacher, "asked": len(asked), "kept": len(kept)}
+
+
+def recommender_quality(model, tok, samples: list[dict], candidates: list[list[int]], items: list[dict],
+                        titles: common.TitleIndex, args: Args) -> dict:
+    """Greedy answers on held-out samples (the retriever's candidates, nothing injected): how many
+    parse into 10 distinct candidate titles, and the hit rates of the re-ranked list against the
+    retriever's own top 10 on the same samples."""
+    prompts = [common.recommender_messages(s["context"], items, c, max_turns=args.max_turns)
+               for s, c in zip(samples, candidates)]
+    texts, _, completions = common.generate(model, tok, prompts, max_new_tokens=args.max_new_tokens,
+                                            batch_size=args.gen_batch_size, return_tokens=True)
+    parsed = [common.parse_recommendation(t, titles, c) for t, c in zip(texts, candidates)]
+    ranked = [common.fill_ranking(p["ids"], c) for p, c in zip(parsed, candidates)]
+    n = max(len(parsed), 1)
+    return {
+        "samples": len(parsed),
+        "parse_rate": sum(p["valid"] for p in parsed) / n,
+        "answer_tag_rate": sum(p["has_answer"] for p in parsed) / n,
+        "mean_candidate_titles": sum(len({i for i in p["ids"] if i is not None}) for p in parsed) / n,
+        "mean_completion_tokens": sum(len(c) for c in completions) / n,
+        "reranked": common.score_rankings(ranked, samples, ks=(1, 5, 10))["new"],
+        "retriever_order": common.score_rankings([c[:common.REC_TOP_N] for c in candidates], samples, ks=(1, 5, 10))["new"],
+        "examples": texts[:3],
+    }
+
+
+def train_recommender(args: Args, run: common.RunPaths, items: list[dict], samples: dict[str, list[dict]],
+                      net: common.DualViewRetriever, features: dict) -> dict:
+    """Part 2: LoRA SFT of the reasoning recommender on the retriever's candidates."""
+    out_dir = run.recommender_sft
+    k = args.candidates
+    titles = common.TitleIndex(items, common.popularity_counts(common.load_dialogues(run, "train"), len(items)).tolist())
+    vocab = common.AttributeVocab(items)
+    train, held_out = samples["train"], samples["valid"][:args.max_eval_samples]
+
+    # 5. Candidates: the fused retriever's top-K for every training and held-out sample.
+    candidates = {split: common.rank_items(net, features[split][:len(rows)], [s["context_items"] for s in rows], k,
+                                           args.exclude_seen, device=args.device)
+                  for split, rows in (("train", train), ("valid", held_out))}
+    train_cands, injected = training_candidates(candidates["train"], train, args.inject_target, args.seed)
+
+    # 6. SFT targets: metadata reasoning chains (true target first), or teacher chains that hit.
+    chains = {}
+    teacher_report = None
+    if args.teacher:
+        chains, teacher_report = teacher_chains(args, train, train_cands, items, titles)
+        print(f"[03] teacher {args.teacher}: kept {teacher_report['kept']} of {teacher_report['asked']} chains")
+    model, tok = common.load_llm(args.model, args.load_in_4bit, args.device)
+
+    def example(s: dict, cands: list[int], chain: str | None) -> dict:
+        if chain is None:
+            chain, _ = common.reasoning_chain(items, vocab, s["context"], cands, sample_truth(s), s["liked"],
+                                              s["context_items"])
+        messages = common.recommender_messages(s["context"], items, cands, answer=chain, max_turns=args.max_turns)
+        return common.build_chat_example(tok, messages, args.max_len)
+
+    pools = {"recommend": [example(s, c, chains.get(i)) for i, (s, c) in enumerate(zip(train, train_cands))
+                           if sample_truth(s)]}
+    eval_examples = [example(s, c, None) for s, c in zip(held_out, candidates["valid"]) if sample_truth(s)]
+    truncated = sum(e["truncated"] for e in pools["recommend"])
+    print(f"[03] recommender SFT: {len(pools['recommend'])} examples ({injected} with an injected target, "
+          f"{len(chains)} teacher chains, {truncated} truncated to {args.max_len} tokens)")
+
+    # 7. LoRA SFT, resumable from recommender_sft/checkpoint/.
+    common.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+    if args.gradient_checkpointing:
+        common.enable_gradient_checkpointing(model)
+    same_run = {k_: getattr(args, k_) for k_ in ("model", "lora_r", "lora_alpha", "batch_size", "grad_accum", "max_len",
+                                                 "max_turns", "max_samples", "seed", "steps", "lr", "teacher",
+                                                 "inject_target", "candidates")}
+
+    def validation_loss() -> dict:
+        return {"eval_loss": round(common.mean_token_loss(model, eval_examples, tok.pad_token_id, args.batch_size,
+                                                          args.device), 5)}
+
+    if not common.train_lora_sft(model, tok.pad_token_id, pools, {"recommend": 1.0}, args, out_dir, same_run,
+                                 eval_fn=validation_loss, desc="recommender SFT"):
+        print(f"[03] stopped at step {args.stop_after} of {args.steps}; rerun without --stop-after to resume")
+        return {"stopped_at": args.stop_after}
+
+    # 8. The adapter, and its answers on held-out samples next to the untuned base model's.
+    common.save_lora(model, out_dir, {"base_model_name_or_path": args.model})
+    print(f"[03] quality on {len(held_out)} valid samples (tuned, then base)")
+    quality = {"split": "valid", "candidates": k, "tuned": recommender_quality(model, tok, held_out, candidates["valid"],
+                                                                              items, titles, args)}
+    with common.lora_disabled(model):
+        quality["base"] = recommender_quality(model, tok, held_out, candidates["valid"], items, titles, args)
+    quality["eval_loss"] = validation_loss()["eval_loss"]
+    common.write_json(out_dir / "quality.json", quality)
+    config = {"args": asdict(args), "examples": len(pools["recommend"]), "injected_targets": injected,
+              "truncated": truncated, "teacher": teacher_report}
+    common.write_json(out_dir / "recommender_config.json", config)
+    for name in ("tuned", "base"):
+        q = quality[name]
+        print(f"[03] {name:5s}: parse rate {q['parse_rate']:.3f}  R@1 {q['reranked']['recall@1']:.3f}  "
+              f"R@10 {q['reranked']['recall@10']:.3f}  (retriever order: R@1 {q['retriever_order']['recall@1']:.3f})")
+    return {"quality": quality, "config": config}
+
+
 def main(argv=None) -> dict:
     args = common.parse_args(Args, argv)
     args.run_dir = common.default_run_dir(args.dataset, args.run_dir)
     run = common.RunPaths(args.run_dir)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     common.set_seed(args.seed)
     started = time.time()
 
@@ -153,33 +333,39 @@ def main(argv=None) -> dict:
 
     # 2. Semantic view: frozen encoder vectors of item texts and dialogue texts.
     features = encode_features(args, run, items, samples)
-
-    # 3. Collaborative view: item embeddings initialised from co-occurrence in training dialogues.
-    item_sets = [[i for t in d["turns"] for i in t["items"]] for d in train_dialogues]
-    collab_init = common.cooccurrence_embeddings(item_sets, len(items), args.dim, seed=args.seed)
-
-    # 4. Train the fused retriever and the single-view ablations, keep the best epoch of each.
-    log_path = run.retriever / "train_log.jsonl"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_file = open(log_path, "w")
-
-    def log(row: dict) -> None:
-        log_file.write(json.dumps(row) + "\n")
-        log_file.flush()
-
     report = {"args": asdict(args), "candidates": args.candidates, "num_items": len(items), "variants": {}}
-    for variant in args.variants:
-        net, variant_report = train_retriever(args, variant, features, samples, collab_init, log)
-        net.save(run.retriever / variant, extra={"encoder": args.encoder, "variant": variant, "candidates": args.candidates,
-                                                 "exclude_seen": args.exclude_seen})
-        report["variants"][variant] = variant_report
-        k = args.candidates
-        print(f"[03] retriever[{variant}] test Recall@{k} new={variant_report['test']['new'][f'recall@{k}']:.3f} "
-              f"all={variant_report['test']['all'][f'recall@{k}']:.3f} (best epoch {variant_report['best_epoch']})")
-    log_file.close()
-    report["seconds"] = round(time.time() - started, 1)
-    common.write_json(run.retriever / "report.json", report)
-    print(f"[03] wrote {run.retriever}/ in {report['seconds']} s")
+    if "retriever" in args.parts:
+        # 3. Collaborative view: item embeddings initialised from co-occurrence in training dialogues.
+        item_sets = [[i for t in d["turns"] for i in t["items"]] for d in train_dialogues]
+        collab_init = common.cooccurrence_embeddings(item_sets, len(items), args.dim, seed=args.seed)
+
+        # 4. Train the fused retriever and the single-view ablations, keep the best epoch of each.
+        log_path = run.retriever / "train_log.jsonl"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(log_path, "w")
+
+        def log(row: dict) -> None:
+            log_file.write(json.dumps(row) + "\n")
+            log_file.flush()
+
+        for variant in args.variants:
+            net, variant_report = train_retriever(args, variant, features, samples, collab_init, log)
+            net.save(run.retriever / variant, extra={"encoder": args.encoder, "variant": variant,
+                                                     "candidates": args.candidates, "exclude_seen": args.exclude_seen})
+            report["variants"][variant] = variant_report
+            k = args.candidates
+            print(f"[03] retriever[{variant}] test Recall@{k} new={variant_report['test']['new'][f'recall@{k}']:.3f} "
+                  f"all={variant_report['test']['all'][f'recall@{k}']:.3f} (best epoch {variant_report['best_epoch']})")
+        log_file.close()
+        report["seconds"] = round(time.time() - started, 1)
+        common.write_json(run.retriever / "report.json", report)
+        print(f"[03] wrote {run.retriever}/ in {report['seconds']} s")
+
+    if "recommender" in args.parts:
+        # 5-8. The reasoning recommender, fine-tuned on the fused retriever's candidates.
+        net = common.DualViewRetriever.load(run.require("retriever", "fused/retriever.pt") / "fused").to(args.device)
+        report["recommender"] = train_recommender(args, run, items, samples, net, features)
+        print(f"[03] wrote {run.recommender_sft}/ in {round(time.time() - started, 1)} s")
     return report
 
 

@@ -25,6 +25,7 @@ import random
 import re
 import sys
 import tempfile
+import time
 import unicodedata
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 # --------------------------------------------------------------------------------------
 # 1. Arguments, seeding, run directory, input errors
@@ -95,6 +97,7 @@ class RunPaths:
     runs/<dataset>/
       data/            01: items.jsonl, dialogues_<split>.jsonl, samples_<split>.jsonl, stats.json
       simulator/       02: LoRA adapter, config, training log
+      simulator_feedback_only/  02 with --task-mix 1 0 0: the simulator ablation
       retriever/       03: dual-view retriever (fused and single-view ablations), encoder caches
       recommender_sft/ 03: LoRA adapter of the SFT recommender
       recommender_rl/  04: LoRA adapter after multi-turn RL
@@ -104,6 +107,7 @@ class RunPaths:
     STAGE_OF = {
         "data": "01_prep_data.py",
         "simulator": "02_sft_simulator.py",
+        "simulator_feedback_only": "02_sft_simulator.py --task-mix 1 0 0 --out simulator_feedback_only",
         "retriever": "03_sft_recommender.py",
         "recommender_sft": "03_sft_recommender.py",
         "recommender_rl": "04_rl_multiturn.py",
@@ -289,7 +293,6 @@ def encode_texts(texts: Sequence[str], tokenizer, model, batch_size: int = 64, m
     """Mean-pooled, L2-normalised sentence embeddings. Returns [len(texts), hidden] float32 on CPU.
 
     Texts are sorted by length so that each batch pads little (2-3x faster on CPU)."""
-    from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -1264,6 +1267,123 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[dict] | str], max_n
     return texts
 
 
+# ---- the LoRA SFT loop (02 trains the simulator with it, 03 the recommender) ------------------
+
+
+def load_llm(name_or_path: str, load_in_4bit: bool = False, device: torch.device | str | None = None):
+    """(model, tokenizer) of a base LLM for the stages; `tiny` is tiny_causal_lm (tests, smoke runs),
+    quantized to nf4 too when `load_in_4bit`."""
+    if name_or_path != "tiny":
+        return load_causal_lm(name_or_path, load_in_4bit=load_in_4bit, device=device)
+    model, tok = tiny_causal_lm()
+    model.to(device or default_device())
+    if load_in_4bit:
+        quantize_to_4bit(model)
+    return model, tok
+
+
+def epoch_order(pools: dict[str, list], weights: dict[str, float], seed: int, epoch: int) -> list[tuple[str, int]]:
+    """One epoch of (task, example index): task t gets a share weights[t] / sum of the epoch's
+    length (the sum of the pools), drawn without repetition as far as its pool allows; shuffled.
+    A pure function of (seed, epoch), so any step's batch can be recomputed on resume."""
+    rng = random.Random(seed * 100_003 + epoch)
+    total, wsum = sum(len(p) for p in pools.values()), sum(weights.values())
+    order = []
+    for t, pool in pools.items():
+        count = round(weights[t] / wsum * total)
+        perm = []
+        while len(perm) < count:
+            perm += rng.sample(range(len(pool)), len(pool))
+        order += [(t, i) for i in perm[:count]]
+    rng.shuffle(order)
+    return order
+
+
+@torch.no_grad()
+def mean_token_loss(model: nn.Module, examples: list[dict], pad_id: int, batch_size: int, device) -> float:
+    """Mean next-token cross-entropy over all answer tokens of build_chat_example `examples`."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for s in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate_right_padded(examples[s:s + batch_size], pad_id).items()}
+        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        total += causal_lm_loss(model, batch).item() * n
+        tokens += n
+    model.train(was_training)
+    return total / max(tokens, 1)
+
+
+def train_lora_sft(model: nn.Module, pad_id: int, pools: dict[str, list[dict]], weights: dict[str, float], args,
+                   out_dir: str | os.PathLike, same_run: dict, eval_fn=None, desc: str = "SFT") -> bool:
+    """Supervised fine-tuning of the LoRA weights of `model` on chat examples, resumable.
+
+    pools: task -> build_chat_example outputs; each step takes the next batch_size * grad_accum
+    examples of the mixed, shuffled order epoch_order(pools, weights, seed, epoch).
+    args: steps, batch_size, grad_accum, lr, weight_decay, warmup (fraction of steps, linear
+    warm-up then linear decay to 0), save_every, stop_after (0 = run all), eval_every, seed, device.
+    Writes out_dir/train_log.jsonl (step, loss, lr, seconds; eval_fn()'s dict every eval_every
+    steps) and out_dir/checkpoint/checkpoint.pt every save_every steps and at the end. If a
+    checkpoint is there it resumes from it, after checking it was written with `same_run`; the
+    batches are a function of (seed, step), so a resumed run ends with the same weights as an
+    uninterrupted one. Returns True when all `steps` are done, False when stopped by stop_after.
+    """
+    out_dir = Path(out_dir)
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=args.lr, weight_decay=args.weight_decay)
+    warmup = max(1, round(args.warmup * args.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (args.steps - s) / max(1, args.steps - warmup))))
+    ckpt_dir = out_dir / "checkpoint"
+    step, log_rows = 0, []
+    if (ckpt_dir / "checkpoint.pt").exists():
+        step, extra = load_checkpoint(ckpt_dir, model, optimizer, scheduler)
+        if extra.get("same_run") != same_run:
+            raise SystemExit(f"error: {ckpt_dir} was written with other settings {extra.get('same_run')}; "
+                             "rerun with those, or delete the checkpoint folder to start over")
+        log_rows = extra["log"]
+        print(f"[{desc}] resuming from {ckpt_dir} at step {step}")
+    log_path = out_dir / "train_log.jsonl"
+    write_jsonl(log_path, log_rows)  # drops rows logged after the checkpoint we resume from
+
+    per_step = args.batch_size * args.grad_accum
+    epochs: dict[int, list] = {}
+    epoch_len = len(epoch_order(pools, weights, args.seed, 0))
+    end = min(args.steps, args.stop_after) if args.stop_after else args.steps
+    model.train()
+    bar = tqdm(range(step, end), desc=desc, initial=step, total=end)
+    for step in bar:
+        t0 = time.time()
+        picks = []
+        for p in range(step * per_step, (step + 1) * per_step):
+            e = p // epoch_len
+            if e not in epochs:
+                epochs = {e: epoch_order(pools, weights, args.seed, e)}
+            picks.append(epochs[e][p % epoch_len])
+        total = 0.0
+        for m in range(args.grad_accum):
+            chunk = [pools[t][i] for t, i in picks[m * args.batch_size:(m + 1) * args.batch_size]]
+            batch = {k: v.to(args.device) for k, v in collate_right_padded(chunk, pad_id).items()}
+            loss = causal_lm_loss(model, batch) / args.grad_accum
+            loss.backward()
+            total += loss.item()
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        row = {"step": step + 1, "loss": round(total, 5), "lr": lr, "seconds": round(time.time() - t0, 3)}
+        if eval_fn is not None and args.eval_every and (step + 1) % args.eval_every == 0:
+            row.update(eval_fn())
+        log_rows.append(row)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.1e}")
+        if (step + 1) % args.save_every == 0 or step + 1 == end:
+            save_checkpoint(ckpt_dir, step + 1, lora_state_dict(model), optimizer, scheduler,
+                            extra={"same_run": same_run, "log": log_rows})
+    model.eval()
+    return end == args.steps
+
+
 # ---- checkpoints --------------------------------------------------------------------------
 
 
@@ -1341,15 +1461,15 @@ SIM_INSTRUCTIONS = {
 }
 
 
-def format_item(item: dict) -> str:
+def format_item(item: dict, max_genres: int = 3, max_stars: int = 3) -> str:
     """One line per movie for a prompt: 'Knives Out (2019): mystery; dir. Rian Johnson; with A, B, C'."""
     parts = []
     if item.get("genres"):
-        parts.append(", ".join(item["genres"][:3]))
+        parts.append(", ".join(item["genres"][:max_genres]))
     if item.get("directors"):
         parts.append("dir. " + ", ".join(item["directors"][:1]))
     if item.get("stars"):
-        parts.append("with " + ", ".join(item["stars"][:3]))
+        parts.append("with " + ", ".join(item["stars"][:max_stars]))
     return item["title"] + (": " + "; ".join(parts) if parts else "")
 
 
@@ -1430,3 +1550,292 @@ def set_f1(predicted: set, true: set) -> float:
         return 1.0
     hit = len(predicted & true)
     return 0.0 if hit == 0 else 2 * hit / (len(predicted) + len(true))
+
+
+# --------------------------------------------------------------------------------------
+# 9. The reasoning recommender: prompt, metadata-built reasoning chain, answer parsing
+#    (03 trains on the chains, 04 rewards the parses, 05 scores them)
+# --------------------------------------------------------------------------------------
+
+REC_TOP_N = 10  # the recommender's list: 10 numbered titles
+REC_INSTRUCTION = (
+    "You are a movie recommender. Read the conversation, the seeker's latest feedback and the numbered "
+    "candidate movies. Reason in five short lines: Preference (what the seeker wants), Matching (which "
+    "candidates have it), Scores (candidate numbers and how much they match), Ranking (the ten best candidate "
+    "numbers, best first), Explanation (one sentence). Then write the ten titles, best first, as a numbered "
+    "list inside <answer></answer>.")
+_ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S)
+_PREFERENCE = re.compile(r"^\s*Preference:(.*)$", re.M | re.I)
+# words a seeker uses for a genre that do not contain its name
+GENRE_SYNONYMS = {"comedy": ["comedies", "funny", "hilarious"], "horror": ["scary", "frightening"],
+                  "romance": ["romantic", "rom com", "romcom", "love story"], "sci-fi": ["science fiction", "sci fi"],
+                  "animation": ["animated", "cartoon"], "documentary": ["documentaries"], "family": ["kids", "children"],
+                  "thriller": ["suspense", "thrillers"], "mystery": ["mysteries", "whodunit"], "war": ["war movie"],
+                  "biography": ["biopic"], "drama": ["dramas", "dramatic"], "action": ["action"]}
+
+
+def item_attributes(item: dict) -> list[str]:
+    """The attributes a candidate shows in the prompt and a chain can match: the first two genres
+    (lower case), the first director, the first star."""
+    genres = [g.lower() for g in item.get("genres", [])[:2]]
+    return list(dict.fromkeys(genres + item.get("directors", [])[:1] + item.get("stars", [])[:1]))
+
+
+class AttributeVocab:
+    """Finds the attributes a seeker states in free text: catalogue genres (with GENRE_SYNONYMS) and
+    people (directors, stars) named in full."""
+
+    def __init__(self, items: Sequence[dict]):
+        self.genre_words: dict[str, str] = {}
+        for it in items:
+            for g in it.get("genres", []):
+                name = g.lower()
+                head = re.sub(r" (film|fiction|movie)s?$", "", name)
+                for w in {name, head, head + "s", *GENRE_SYNONYMS.get(name, [])}:
+                    self.genre_words.setdefault(w, name)
+        self.people = {p.lower(): p for it in items for p in it.get("directors", [])[:1] + it.get("stars", [])[:3]
+                       if len(p.split()) >= 2}
+        self._genre_re = (re.compile(r"\b(" + "|".join(sorted(map(re.escape, self.genre_words), key=len, reverse=True))
+                                     + r")\b") if self.genre_words else None)
+
+    def stated(self, text: str) -> list[str]:
+        """Attributes named in `text`, in order of appearance (genres lower-cased, people as in the catalogue)."""
+        low = " ".join(text.lower().split())
+        found: list[tuple[int, str]] = []
+        if self._genre_re is not None:
+            found += [(m.start(), self.genre_words[m.group(1)]) for m in self._genre_re.finditer(low)]
+        words = re.findall(r"[a-z0-9'.-]+", low)
+        for n in (2, 3):
+            for i in range(len(words) - n + 1):
+                name = " ".join(words[i:i + n])
+                if name in self.people:
+                    found.append((low.find(name), self.people[name]))
+        return list(dict.fromkeys(a for _, a in sorted(found)))
+
+
+def format_candidates(items: Sequence[dict], candidate_ids: Sequence[int]) -> str:
+    """'1. Knives Out (2019): mystery; dir. Rian Johnson; with Daniel Craig' per line (item_attributes)."""
+    return "\n".join(f"{n}. {format_item(items[i], max_genres=2, max_stars=1)}" for n, i in enumerate(candidate_ids, 1))
+
+
+def latest_feedback(context: Sequence[dict]) -> str:
+    """The seeker's last turn: the feedback the recommender answers (data or simulator)."""
+    for t in reversed(list(context)):
+        if t["role"] == "seeker":
+            return t["text"]
+    return ""
+
+
+def recommender_messages(context: Sequence[dict], items: Sequence[dict], candidate_ids: Sequence[int],
+                         answer: str | None = None, max_turns: int = 4) -> list[dict]:
+    """Chat messages of the recommender: dialogue + latest feedback + K numbered candidates.
+    answer: the assistant turn (SFT); None leaves the prompt for generation."""
+    user = ("Conversation so far:\n" + format_dialogue(context, max_turns)
+            + "\n\nLatest feedback from the seeker: " + (latest_feedback(context) or "(none yet)")
+            + "\n\nCandidate movies:\n" + format_candidates(items, candidate_ids)
+            + f"\n\nRank the {REC_TOP_N} best candidates for this seeker.")
+    messages = [{"role": "system", "content": REC_INSTRUCTION}, {"role": "user", "content": user}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def reasoning_chain(items: Sequence[dict], vocab: AttributeVocab, context: Sequence[dict], candidate_ids: Sequence[int],
+                    targets: Sequence[int], liked: Sequence[int] = (), context_items: Sequence[int] = (),
+                    max_preferences: int = 4) -> tuple[str, list[int]]:
+    """The SFT target built from metadata (DESIGN section 5) and the ranking it encodes.
+
+    Preference: attributes the seeker states, then those of the target(s), then of liked movies
+    already in the dialogue (at most max_preferences). Scores: how many preferred attributes
+    each candidate has. Ranking: targets among the candidates first, then by score, ties in the
+    retriever's order. -> (text ending in <answer>1. title ... 10. title</answer>, ranked ids)"""
+    seeker_text = " ".join(t["text"] for t in context if t["role"] == "seeker")
+    mentioned = set(context_items)
+    preference = vocab.stated(seeker_text)
+    for i in list(targets) + [i for i in liked if i in mentioned]:
+        preference += item_attributes(items[i])
+    preference = list(dict.fromkeys(preference))[:max_preferences]
+    wanted = {p.lower() for p in preference}
+    matched = {c: [a for a in item_attributes(items[c]) if a.lower() in wanted] for c in candidate_ids}
+    number = {c: n for n, c in enumerate(candidate_ids, 1)}
+    first = [c for c in targets if c in number]
+    rest = sorted((c for c in candidate_ids if c not in first), key=lambda c: (-len(matched[c]), number[c]))
+    ranked = (first + rest)[:REC_TOP_N]
+    scored = [c for c in ranked if matched[c]]
+    lines = [
+        "Preference: " + (", ".join(preference) if preference else "nothing specific yet"),
+        "Matching: " + ("; ".join(f"#{number[c]} {', '.join(matched[c])}" for c in scored[:3]) or "no candidate matches"),
+        "Scores: " + (", ".join(f"#{number[c]}={len(matched[c])}" for c in scored[:5])
+                      + ("; others lower" if scored else "all 0")),
+        "Ranking: " + ", ".join(f"#{number[c]}" for c in ranked),
+        f"Explanation: #{number[ranked[0]]} fits best"
+        + (f", with {' and '.join(matched[ranked[0]][:2])}." if matched[ranked[0]] else " among the candidates."),
+    ]
+    answer = "\n".join(f"{n}. {items[c]['title']}" for n, c in enumerate(ranked, 1))
+    return "\n".join(lines) + f"\n<answer>\n{answer}\n</answer>", ranked
+
+
+def parse_recommendation(text: str, titles: TitleIndex, candidate_ids: Sequence[int], n: int = REC_TOP_N) -> dict:
+    """Read a recommender output. -> {
+        "has_answer": both <answer> tags present, "entries": the list's lines (numbering dropped),
+        "ids": each entry's candidate item id or None (matched only among the candidates),
+        "valid": tags present and exactly n entries naming n distinct candidates (the format reward),
+        "preference": the attributes claimed on the Preference line (lower case)}"""
+    found = _ANSWER.search(text)
+    body = found.group(1) if found else ""
+    entries = [re.sub(r"^\s*(?:[-*]|#?\d+[.):])\s*", "", ln).strip() for ln in body.splitlines()]
+    entries = [e for e in entries if e]
+    ids = [titles.match(e, candidate_ids) for e in entries]
+    has_answer = bool(found) and "</answer>" in text[found.start():]
+    valid = has_answer and len(entries) == n and None not in ids and len(set(ids)) == n
+    pref = _PREFERENCE.search(text)
+    return {"has_answer": has_answer, "entries": entries, "ids": ids, "valid": valid,
+            "preference": parse_attributes(pref.group(1)) if pref else set()}
+
+
+def fill_ranking(ids: Sequence[int | None], candidate_ids: Sequence[int], n: int = REC_TOP_N) -> list[int]:
+    """The list that is scored: the parsed candidates in the model's order (repeats and unknown
+    titles skipped), then the remaining candidates in the retriever's order, n in all."""
+    out = list(dict.fromkeys(i for i in ids if i is not None))
+    out += [c for c in candidate_ids if c not in set(out)]
+    return out[:n]
+
+
+# --------------------------------------------------------------------------------------
+# 10. Conversations: recommender <-> simulator <-> retriever, turn by turn
+#     (05 evaluates with them; 04 trains on them)
+# --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def adapter(model: nn.Module, weights: dict[str, torch.Tensor] | None):
+    """Run a block as one of the LLMs that share the base: `weights` swapped in, or the base alone
+    (all LoRA layers bypassed) when weights is None."""
+    with (lora_disabled(model) if weights is None else lora_swapped(model, weights)):
+        yield model
+
+
+@dataclasses.dataclass
+class Episode:
+    """One simulated conversation that starts from a test (or training) sample.
+    context: the dialogue so far (the sample's, then the simulated turns appended);
+    truth: the items a list should hold (new targets, else all targets);
+    turns: one dict per recommender turn (see Conversation.recommend and Conversation.reply);
+    done: a true target was ranked first, so the seeker has what they came for."""
+    sample: dict
+    context: list
+    truth: list
+    turns: list = dataclasses.field(default_factory=list)
+    done: bool = False
+
+    def ranking_at(self, turn: int) -> list[int]:
+        """The list after `turn` turns (1-based); a finished conversation keeps its last list."""
+        return self.turns[min(turn, len(self.turns)) - 1]["ranked"]
+
+
+def start_episodes(samples: Sequence[dict], copies: int = 1) -> list[Episode]:
+    """`copies` episodes per sample (G for a GRPO group), each with its own copy of the context."""
+    return [Episode(s, list(s["context"]), list(s["new_targets"] or s["targets"]))
+            for s in samples for _ in range(copies)]
+
+
+def names_title(text: str, title: str) -> bool:
+    """Whether free text names a movie: its title without the year, as whole words; titles shorter
+    than 6 letters ('Up', 'Her') count only with their year, or they would match ordinary words."""
+    words = " " + re.sub(r"[^a-z0-9]+", " ", unicodedata.normalize("NFKD", text).lower()) + " "
+    bare = normalize_title(title, keep_year=False)
+    if len(bare.replace(" ", "")) >= 6 and f" {bare} " in words:
+        return True
+    return f" {normalize_title(title)} " in words
+
+
+class Conversation:
+    """The multi-turn protocol of DESIGN sections 1 and 7 on one base LLM that carries the
+    recommender's and the simulator's adapters in turn (lora_swapped: no second model copy).
+
+    Each turn: the retriever recalls K candidates from the dialogue (history + the simulator's
+    latest feedback); the recommender ranks 10 of them (or, with recommender weights "retriever",
+    the retriever's own top 10 is the list); the simulator, which never sees the target, answers
+    the top `show_top` movies as the seeker; both turns are appended to the dialogue. Items the
+    recommender showed are not added to the items masked as already seen: masking them would
+    remove a target ranked 2-10 from the next turn's candidates."""
+
+    def __init__(self, model: nn.Module, tokenizer, items: Sequence[dict], retriever: "Retriever",
+                 simulator_weights: dict[str, torch.Tensor] | None, candidates: int = 20, show_top: int = 3,
+                 max_turns: int = 4, simulator_max_turns: int = 8, rec_max_new_tokens: int = 320,
+                 sim_max_new_tokens: int = 60, batch_size: int = 8, exclude_seen: bool = True,
+                 popularity: Sequence[float] | None = None):
+        self.model, self.tok, self.items, self.retriever = model, tokenizer, items, retriever
+        self.simulator_weights = simulator_weights
+        self.k, self.show_top, self.max_turns, self.simulator_max_turns = candidates, show_top, max_turns, simulator_max_turns
+        self.rec_max_new_tokens, self.sim_max_new_tokens = rec_max_new_tokens, sim_max_new_tokens
+        self.batch_size, self.exclude_seen = batch_size, exclude_seen
+        self.titles = TitleIndex(items, popularity)
+
+    def recommend(self, episodes: Sequence[Episode], weights, temperature: float = 0.0, top_p: float = 1.0) -> None:
+        """Append a turn {candidates, text, prompt_ids, completion_ids, parsed, ranked, rank} to each
+        episode: K candidates from the retriever, then the recommender's answer under `weights`
+        (None: the base model; "retriever": no LLM, the retriever's top 10). rank: the 1-based
+        position of the best-placed true target in the list, or None."""
+        cands = self.retriever.search([e.context for e in episodes], [e.sample["context_items"] for e in episodes],
+                                      self.k, self.exclude_seen)
+        if weights == "retriever":
+            texts, prompt_ids, completion_ids = [""] * len(episodes), [[]] * len(episodes), [[]] * len(episodes)
+        else:
+            prompts = [recommender_messages(e.context, self.items, c, max_turns=self.max_turns)
+                       for e, c in zip(episodes, cands)]
+            with adapter(self.model, weights):
+                texts, prompt_ids, completion_ids = generate(
+                    self.model, self.tok, prompts, max_new_tokens=self.rec_max_new_tokens, temperature=temperature,
+                    top_p=top_p, batch_size=self.batch_size, return_tokens=True)
+        for e, c, text, p_ids, c_ids in zip(episodes, cands, texts, prompt_ids, completion_ids):
+            parsed = parse_recommendation(text, self.titles, c)
+            ranked = fill_ranking(parsed["ids"], c) if weights != "retriever" else c[:REC_TOP_N]
+            rank = min((ranked.index(t) + 1 for t in e.truth if t in ranked), default=None)
+            e.turns.append({"candidates": c, "text": text, "prompt_ids": p_ids, "completion_ids": c_ids,
+                            "parsed": parsed, "ranked": ranked, "rank": rank})
+            e.done = rank == 1
+
+    def recommender_says(self, turn: dict) -> str:
+        """The recommender's turn as the seeker hears it: the top movies and the chain's explanation."""
+        shown = [self.items[i]["title"] for i in turn["ranked"][:self.show_top]]
+        said = "I would recommend " + (", ".join(shown[:-1]) + " or " + shown[-1] if len(shown) > 1 else shown[0]) + "."
+        found = re.search(r"^\s*Explanation:(.*)$", turn["text"], re.M)
+        if found:
+            numbered = {str(n): self.items[c]["title"] for n, c in enumerate(turn["candidates"], 1)}
+            said += " " + re.sub(r"#(\d+)", lambda m: numbered.get(m.group(1), m.group(0)), found.group(1).strip())
+        return said
+
+    def reply(self, episodes: Sequence[Episode]) -> None:
+        """The simulator answers each episode's latest recommender turn; both turns join the
+        dialogue. Adds to the turn: said, shown, reply, names_target (the reply names a true
+        target) and leaks (it names one that was neither shown to it nor said in the dialogue)."""
+        said = [self.recommender_says(e.turns[-1]) for e in episodes]
+        shown = [e.turns[-1]["ranked"][:self.show_top] for e in episodes]
+        prompts = [simulator_messages("feedback", e.context, self.items, s, ids, max_turns=self.simulator_max_turns)
+                   for e, s, ids in zip(episodes, said, shown)]
+        with adapter(self.model, self.simulator_weights):
+            replies = generate(self.model, self.tok, prompts, max_new_tokens=self.sim_max_new_tokens,
+                               batch_size=self.batch_size)
+        for e, s, ids, r in zip(episodes, said, shown, replies):
+            r = r.strip() or "(no reply)"
+            history = " ".join(t["text"] for t in e.context) + " " + s
+            named = [t for t in e.truth if names_title(r, self.items[t]["title"])]
+            leaked = [t for t in named if t not in ids and not names_title(history, self.items[t]["title"])]
+            e.turns[-1].update(said=s, shown=ids, reply=r, names_target=bool(named), leaks=bool(leaked))
+            e.context += [{"role": "recommender", "text": s}, {"role": "seeker", "text": r}]
+
+    def play(self, episodes: Sequence[Episode], turns: int, weights, progress: str = "") -> list[Episode]:
+        """Up to `turns` turns; a conversation stops once a true target is ranked first."""
+        bar = tqdm(range(1, turns + 1), desc=progress or "turns", disable=not progress)
+        for t in bar:
+            active = [e for e in episodes if not e.done]
+            if not active:
+                break
+            self.recommend(active, weights)
+            if t < turns:
+                still = [e for e in active if not e.done]
+                if still:
+                    self.reply(still)
+            bar.set_postfix(active=len(active))
+        return list(episodes)

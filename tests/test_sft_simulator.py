@@ -131,13 +131,13 @@ def test_feedback_only_mix_builds_feedback_examples_only(inspired_data, tmp_path
 
 def test_epoch_order_respects_the_mix_and_is_a_function_of_seed_and_epoch():
     pools = {"feedback": [None] * 10, "attributes": [None] * 10, "target": [None] * 10}
-    order = sim.epoch_order(pools, {"feedback": 2.0, "attributes": 1.0, "target": 1.0}, seed=0, epoch=0)
+    order = common.epoch_order(pools, {"feedback": 2.0, "attributes": 1.0, "target": 1.0}, seed=0, epoch=0)
     tasks = [t for t, _ in order]
     # shares 2:1:1 of an epoch as long as the pools (30): 15, 7.5 -> 8, 7.5 -> 8 examples
     assert (tasks.count("feedback"), tasks.count("attributes"), tasks.count("target")) == (15, 8, 8)
     assert {i for t, i in order if t == "feedback"} == set(range(10))  # every example before any repeats
-    assert order == sim.epoch_order(pools, {"feedback": 2.0, "attributes": 1.0, "target": 1.0}, 0, 0)
-    assert order != sim.epoch_order(pools, {"feedback": 2.0, "attributes": 1.0, "target": 1.0}, 0, 1)
+    assert order == common.epoch_order(pools, {"feedback": 2.0, "attributes": 1.0, "target": 1.0}, 0, 0)
+    assert order != common.epoch_order(pools, {"feedback": 2.0, "attributes": 1.0, "target": 1.0}, 0, 1)
 
 
 def test_killed_run_resumes_to_identical_weights(inspired_data, tmp_path):

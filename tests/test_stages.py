@@ -1,4 +1,4 @@
-"""Smoke runs of the stages on real data with tiny budgets (01 -> 03 retriever -> 05).
+"""Smoke runs of the stages on real data with tiny budgets (01 -> 03 retriever -> 05 single-shot rows).
 
 INSPIRED keeps this fast (1,123 items to encode); the real sentence encoder is used."""
 import importlib
@@ -32,7 +32,8 @@ def test_retriever_then_eval_smoke(inspired_run):
     with pytest.raises(SystemExit, match="03_sft_recommender.py"):
         evaluate.main(run + ["--rows", "retriever-fused"])
 
-    report = sft_recommender.main(run + ["--max-samples", "120", "--epochs", "2", "--dim", "32", "--batch-size", "64"])
+    retriever_only = ["--parts", "retriever", "--max-samples", "120", "--dim", "32"]
+    report = sft_recommender.main(run + retriever_only + ["--epochs", "2", "--retriever-batch-size", "64"])
     for variant in ("fused", "semantic", "collaborative"):
         assert (inspired_run / "retriever" / variant / "retriever.pt").exists()
         rep = report["variants"][variant]
@@ -44,10 +45,10 @@ def test_retriever_then_eval_smoke(inspired_run):
 
     # a second run reuses the cached encoder features
     features_mtime = (inspired_run / "retriever" / "features.pt").stat().st_mtime
-    sft_recommender.main(run + ["--max-samples", "120", "--epochs", "1", "--dim", "32", "--variants", "fused"])
+    sft_recommender.main(run + retriever_only + ["--epochs", "1", "--variants", "fused"])
     assert (inspired_run / "retriever" / "features.pt").stat().st_mtime == features_mtime
 
-    results = evaluate.main(run + ["--limit", "60", "--bootstrap", "200"])
+    results = evaluate.main(run + ["--rows", *evaluate.SINGLE_SHOT_ROWS, "--bootstrap", "200"])
     assert set(results["rows"]) == {"popularity", "retriever-semantic", "retriever-collab", "retriever-fused"}
     for row in results["rows"].values():
         for k in (1, 10, 50):
@@ -55,7 +56,8 @@ def test_retriever_then_eval_smoke(inspired_run):
             assert lo <= row["new"][f"recall@{k}"] <= hi
         assert row["new"]["recall@1"] <= row["new"]["recall@10"] <= row["new"]["recall@50"]
     table = (inspired_run / "eval" / "results.md").read_text()
-    assert "retriever-fused" in table and "first 60 samples" in table
+    assert "retriever-fused" in table and f"single shot: {results['samples']} samples" in table
+    assert results["samples"] == len(common.load_samples(common.RunPaths(inspired_run), "test"))
 
 
 def test_popularity_ranking_excludes_items_already_in_the_dialogue(inspired_run):

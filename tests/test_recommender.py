@@ -1,0 +1,288 @@
+"""Tests of the reasoning recommender (common.py section 9, 03_sft_recommender.py part 2) and of
+the multi-turn protocol (common.py section 10, 05_eval.py's conversation rows), with a tiny
+random Llama (`--model tiny`) on prepared INSPIRED data."""
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import common
+
+prep = importlib.import_module("01_prep_data")
+sim = importlib.import_module("02_sft_simulator")
+rec = importlib.import_module("03_sft_recommender")
+evaluate = importlib.import_module("05_eval")
+
+ITEMS = [
+    {"title": "Liar Liar (1997)", "genres": ["comedy"], "directors": ["Tom Shadyac"], "stars": ["Jim Carrey"]},
+    {"title": "The Exorcist (1973)", "genres": ["horror"], "directors": ["William Friedkin"], "stars": ["Ellen Burstyn"]},
+    {"title": "The Mask (1994)", "genres": ["comedy", "fantasy"], "directors": ["Chuck Russell"], "stars": ["Jim Carrey"]},
+    {"title": "Heat (1995)", "genres": ["crime"], "directors": ["Michael Mann"], "stars": ["Al Pacino"]},
+] + [{"title": f"Filler Movie {i} (2000)", "genres": ["drama"], "directors": [], "stars": []} for i in range(16)]
+CANDIDATES = list(range(20))
+TINY_LLM = ["--model", "tiny", "--threads", "1"]
+
+
+def rec_tiny(**overrides) -> list[str]:
+    """03 part 2 on a tiny model with tiny budgets; keyword arguments override the flags."""
+    flags = {"parts": "recommender", "max_samples": 40, "batch_size": 2, "max_len": 1280, "max_eval_samples": 4,
+             "max_new_tokens": 24, "gen_batch_size": 4, **overrides}
+    return TINY_LLM + [x for k, v in flags.items() for x in ("--" + k.replace("_", "-"), str(v))]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def inspired_with_retriever(tmp_path_factory, shared_data):
+    """Prepared INSPIRED data and a small fused retriever (shared read-only by the tests below)."""
+    run_dir = tmp_path_factory.mktemp("inspired_rec")
+    prep.main(["--dataset", "inspired", "--raw-dir", str(shared_data / "inspired"), "--run-dir", str(run_dir)])
+    rec.main(["--dataset", "inspired", "--run-dir", str(run_dir), "--parts", "retriever", "--max-samples", "40",
+              "--epochs", "1", "--dim", "32", "--variants", "fused"])
+    return run_dir
+
+
+def run_copy(base, tmp_path, name):
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    for part in ("data", "retriever"):
+        (run_dir / part).symlink_to(base / part)
+    return run_dir
+
+
+# ---- prompt, chain, parsing ---------------------------------------------------------------
+
+
+def test_attribute_vocab_finds_stated_genres_and_people():
+    vocab = common.AttributeVocab(ITEMS)
+    assert vocab.stated("Something funny with jim carrey, or a scary one") == ["comedy", "Jim Carrey", "horror"]
+    assert vocab.stated("no preference") == []
+
+
+def test_reasoning_chain_puts_the_target_first_and_parses_back():
+    vocab, titles = common.AttributeVocab(ITEMS), common.TitleIndex(ITEMS)
+    context = [{"role": "seeker", "text": "I want something funny"}]
+    chain, ranked = common.reasoning_chain(ITEMS, vocab, context, CANDIDATES, targets=[3], liked=[3, 2],
+                                           context_items=[2])
+    # preference: stated comedy, then the target's crime / Michael Mann / Al Pacino (4 at most, so the
+    # liked Mask's own attributes are cut). Target (Heat) first; Liar Liar and The Mask match comedy
+    # once each, a tie kept in the retriever's order; the dramas match nothing
+    assert ranked[0] == 3 and len(ranked) == 10 and len(set(ranked)) == 10
+    assert ranked[1:3] == [0, 2]
+    lines = chain.splitlines()
+    assert [ln.split(":")[0] for ln in lines[:5]] == ["Preference", "Matching", "Scores", "Ranking", "Explanation"]
+    assert lines[0] == "Preference: comedy, crime, Michael Mann, Al Pacino"
+    assert lines[3] == "Ranking: " + ", ".join(f"#{CANDIDATES.index(c) + 1}" for c in ranked)
+    parsed = common.parse_recommendation(chain, titles, CANDIDATES)
+    assert parsed["valid"] and parsed["ids"] == ranked
+    assert parsed["preference"] == {"comedy", "crime", "michael mann", "al pacino"}
+    assert common.fill_ranking(parsed["ids"], CANDIDATES) == ranked
+
+
+def numbered(titles):
+    return "<answer>\n" + "\n".join(f"{n}. {t}" for n, t in enumerate(titles, 1)) + "\n</answer>"
+
+
+@pytest.mark.parametrize("text, why", [
+    ("Preference: comedy\n1. Liar Liar (1997)", "no answer tags"),
+    (numbered([ITEMS[i]["title"] for i in range(9)]), "nine titles"),
+    (numbered([ITEMS[0]["title"]] * 2 + [ITEMS[i]["title"] for i in range(2, 10)]), "a duplicate"),
+    (numbered(["Titanic (1997)"] + [ITEMS[i]["title"] for i in range(1, 10)]), "a title outside the candidates"),
+    (numbered([ITEMS[i]["title"] for i in range(10)])[:-len("</answer>")], "no closing tag"),
+])
+def test_malformed_answers_are_not_valid(text, why):
+    parsed = common.parse_recommendation(text, common.TitleIndex(ITEMS), CANDIDATES)
+    assert not parsed["valid"], why
+
+
+def test_parse_accepts_loose_titles_and_fill_keeps_the_model_order():
+    titles = common.TitleIndex(ITEMS)
+    text = numbered(["the mask", "Liar Liar"] + [ITEMS[i]["title"] for i in (1, 3, 4, 5, 6, 7, 8, 9)])
+    parsed = common.parse_recommendation(text, titles, CANDIDATES)
+    assert parsed["valid"] and parsed["ids"][:2] == [2, 0]
+    # a broken answer keeps its usable titles in order, the retriever's order fills the rest
+    broken = common.parse_recommendation("<answer>\n1. Heat (1995)\n2. Heat (1995)\n3. Titanic\n", titles, CANDIDATES)
+    assert not broken["valid"] and broken["ids"] == [3, 3, None]
+    assert common.fill_ranking(broken["ids"], CANDIDATES) == [3, 0, 1, 2, 4, 5, 6, 7, 8, 9]
+
+
+def test_names_title_needs_whole_words_and_years_for_short_titles():
+    assert common.names_title("I loved the mask, so funny", "The Mask (1994)") is False  # 4 letters: needs the year
+    assert common.names_title("I loved The Mask (1994)!", "The Mask (1994)")
+    assert common.names_title("maybe liar liar?", "Liar Liar (1997)")
+    assert not common.names_title("a liar like him", "Liar Liar (1997)")
+
+
+def test_recommender_example_learns_exactly_the_chain(inspired_with_retriever):
+    """Real tokenizer and data: the labels cover the chain and <|im_end|>; the instruction survives."""
+    run = common.RunPaths(inspired_with_retriever)
+    items, samples = common.load_items(run), common.load_samples(run, "train")
+    tok = common.load_tokenizer()
+    vocab = common.AttributeVocab(items)
+    longest = 0
+    for s in samples[:40]:
+        cands = list(range(20))
+        chain, _ = common.reasoning_chain(items, vocab, s["context"], cands, s["new_targets"] or s["targets"],
+                                          s["liked"], s["context_items"])
+        ex = common.build_chat_example(tok, common.recommender_messages(s["context"], items, cands, answer=chain), 1280)
+        learned = [i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != common.IGNORE_INDEX]
+        assert tok.decode(learned) == chain + "<|im_end|>"
+        assert not ex["truncated"]
+        longest = max(longest, len(ex["input_ids"]))
+    assert longest < 1280
+
+
+def test_training_candidates_inject_a_missed_target_at_a_random_slot():
+    samples = [{"new_targets": [50], "targets": [50]}, {"new_targets": [3], "targets": [3]},
+               {"new_targets": [], "targets": []}] * 20
+    lists = [list(range(10))] * len(samples)
+    out, injected = rec.training_candidates(lists, samples, inject=True, seed=0)
+    assert injected == 20
+    assert all(50 in c and len(c) == 10 for c in out[0::3])
+    assert out[1] == list(range(10)) and out[2] == list(range(10))  # hit already / nothing to inject
+    assert len({c.index(50) for c in out[0::3]}) > 3  # the slot varies
+    same, _ = rec.training_candidates(lists, samples, inject=False, seed=0)
+    assert same == lists
+
+
+# ---- 03 part 2: SFT, resume, teacher ------------------------------------------------------------
+
+
+def test_recommender_sft_smoke_writes_adapter_and_quality(inspired_with_retriever, tmp_path):
+    run_dir = run_copy(inspired_with_retriever, tmp_path, "smoke")
+    out = rec.main(["--dataset", "inspired", "--run-dir", str(run_dir)] + rec_tiny(steps=3, eval_every=3))
+    folder = run_dir / "recommender_sft"
+    for f in ("adapter_config.json", "adapter_model.safetensors", "recommender_config.json", "train_log.jsonl",
+              "quality.json", "checkpoint/checkpoint.pt"):
+        assert (folder / f).exists(), f
+    log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and "eval_loss" in log[-1]
+    quality = out["recommender"]["quality"]
+    for name in ("tuned", "base"):
+        q = quality[name]
+        assert q["samples"] == 4 and 0 <= q["parse_rate"] <= 1 and q["mean_completion_tokens"] > 0
+    config = json.loads((folder / "recommender_config.json").read_text())
+    assert config["examples"] > 0 and config["injected_targets"] > 0
+    model, _ = common.tiny_causal_lm()
+    assert common.load_lora(model, folder)["r"] == 16
+
+
+def test_killed_recommender_sft_resumes_to_identical_weights(inspired_with_retriever, tmp_path):
+    """SIGKILL the real script right after its first checkpoint; the same command again resumes and
+    ends with the weights of an uninterrupted run."""
+    args = ["--dataset", "inspired"] + rec_tiny(steps=8, save_every=2, max_eval_samples=1, max_new_tokens=4)
+    whole = run_copy(inspired_with_retriever, tmp_path, "whole")
+    rec.main(["--run-dir", str(whole)] + args)
+    killed = run_copy(inspired_with_retriever, tmp_path, "killed")
+    cmd = [sys.executable, str(common.Path(rec.__file__)), "--run-dir", str(killed)] + args
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / "recommender_sft" / "checkpoint" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "recommender_sft" / "adapter_model.safetensors").exists(), "the run ended before the kill"
+    step = torch.load(ckpt, weights_only=False)["step"]
+    assert 2 <= step < 8
+    rec.main(["--run-dir", str(killed)] + args)
+    _, a = common.read_lora(whole / "recommender_sft")
+    _, b = common.read_lora(killed / "recommender_sft")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(line)["step"] for line in (killed / "recommender_sft" / "train_log.jsonl").read_text().splitlines()]
+    assert log == list(range(1, 9))
+
+
+def test_teacher_chains_are_kept_only_when_they_parse_and_hit(inspired_with_retriever, tmp_path, monkeypatch):
+    run = common.RunPaths(inspired_with_retriever)
+    items, samples = common.load_items(run), common.load_samples(run, "train")[:3]
+    titles = common.TitleIndex(items)
+    cands = [list(range(20)) for _ in samples]
+    for c, s in zip(cands, samples):
+        c[5] = (s["new_targets"] or s["targets"])[0]
+    good = lambda s, c: numbered([items[i]["title"] for i in [c[5]] + [x for x in c if x != c[5]][:9]])  # noqa: E731
+    miss = lambda s, c: numbered([items[i]["title"] for i in [x for x in c if x != c[5]][:10]])  # noqa: E731
+    outputs = [good(samples[0], cands[0]), miss(samples[1], cands[1]), "no list at all"]
+    monkeypatch.setattr(common, "load_llm", lambda *a, **k: (None, None))
+    monkeypatch.setattr(common, "generate", lambda *a, **k: outputs)
+    args = common.parse_args(rec.Args, ["--teacher", "some/teacher", "--teacher-samples", "3"])
+    kept, report = rec.teacher_chains(args, samples, cands, items, titles)
+    assert list(kept) == [0] and report == {"teacher": "some/teacher", "asked": 3, "kept": 1}
+
+
+# ---- multi-turn protocol -------------------------------------------------------------------------
+
+
+class FixedRetriever:
+    """Returns the same candidates for every dialogue; records what it was asked."""
+
+    def __init__(self, candidates):
+        self.candidates, self.calls = candidates, []
+
+    def search(self, contexts, context_items, k, exclude_seen=True):
+        self.calls.append([len(c) for c in contexts])
+        return [list(self.candidates[:k]) for _ in contexts]
+
+
+def test_conversation_stops_when_a_target_is_ranked_first_and_feeds_replies_back():
+    model, tok = common.tiny_causal_lm()
+    common.add_lora(model, r=4, alpha=8)
+    sample = {"dialog_id": "d", "turn": 1, "context": [{"role": "seeker", "text": "something funny"}],
+              "context_items": [], "new_targets": [0], "targets": [0]}
+    miss = {**sample, "dialog_id": "e", "new_targets": [19], "targets": [19]}
+    retriever = FixedRetriever(list(range(20)))
+    conv = common.Conversation(model, tok, ITEMS, retriever, simulator_weights=common.get_lora_weights(model),
+                               sim_max_new_tokens=6, batch_size=2)
+    episodes = conv.play(common.start_episodes([sample, miss]), turns=3, weights="retriever")
+    hit, missed = episodes
+    assert hit.done and len(hit.turns) == 1 and hit.turns[0]["rank"] == 1   # Liar Liar is the retriever's first
+    assert not missed.done and len(missed.turns) == 3 and missed.turns[0]["rank"] is None  # item 19 is 20th
+    # the simulator answered turns 1 and 2 (not the last); each answer joined the dialogue
+    assert [("reply" in t) for t in missed.turns] == [True, True, False]
+    assert len(missed.context) == 1 + 2 * 2 and missed.context[1]["role"] == "recommender"
+    assert missed.context[1]["text"].startswith("I would recommend Liar Liar (1997), The Exorcist (1973) or")
+    assert retriever.calls == [[1, 1], [3], [5]]  # the retriever saw the growing dialogue, finished ones dropped
+    assert hit.ranking_at(3) == hit.turns[0]["ranked"]  # a finished conversation keeps its list
+    assert sample["context"] == [{"role": "seeker", "text": "something funny"}]  # the sample is not modified
+
+
+def test_eval_multi_turn_rows_smoke(inspired_with_retriever, tmp_path):
+    run_dir = run_copy(inspired_with_retriever, tmp_path, "eval")
+    sim_args = ["--run-dir", str(run_dir), "--steps", "1", "--max-train-samples", "10", "--max-eval-samples", "1",
+                "--max-len", "160", "--batch-size", "2"] + TINY_LLM
+    sim.main(sim_args)
+    sim.main(sim_args + ["--task-mix", "1", "0", "0", "--out", "simulator_feedback_only"])
+    rec.main(["--dataset", "inspired", "--run-dir", str(run_dir)] + rec_tiny(steps=1, max_eval_samples=1, max_new_tokens=4))
+    rows = list(evaluate.MULTI_TURN_ROWS)
+    results = evaluate.main(["--dataset", "inspired", "--run-dir", str(run_dir), "--rows", "retriever-fused", *rows,
+                             "--limit", "3", "--turns", "2", "--max-new-tokens", "16", "--sim-max-new-tokens", "6",
+                             "--bootstrap", "50", "--threads", "1"])
+    assert set(results["multi_turn"]) == set(rows)
+    for name, r in results["multi_turn"].items():
+        assert r["samples"] == 3 and [t["turn"] for t in r["turns"]] == [1, 2]
+        for t in r["turns"]:
+            lo, hi = t["ci"]["new"]["recall@10"]
+            assert lo <= t["new"]["recall@10"] <= hi
+        assert r["leakage_rate"] is None or 0 <= r["leakage_rate"] <= 1
+    single, multi = results["multi_turn"]["sft-single-turn"], results["multi_turn"]["sft+simulator"]
+    assert single["turns"][0]["new"] == multi["turns"][0]["new"] == single["turns"][1]["new"]
+    eval_dir = run_dir / "eval"
+    png = (eval_dir / "recall_by_turn.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    convs = [json.loads(line) for line in (eval_dir / "conversations_sft+simulator.jsonl").read_text().splitlines()]
+    assert len(convs) == 3 and all(1 <= len(c["turns"]) <= 2 for c in convs)
+    table = (eval_dir / "results.md").read_text()
+    assert "multi-turn (T = 2" in table and "sft+simulator-feedback-only" in table
