@@ -1,24 +1,41 @@
-"""Stage 5: evaluate every system on the test split and write the results table.
+"""Stage 5: evaluate every system on the test split: single-shot rankers, then multi-turn conversations.
 
-Reads   <run-dir>/data/       (01_prep_data.py)       items, dialogues, test samples
-        <run-dir>/retriever/  (03_sft_recommender.py) fused and single-view retrievers
+Reads   <run-dir>/data/                     (01_prep_data.py)       items, dialogues, test samples
+        <run-dir>/retriever/                (03_sft_recommender.py) fused and single-view retrievers
+        <run-dir>/simulator/                (02_sft_simulator.py)   the user simulator's adapter
+        <run-dir>/simulator_feedback_only/  (02 with --task-mix 1 0 0) the simulator ablation
+        <run-dir>/recommender_sft/          (03_sft_recommender.py) the SFT recommender's adapter
 Writes  <run-dir>/eval/
-          results.json        every metric of every row, with 95% bootstrap confidence intervals
-          results.md          the Markdown table the README quotes
+          results.json          every metric of every row (by turn for multi-turn rows), 95% bootstrap CIs
+          results.md            the Markdown tables the README quotes
+          recall_by_turn.png    Recall@10 (new targets) by turn for the multi-turn rows
+          conversations_<row>.jsonl  every simulated conversation: lists, answers, simulator replies
 
 Protocol (DESIGN section 7): each recommendation sample is scored against its `new_targets`
 (items not mentioned earlier in the dialogue: the headline) and against all its `targets`.
 One label per target item; Recall@k, NDCG@k and MRR@k each look at the first k of the list only.
 Confidence intervals resample samples (percentile bootstrap).
 
-Rows so far:
+Single-shot rows, on the whole split:
   popularity          items ranked by how many training dialogues mention them
   retriever-semantic  the retriever with its semantic view only (ablation)
   retriever-collab    the retriever with its collaborative view only (ablation)
   retriever-fused     the dual-view retriever (cross-attention fusion): what the recommender re-ranks
+Multi-turn rows, on --limit samples drawn (seeded) among those with a new target; T = --turns:
+  retriever+simulator          the retriever's top 10 each turn; the simulator's feedback re-queries it
+  base-zero-shot+simulator     the untuned LLM re-ranks the candidates
+  sft-single-turn              the SFT recommender, turn 1 only (= turn 1 of the next row)
+  sft+simulator                the SFT recommender over T turns with the three-task simulator
+  sft+simulator-feedback-only  the same with the simulator trained on the feedback task only
+Each turn: the retriever recalls K candidates from the dialogue so far, the recommender ranks 10
+(an answer that does not parse keeps its valid titles, then the retriever's order fills the list),
+the simulator answers the top 3 as the seeker. A conversation stops once a true target is ranked
+first, and keeps that list for the later turns. The simulator's leakage rate is the share of its
+replies that name a true target it was neither shown nor told.
 """
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import asdict, dataclass
 
@@ -28,7 +45,17 @@ import common
 from common import arg
 
 RETRIEVER_ROWS = {"retriever-semantic": "semantic", "retriever-collab": "collaborative", "retriever-fused": "fused"}
-ALL_ROWS = ["popularity", *RETRIEVER_ROWS]
+SINGLE_SHOT_ROWS = ["popularity", *RETRIEVER_ROWS]
+# multi-turn row -> (recommender: "retriever", "base" or an adapter folder; simulator adapter folder)
+MULTI_TURN_ROWS = {
+    "retriever+simulator": ("retriever", "simulator"),
+    "base-zero-shot+simulator": ("base", "simulator"),
+    "sft-single-turn": ("recommender_sft", "simulator"),
+    "sft+simulator": ("recommender_sft", "simulator"),
+    "sft+simulator-feedback-only": ("recommender_sft", "simulator_feedback_only"),
+}
+ALL_ROWS = SINGLE_SHOT_ROWS + list(MULTI_TURN_ROWS)
+TURN_KS = (1, 5, 10)
 
 
 @dataclass
@@ -37,11 +64,20 @@ class Args:
     run_dir: str = arg("", "run directory (default: runs/<dataset>)")
     split: str = arg("test", "split to evaluate", choices=["valid", "test"])
     rows: list = arg(ALL_ROWS, f"systems to evaluate, among {ALL_ROWS}")
-    limit: int = arg(0, "evaluate the first N samples only; 0 = all")
+    limit: int = arg(100, "multi-turn rows: samples (seeded draw among those with a new target); 0 = all")
+    turns: int = arg(5, "multi-turn rows: turns T per conversation")
+    candidates: int = arg(20, "candidates K the retriever recalls each turn")
+    show_top: int = arg(3, "movies of the list the simulator is shown (and answers)")
+    model: str = arg("", "base LLM (default: the one recommender_sft/ was trained on)")
+    load_in_4bit: bool = arg(False, "load the base in nf4 4-bit")
+    max_new_tokens: int = arg(320, "generation budget of one recommender answer")
+    sim_max_new_tokens: int = arg(60, "generation budget of one simulator reply")
+    gen_batch_size: int = arg(8, "prompts per generation batch")
     exclude_seen: bool = arg(True, "never rank items already mentioned in the dialogue")
     bootstrap: int = arg(1000, "bootstrap resamples for the 95% confidence intervals")
-    seed: int = arg(0, "random seed")
-    device: str = arg("cuda" if torch.cuda.is_available() else "cpu", "torch device")
+    seed: int = arg(0, "random seed (the --limit draw)")
+    threads: int = arg(0, "torch CPU threads (0 = torch's default; 1 is fastest on small CPUs)")
+    device: str = arg(str(common.default_device()), "torch device")
 
 
 def popularity_rankings(run: common.RunPaths, num_items: int, samples: list[dict], k: int, exclude_seen: bool) -> list[list[int]]:
@@ -69,26 +105,146 @@ def retriever_rankings(run: common.RunPaths, variants: list[str], samples: list[
             for v, net in nets.items()}
 
 
-def markdown_table(results: dict) -> str:
-    """Rows x headline metrics on new targets (95% CI of Recall@10 beside it), then Recall@10/50 on all."""
-    k_cols = [("recall@1", "R@1"), ("recall@10", "R@10"), ("recall@20", "R@20"), ("recall@50", "R@50"),
-              ("ndcg@10", "NDCG@10"), ("mrr@10", "MRR@10")]
-    head = "| system | " + " | ".join(f"{label} new" for _, label in k_cols) + " | R@10 new 95% CI | R@10 all | R@50 all |"
-    lines = [head, "|" + "---|" * (len(k_cols) + 4)]
-    for name, r in results["rows"].items():
-        lo, hi = r["ci"]["new"]["recall@10"]
-        cells = [f"{r['new'][m]:.3f}" for m, _ in k_cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | [{lo:.3f}, {hi:.3f}] | {r['all']['recall@10']:.3f} | {r['all']['recall@50']:.3f} |")
-    meta = (f"{results['dataset']} {results['split']}: {results['samples']} samples, "
-            f"{results['labels']['new']} new-target labels, {results['labels']['all']} target labels"
-            + (f" (first {results['limit']} samples)" if results["limit"] else ""))
-    return f"{meta}\n\n" + "\n".join(lines) + "\n"
+def draw_samples(samples: list[dict], limit: int, seed: int) -> list[dict]:
+    """The multi-turn subset: `limit` samples with a new target, drawn with `seed`, in file order."""
+    pool = [i for i, s in enumerate(samples) if s["new_targets"]]
+    if limit and limit < len(pool):
+        pool = sorted(random.Random(seed).sample(pool, limit))
+    return [samples[i] for i in pool]
+
+
+def load_conversation(run: common.RunPaths, rows: list[str], items: list[dict], args: Args):
+    """One base LLM with every adapter the rows need (as swappable weights), the retriever, and the
+    Conversation that plays them. -> (conversation, {folder: weights})"""
+    folders = sorted({f for r in rows for f in MULTI_TURN_ROWS[r] if f not in ("retriever", "base")})
+    configs = {}
+    for f in folders:
+        run.require(f, "adapter_config.json")
+        configs[f] = common.read_lora(run.root / f)
+    bases = {f: c.get("base_model_name_or_path") for f, (c, _) in configs.items()}
+    model_name = args.model or next((b for f, b in bases.items() if f == "recommender_sft"), None) \
+        or next(iter(bases.values()), None) or common.DEFAULT_LLM
+    if not args.model and len(set(bases.values())) > 1:
+        raise SystemExit(f"error: the adapters were trained on different base models {bases}; 05 runs them on one "
+                         "base: retrain them on the same --model")
+    model, tok = common.load_llm(model_name, args.load_in_4bit, args.device)
+    weights = {}
+    for f, (config, w) in configs.items():
+        common.add_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+                        target_modules=config["target_modules"])  # raises if two adapters differ in shape
+        weights[f] = w
+    retriever = common.Retriever(run.require("retriever", "fused/retriever.pt") / "fused", device=args.device)
+    popularity = common.popularity_counts(common.load_dialogues(run, "train"), len(items)).tolist()
+    conversation = common.Conversation(
+        model, tok, items, retriever, simulator_weights=None, candidates=args.candidates, show_top=args.show_top,
+        rec_max_new_tokens=args.max_new_tokens, sim_max_new_tokens=args.sim_max_new_tokens,
+        batch_size=args.gen_batch_size, exclude_seen=args.exclude_seen, popularity=popularity)
+    return conversation, weights
+
+
+def score_episodes(episodes: list[common.Episode], turns: int, args: Args) -> dict:
+    """Metrics of the lists after each turn, parse and success rates by turn, simulator leakage."""
+    samples = [e.sample for e in episodes]
+    by_turn = [{"turn": t, **common.score_rankings([e.ranking_at(t) for e in episodes], samples, ks=TURN_KS,
+                                                   bootstrap=args.bootstrap, seed=args.seed)}
+               for t in range(1, turns + 1)]
+    played = [[e.turns[t - 1] for e in episodes if len(e.turns) >= t] for t in range(1, turns + 1)]
+    replies = [turn for e in episodes for turn in e.turns if "reply" in turn]
+    return {
+        "samples": len(episodes), "turns": by_turn,
+        "parse_rate_by_turn": [sum(x["parsed"]["valid"] for x in p) / len(p) if p else None for p in played],
+        "success_by_turn": [sum(e.ranking_at(t)[0] in e.truth for e in episodes) / len(episodes)
+                            for t in range(1, turns + 1)],
+        "mean_turns_played": sum(len(e.turns) for e in episodes) / len(episodes),
+        "simulator_replies": len(replies),
+        "reply_names_target_rate": sum(r["names_target"] for r in replies) / len(replies) if replies else None,
+        "leakage_rate": sum(r["leaks"] for r in replies) / len(replies) if replies else None,
+    }
+
+
+def conversation_log(e: common.Episode, items: list[dict]) -> dict:
+    """A readable record of one episode for conversations_<row>.jsonl."""
+    return {"dialog_id": e.sample["dialog_id"], "turn": e.sample["turn"],
+            "truth": [items[i]["title"] for i in e.truth],
+            "turns": [{"candidates": [items[i]["title"] for i in t["candidates"]], "answer": t["text"],
+                       "valid": t["parsed"]["valid"], "list": [items[i]["title"] for i in t["ranked"]],
+                       "rank_of_target": t["rank"], "said": t.get("said"), "reply": t.get("reply"),
+                       "leaks": t.get("leaks")} for t in e.turns]}
+
+
+def markdown_tables(results: dict) -> str:
+    """Single-shot rows x headline metrics (new targets), then multi-turn rows at turn 1 and turn T."""
+    out = []
+    if results["rows"]:
+        k_cols = [("recall@1", "R@1"), ("recall@10", "R@10"), ("recall@20", "R@20"), ("recall@50", "R@50"),
+                  ("ndcg@10", "NDCG@10"), ("mrr@10", "MRR@10")]
+        lines = ["| system | " + " | ".join(f"{label} new" for _, label in k_cols)
+                 + " | R@10 new 95% CI | R@10 all | R@50 all |", "|" + "---|" * (len(k_cols) + 4)]
+        for name, r in results["rows"].items():
+            lo, hi = r["ci"]["new"]["recall@10"]
+            cells = [f"{r['new'][m]:.3f}" for m, _ in k_cols]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | [{lo:.3f}, {hi:.3f}] | "
+                         f"{r['all']['recall@10']:.3f} | {r['all']['recall@50']:.3f} |")
+        out.append(f"{results['dataset']} {results['split']}, single shot: {results['samples']} samples, "
+                   f"{results['labels']['new']} new-target labels, {results['labels']['all']} target labels\n\n"
+                   + "\n".join(lines))
+    if results["multi_turn"]:
+        T = results["turns"]
+        head = (f"| system | R@1 t1 | R@10 t1 [95% CI] | NDCG@10 t1 | R@1 t{T} | R@10 t{T} [95% CI] | NDCG@10 t{T} | "
+                f"parse rate t1 | leakage |")
+        lines = [head, "|" + "---|" * 9]
+
+        def cell(turn: dict, metric: str, ci: bool = False) -> str:
+            v = f"{turn['new'][metric]:.3f}"
+            return v + (" [{:.3f}, {:.3f}]".format(*turn["ci"]["new"][metric]) if ci else "")
+
+        for name, r in results["multi_turn"].items():
+            first, last = r["turns"][0], r["turns"][-1]
+            parse = r["parse_rate_by_turn"][0]
+            leak = r["leakage_rate"]
+            lines.append(f"| {name} | {cell(first, 'recall@1')} | {cell(first, 'recall@10', True)} | "
+                         f"{cell(first, 'ndcg@10')} | {cell(last, 'recall@1')} | {cell(last, 'recall@10', True)} | "
+                         f"{cell(last, 'ndcg@10')} | {'n/a' if r['recommender'] == 'retriever' else f'{parse:.2f}'} | "
+                         f"{'n/a' if leak is None else f'{leak:.3f}'} |")
+        mt = results["multi_turn_meta"]
+        out.append(f"{results['dataset']} {results['split']}, multi-turn (T = {T}, K = {mt['candidates']} candidates): "
+                   f"{mt['samples']} samples with a new target ({mt['labels']} labels), "
+                   + ("all of them; " if not results["limit"] else f"a seeded draw of --limit {results['limit']}; ")
+                   + 
+                   "single-turn rows repeat turn 1 in the turn-T columns\n\n" + "\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def plot_recall_by_turn(results: dict, path) -> None:
+    """Recall@10 (new targets) by turn, one line per multi-turn row, 95% CI as a band."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, r in results["multi_turn"].items():
+        if name == "sft-single-turn":
+            continue
+        turns = [x["turn"] for x in r["turns"]]
+        ax.plot(turns, [x["new"]["recall@10"] for x in r["turns"]], marker="o", label=name)
+        ax.fill_between(turns, [x["ci"]["new"]["recall@10"][0] for x in r["turns"]],
+                        [x["ci"]["new"]["recall@10"][1] for x in r["turns"]], alpha=0.12)
+    ax.set_xlabel("turn")
+    ax.set_ylabel("Recall@10 (new targets)")
+    ax.set_xticks(range(1, results["turns"] + 1))
+    ax.set_title(f"{results['dataset']} {results['split']}: {results['multi_turn_meta']['samples']} samples")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    common.atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
+    plt.close(fig)
 
 
 def main(argv=None) -> dict:
     args = common.parse_args(Args, argv)
     args.run_dir = common.default_run_dir(args.dataset, args.run_dir)
     run = common.RunPaths(args.run_dir)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     common.set_seed(args.seed)
     unknown = [r for r in args.rows if r not in ALL_ROWS]
     if unknown:
@@ -96,12 +252,12 @@ def main(argv=None) -> dict:
 
     items = common.load_items(run)
     samples = common.load_samples(run, args.split)
-    if args.limit:
-        samples = samples[:args.limit]
-    k = max(common.METRIC_KS)
+    out = run.root / "eval"
     results = {"dataset": args.dataset, "split": args.split, "limit": args.limit, "samples": len(samples),
-               "args": asdict(args), "rows": {}, "seconds": {}}
+               "turns": args.turns, "args": asdict(args), "rows": {}, "multi_turn": {}, "seconds": {}}
 
+    # 1. Single-shot rankers on the whole split.
+    k = max(common.METRIC_KS)
     rankings: dict[str, list[list[int]]] = {}
     if "popularity" in args.rows:
         rankings["popularity"] = popularity_rankings(run, len(items), samples, k, args.exclude_seen)
@@ -111,17 +267,51 @@ def main(argv=None) -> dict:
         by_variant = retriever_rankings(run, variants, samples, k, args)
         rankings.update({row: by_variant[v] for row, v in RETRIEVER_ROWS.items() if v in by_variant})
         results["seconds"]["retrievers"] = round(time.time() - started, 1)
-
-    for row in args.rows:
+    for row in [r for r in args.rows if r in SINGLE_SHOT_ROWS]:
         results["rows"][row] = common.score_rankings(rankings[row], samples, bootstrap=args.bootstrap, seed=args.seed)
-    results["labels"] = results["rows"][args.rows[0]]["labels"] if args.rows else {"new": 0, "all": 0}
+    results["labels"] = next(iter(results["rows"].values()))["labels"] if results["rows"] else {}
 
-    out = run.root / "eval"
+    # 2. Multi-turn conversations with the simulator on a seeded subset.
+    multi = [r for r in args.rows if r in MULTI_TURN_ROWS]
+    if multi:
+        subset = draw_samples(samples, args.limit, args.seed)
+        conversation, weights = load_conversation(run, multi, items, args)
+        # each (recommender, simulator) pair is played once; sft-single-turn reads turn 1 of sft+simulator
+        pairs = {}
+        for row in multi:
+            pairs[MULTI_TURN_ROWS[row]] = max(pairs.get(MULTI_TURN_ROWS[row], 1), 1 if row == "sft-single-turn" else args.turns)
+        played, seconds = {}, {}
+        for (recommender, simulator), turns in pairs.items():
+            started = time.time()
+            conversation.simulator_weights = weights[simulator]
+            rec_weights = {"retriever": "retriever", "base": None}[recommender] if recommender in ("retriever", "base") \
+                else weights[recommender]
+            played[recommender, simulator] = conversation.play(common.start_episodes(subset), turns, rec_weights,
+                                                               progress=f"{recommender} + {simulator}")
+            seconds[recommender, simulator] = round(time.time() - started, 1)
+        for row in multi:
+            key = MULTI_TURN_ROWS[row]
+            episodes, single = played[key], row == "sft-single-turn"
+            r = {"recommender": key[0], "simulator": key[1], **score_episodes(episodes, 1 if single else args.turns, args),
+                 "seconds": seconds[key]}
+            if single:  # no later turns: turn T = turn 1
+                r["turns"] = [dict(r["turns"][0], turn=t) for t in range(1, args.turns + 1)]
+            else:
+                common.write_jsonl(out / f"conversations_{row}.jsonl", [conversation_log(e, items) for e in episodes])
+            results["multi_turn"][row] = r
+            print(f"[05] {row}: R@10 new turn 1 {r['turns'][0]['new']['recall@10']:.3f}, "
+                  f"turn {args.turns} {r['turns'][-1]['new']['recall@10']:.3f} ({r['seconds']} s)")
+        first = next(iter(results["multi_turn"].values()))
+        results["multi_turn_meta"] = {"samples": len(subset), "labels": first["turns"][0]["labels"]["new"],
+                                      "candidates": args.candidates}
+
     common.write_json(out / "results.json", results)
-    table = markdown_table(results)
+    table = markdown_tables(results)
     common.atomic_write_bytes(out / "results.md", table.encode())
+    if results["multi_turn"]:
+        plot_recall_by_turn(results, out / "recall_by_turn.png")
     print(table)
-    print(f"[05] wrote {out}/results.json and results.md")
+    print(f"[05] wrote {out}/results.json, results.md" + (", recall_by_turn.png" if results["multi_turn"] else ""))
     return results
 
 
