@@ -32,7 +32,6 @@ that parse and whose list holds the target (the rest keep the metadata chain).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
@@ -100,9 +99,8 @@ class Args:
 def encode_features(args: Args, run: common.RunPaths, items: list[dict], samples: dict[str, list[dict]]) -> dict:
     """Frozen-encoder vectors of every item [N, E] and every sample's dialogue context [S, E],
     cached in retriever/features.pt and reused while the texts and the encoder are unchanged."""
-    texts = {"items": [common.item_text(it) for it in items]}
-    texts.update({split: [common.dialogue_text(s["context"]) for s in rows] for split, rows in samples.items()})
-    fingerprint = hashlib.sha1(json.dumps([args.encoder, texts], sort_keys=True).encode()).hexdigest()
+    texts = common.encoder_texts(items, samples)
+    fingerprint = common.texts_fingerprint(args.encoder, texts)
     cache = run.retriever / "features.pt"
     if cache.exists():
         blob = torch.load(cache, weights_only=False)

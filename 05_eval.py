@@ -23,8 +23,8 @@ Single-shot rows, on the whole split:
   retriever-fused     the dual-view retriever (cross-attention fusion): what the recommender re-ranks
 Multi-turn rows, on --limit samples drawn (seeded) among those with a new target; T = --turns:
   retriever+simulator          the retriever's top 10 each turn; the simulator's feedback re-queries it
-  base-zero-shot+simulator     the untuned LLM re-ranks the candidates
-  sft-single-turn              the SFT recommender, turn 1 only (= turn 1 of the next row)
+  base-zero-shot               the untuned LLM re-ranks the candidates, one turn
+  sft-single-turn              the SFT recommender, one turn (= turn 1 of the next row)
   sft+simulator                the SFT recommender over T turns with the three-task simulator
   sft+simulator-feedback-only  the same with the simulator trained on the feedback task only
 Each turn: the retriever recalls K candidates from the dialogue so far, the recommender ranks 10
@@ -49,11 +49,12 @@ SINGLE_SHOT_ROWS = ["popularity", *RETRIEVER_ROWS]
 # multi-turn row -> (recommender: "retriever", "base" or an adapter folder; simulator adapter folder)
 MULTI_TURN_ROWS = {
     "retriever+simulator": ("retriever", "simulator"),
-    "base-zero-shot+simulator": ("base", "simulator"),
+    "base-zero-shot": ("base", "simulator"),
     "sft-single-turn": ("recommender_sft", "simulator"),
     "sft+simulator": ("recommender_sft", "simulator"),
     "sft+simulator-feedback-only": ("recommender_sft", "simulator_feedback_only"),
 }
+SINGLE_TURN_ROWS = ("base-zero-shot", "sft-single-turn")  # recommender rows without simulator turns
 ALL_ROWS = SINGLE_SHOT_ROWS + list(MULTI_TURN_ROWS)
 TURN_KS = (1, 5, 10)
 
@@ -89,6 +90,20 @@ def popularity_rankings(run: common.RunPaths, num_items: int, samples: list[dict
     return scores.topk(k, dim=1).indices.tolist()
 
 
+def cached_features(run: common.RunPaths, encoder: str, split: str, count: int):
+    """The split's dialogue vectors from 03's retriever/features.pt when they were encoded by the
+    same encoder from exactly the current data (same fingerprint); else None."""
+    path = run.retriever / "features.pt"
+    if not path.exists():
+        return None
+    blob = torch.load(path, weights_only=False)
+    texts = common.encoder_texts(common.load_items(run), {s: common.load_samples(run, s) for s in common.SPLITS})
+    if blob.get("fingerprint") != common.texts_fingerprint(encoder, texts) or len(blob["features"][split]) != count:
+        return None
+    print(f"[05] reusing the {split} dialogue vectors of {path}")
+    return blob["features"][split]
+
+
 def retriever_rankings(run: common.RunPaths, variants: list[str], samples: list[dict], k: int, args: Args) -> dict[str, list[list[int]]]:
     """Top-k of each retriever variant; the dialogue texts are encoded once for all of them."""
     folder = run.require("retriever", f"{variants[0]}/retriever.pt")
@@ -97,9 +112,11 @@ def retriever_rankings(run: common.RunPaths, variants: list[str], samples: list[
         run.require("retriever", f"{v}/retriever.pt")
         nets[v] = common.DualViewRetriever.load(folder / v).to(args.device)
     encoder_name = nets[variants[0]].extra.get("encoder", common.DEFAULT_ENCODER)
-    tokenizer, encoder = common.load_sentence_encoder(encoder_name, args.device)
-    ctx_sem = common.encode_texts([common.dialogue_text(s["context"]) for s in samples], tokenizer, encoder,
-                                  desc="encoding test dialogues")
+    ctx_sem = cached_features(run, encoder_name, args.split, len(samples))
+    if ctx_sem is None:
+        tokenizer, encoder = common.load_sentence_encoder(encoder_name, args.device)
+        ctx_sem = common.encode_texts([common.dialogue_text(s["context"]) for s in samples], tokenizer, encoder,
+                                      desc=f"encoding {args.split} dialogues")
     context_items = [s["context_items"] for s in samples]
     return {v: common.rank_items(net, ctx_sem, context_items, k, args.exclude_seen, device=args.device)
             for v, net in nets.items()}
@@ -223,7 +240,7 @@ def plot_recall_by_turn(results: dict, path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, r in results["multi_turn"].items():
-        if name == "sft-single-turn":
+        if name in SINGLE_TURN_ROWS:
             continue
         turns = [x["turn"] for x in r["turns"]]
         ax.plot(turns, [x["new"]["recall@10"] for x in r["turns"]], marker="o", label=name)
@@ -279,7 +296,7 @@ def main(argv=None) -> dict:
         # each (recommender, simulator) pair is played once; sft-single-turn reads turn 1 of sft+simulator
         pairs = {}
         for row in multi:
-            pairs[MULTI_TURN_ROWS[row]] = max(pairs.get(MULTI_TURN_ROWS[row], 1), 1 if row == "sft-single-turn" else args.turns)
+            pairs[MULTI_TURN_ROWS[row]] = max(pairs.get(MULTI_TURN_ROWS[row], 1), 1 if row in SINGLE_TURN_ROWS else args.turns)
         played, seconds = {}, {}
         for (recommender, simulator), turns in pairs.items():
             started = time.time()
@@ -291,7 +308,7 @@ def main(argv=None) -> dict:
             seconds[recommender, simulator] = round(time.time() - started, 1)
         for row in multi:
             key = MULTI_TURN_ROWS[row]
-            episodes, single = played[key], row == "sft-single-turn"
+            episodes, single = played[key], row in SINGLE_TURN_ROWS
             r = {"recommender": key[0], "simulator": key[1], **score_episodes(episodes, 1 if single else args.turns, args),
                  "seconds": seconds[key]}
             if single:  # no later turns: turn T = turn 1

@@ -322,6 +322,20 @@ def item_text(item: dict) -> str:
     return ". ".join(parts)
 
 
+def encoder_texts(items: Sequence[dict], samples: dict[str, Sequence[dict]]) -> dict[str, list[str]]:
+    """The texts the semantic view encodes: {"items": item texts, split: dialogue texts of its samples}."""
+    texts = {"items": [item_text(it) for it in items]}
+    texts.update({split: [dialogue_text(s["context"]) for s in rows] for split, rows in samples.items()})
+    return texts
+
+
+def texts_fingerprint(encoder: str, texts: dict[str, list[str]]) -> str:
+    """The key of retriever/features.pt: the encoder and every text it encoded."""
+    import hashlib
+
+    return hashlib.sha1(json.dumps([encoder, texts], sort_keys=True).encode()).hexdigest()
+
+
 def dialogue_text(context: Sequence[dict]) -> str:
     """The semantic view's text of a dialogue: its turns, oldest first, with speaker tags
     (the encoder truncates from the left, so the latest turns are the ones kept)."""
