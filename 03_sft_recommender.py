@@ -176,11 +176,6 @@ def train_retriever(args: Args, variant: str, features: dict, samples: dict[str,
     return net.cpu(), report
 
 
-def sample_truth(sample: dict) -> list[int]:
-    """The items a list should hold for this sample: its new targets, else all its targets."""
-    return sample["new_targets"] or sample["targets"]
-
-
 def training_candidates(candidates: list[list[int]], samples: list[dict], inject: bool, seed: int) -> tuple[list[list[int]], int]:
     """Candidate lists for SFT; with `inject`, a sample whose target the retriever missed gets it
     in place of a random candidate (a random slot, so the position says nothing). -> (lists, injected)"""
@@ -188,7 +183,7 @@ def training_candidates(candidates: list[list[int]], samples: list[dict], inject
     out, injected = [], 0
     for cands, s in zip(candidates, samples):
         cands = list(cands)
-        truth = sample_truth(s)
+        truth = common.sample_truth(s)
         if inject and truth and not set(truth) & set(cands):
             cands[rng.randrange(len(cands))] = truth[0]
             injected += 1
@@ -209,7 +204,7 @@ def teacher_chains(args: Args, samples: list[dict], candidates: list[list[int]],
     kept = {}
     for i, text in zip(asked, outputs):
         parsed = common.parse_recommendation(text, titles, candidates[i])
-        if parsed["valid"] and set(parsed["ids"]) & set(sample_truth(samples[i])):
+        if parsed["valid"] and set(parsed["ids"]) & set(common.sample_truth(samples[i])):
             kept[i] = text.strip()
     del teacher
     return kept, {"teacher": args.teacher, "asked": len(asked), "kept": len(kept)}
@@ -218,24 +213,18 @@ def teacher_chains(args: Args, samples: list[dict], candidates: list[list[int]],
 def recommender_quality(model, tok, samples: list[dict], candidates: list[list[int]], items: list[dict],
                         titles: common.TitleIndex, args: Args) -> dict:
     """Greedy answers on held-out samples (the retriever's candidates, nothing injected): how many
-    parse into 10 distinct candidate titles, and the hit rates of the re-ranked list against the
-    retriever's own top 10 on the same samples."""
-    prompts = [common.recommender_messages(s["context"], items, c, max_turns=args.max_turns)
-               for s, c in zip(samples, candidates)]
-    texts, _, completions = common.generate(model, tok, prompts, max_new_tokens=args.max_new_tokens,
-                                            batch_size=args.gen_batch_size, return_tokens=True)
-    parsed = [common.parse_recommendation(t, titles, c) for t, c in zip(texts, candidates)]
-    ranked = [common.fill_ranking(p["ids"], c) for p, c in zip(parsed, candidates)]
-    n = max(len(parsed), 1)
+    parse into 10 distinct candidate titles, and the hit rates of the re-ranked lists."""
+    answers = common.recommend_with_llm(model, tok, items, titles, [s["context"] for s in samples], candidates,
+                                        args.max_new_tokens, batch_size=args.gen_batch_size, max_turns=args.max_turns)
+    n = max(len(answers), 1)
     return {
-        "samples": len(parsed),
-        "parse_rate": sum(p["valid"] for p in parsed) / n,
-        "answer_tag_rate": sum(p["has_answer"] for p in parsed) / n,
-        "mean_candidate_titles": sum(len({i for i in p["ids"] if i is not None}) for p in parsed) / n,
-        "mean_completion_tokens": sum(len(c) for c in completions) / n,
-        "reranked": common.score_rankings(ranked, samples, ks=(1, 5, 10))["new"],
-        "retriever_order": common.score_rankings([c[:common.REC_TOP_N] for c in candidates], samples, ks=(1, 5, 10))["new"],
-        "examples": texts[:3],
+        "samples": len(answers),
+        "parse_rate": sum(a["parsed"]["valid"] for a in answers) / n,
+        "answer_tag_rate": sum(a["parsed"]["has_answer"] for a in answers) / n,
+        "mean_candidate_titles": sum(len({i for i in a["parsed"]["ids"] if i is not None}) for a in answers) / n,
+        "mean_completion_tokens": sum(len(a["completion_ids"]) for a in answers) / n,
+        "reranked": common.score_rankings([a["ranked"] for a in answers], samples, ks=(1, 5, 10))["new"],
+        "examples": [a["text"] for a in answers[:3]],
     }
 
 
@@ -264,14 +253,14 @@ def train_recommender(args: Args, run: common.RunPaths, items: list[dict], sampl
 
     def example(s: dict, cands: list[int], chain: str | None) -> dict:
         if chain is None:
-            chain, _ = common.reasoning_chain(items, vocab, s["context"], cands, sample_truth(s), s["liked"],
+            chain, _ = common.reasoning_chain(items, vocab, s["context"], cands, common.sample_truth(s), s["liked"],
                                               s["context_items"])
         messages = common.recommender_messages(s["context"], items, cands, answer=chain, max_turns=args.max_turns)
         return common.build_chat_example(tok, messages, args.max_len)
 
     pools = {"recommend": [example(s, c, chains.get(i)) for i, (s, c) in enumerate(zip(train, train_cands))
-                           if sample_truth(s)]}
-    eval_examples = [example(s, c, None) for s, c in zip(held_out, candidates["valid"]) if sample_truth(s)]
+                           if common.sample_truth(s)]}
+    eval_examples = [example(s, c, None) for s, c in zip(held_out, candidates["valid"]) if common.sample_truth(s)]
     truncated = sum(e["truncated"] for e in pools["recommend"])
     print(f"[03] recommender SFT: {len(pools['recommend'])} examples ({injected} with an injected target, "
           f"{len(chains)} teacher chains, {truncated} truncated to {args.max_len} tokens)")
@@ -296,7 +285,10 @@ def train_recommender(args: Args, run: common.RunPaths, items: list[dict], sampl
     # 8. The adapter, and its answers on held-out samples next to the untuned base model's.
     common.save_lora(model, out_dir, {"base_model_name_or_path": args.model})
     print(f"[03] quality on {len(held_out)} valid samples (tuned, then base)")
-    quality = {"split": "valid", "candidates": k, "tuned": recommender_quality(model, tok, held_out, candidates["valid"],
+    retriever_order = [c[:common.REC_TOP_N] for c in candidates["valid"]]
+    quality = {"split": "valid", "candidates": k,
+               "retriever_order": common.score_rankings(retriever_order, held_out, ks=(1, 5, 10))["new"],
+               "tuned": recommender_quality(model, tok, held_out, candidates["valid"],
                                                                               items, titles, args)}
     with common.lora_disabled(model):
         quality["base"] = recommender_quality(model, tok, held_out, candidates["valid"], items, titles, args)
@@ -308,7 +300,7 @@ def train_recommender(args: Args, run: common.RunPaths, items: list[dict], sampl
     for name in ("tuned", "base"):
         q = quality[name]
         print(f"[03] {name:5s}: parse rate {q['parse_rate']:.3f}  R@1 {q['reranked']['recall@1']:.3f}  "
-              f"R@10 {q['reranked']['recall@10']:.3f}  (retriever order: R@1 {q['retriever_order']['recall@1']:.3f})")
+              f"R@10 {q['reranked']['recall@10']:.3f}  (retriever order: R@1 {quality['retriever_order']['recall@1']:.3f})")
     return {"quality": quality, "config": config}
 
 

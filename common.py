@@ -1707,6 +1707,29 @@ def parse_recommendation(text: str, titles: TitleIndex, candidate_ids: Sequence[
             "preference": parse_attributes(pref.group(1)) if pref else set()}
 
 
+def sample_truth(sample: dict) -> list[int]:
+    """The items a recommendation list should hold for a sample: its new targets, else all its targets."""
+    return list(sample["new_targets"] or sample["targets"])
+
+
+def recommend_with_llm(model: nn.Module, tokenizer, items: Sequence[dict], titles: TitleIndex,
+                       contexts: Sequence[Sequence[dict]], candidates: Sequence[Sequence[int]],
+                       max_new_tokens: int = 320, temperature: float = 0.0, top_p: float = 1.0,
+                       batch_size: int = 8, max_turns: int = 4) -> list[dict]:
+    """The recommender's answer for each (dialogue, K candidates): prompt, generate, parse, fill.
+    -> one {text, prompt_ids, completion_ids, parsed, ranked} per dialogue (ranked: 10 item ids)."""
+    prompts = [recommender_messages(ctx, items, c, max_turns=max_turns) for ctx, c in zip(contexts, candidates)]
+    texts, prompt_ids, completion_ids = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                                 temperature=temperature, top_p=top_p, batch_size=batch_size,
+                                                 return_tokens=True)
+    out = []
+    for text, p_ids, c_ids, c in zip(texts, prompt_ids, completion_ids, candidates):
+        parsed = parse_recommendation(text, titles, c)
+        out.append({"text": text, "prompt_ids": p_ids, "completion_ids": c_ids, "parsed": parsed,
+                    "ranked": fill_ranking(parsed["ids"], c)})
+    return out
+
+
 def fill_ranking(ids: Sequence[int | None], candidate_ids: Sequence[int], n: int = REC_TOP_N) -> list[int]:
     """The list that is scored: the parsed candidates in the model's order (repeats and unknown
     titles skipped), then the remaining candidates in the retriever's order, n in all."""
@@ -1749,7 +1772,7 @@ class Episode:
 
 def start_episodes(samples: Sequence[dict], copies: int = 1) -> list[Episode]:
     """`copies` episodes per sample (G for a GRPO group), each with its own copy of the context."""
-    return [Episode(s, list(s["context"]), list(s["new_targets"] or s["targets"]))
+    return [Episode(s, list(s["context"]), sample_truth(s))
             for s in samples for _ in range(copies)]
 
 
@@ -1794,20 +1817,16 @@ class Conversation:
         cands = self.retriever.search([e.context for e in episodes], [e.sample["context_items"] for e in episodes],
                                       self.k, self.exclude_seen)
         if weights == "retriever":
-            texts, prompt_ids, completion_ids = [""] * len(episodes), [[]] * len(episodes), [[]] * len(episodes)
+            answers = [{"text": "", "prompt_ids": [], "completion_ids": [], "ranked": c[:REC_TOP_N],
+                        "parsed": parse_recommendation("", self.titles, c)} for c in cands]
         else:
-            prompts = [recommender_messages(e.context, self.items, c, max_turns=self.max_turns)
-                       for e, c in zip(episodes, cands)]
             with adapter(self.model, weights):
-                texts, prompt_ids, completion_ids = generate(
-                    self.model, self.tok, prompts, max_new_tokens=self.rec_max_new_tokens, temperature=temperature,
-                    top_p=top_p, batch_size=self.batch_size, return_tokens=True)
-        for e, c, text, p_ids, c_ids in zip(episodes, cands, texts, prompt_ids, completion_ids):
-            parsed = parse_recommendation(text, self.titles, c)
-            ranked = fill_ranking(parsed["ids"], c) if weights != "retriever" else c[:REC_TOP_N]
-            rank = min((ranked.index(t) + 1 for t in e.truth if t in ranked), default=None)
-            e.turns.append({"candidates": c, "text": text, "prompt_ids": p_ids, "completion_ids": c_ids,
-                            "parsed": parsed, "ranked": ranked, "rank": rank})
+                answers = recommend_with_llm(self.model, self.tok, self.items, self.titles,
+                                             [e.context for e in episodes], cands, self.rec_max_new_tokens,
+                                             temperature, top_p, self.batch_size, self.max_turns)
+        for e, c, answer in zip(episodes, cands, answers):
+            rank = min((answer["ranked"].index(t) + 1 for t in e.truth if t in answer["ranked"]), default=None)
+            e.turns.append({"candidates": c, **answer, "rank": rank})
             e.done = rank == 1
 
     def recommender_says(self, turn: dict) -> str:
