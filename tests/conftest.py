@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -17,3 +18,39 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"reference data not found at {path}")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module with one torch thread: small ops are several times slower with 2 on small CPUs.
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def inspired_prepared(tmp_path_factory, shared_data) -> Path:
+    """INSPIRED prepared once per session by 01_prep_data.py; read-only for the tests (link it)."""
+    import importlib
+
+    prep = importlib.import_module("01_prep_data")
+    run_dir = tmp_path_factory.mktemp("inspired_prepared")
+    prep.main(["--dataset", "inspired", "--raw-dir", str(shared_data / "inspired"), "--run-dir", str(run_dir)])
+    return run_dir
+
+
+def link_run(base: Path, dest: Path, parts=("data",)) -> Path:
+    """A fresh run directory `dest` whose `parts` (data/, retriever/, ...) are symlinks into `base`,
+    so each test writes its own stage outputs over shared, read-only inputs."""
+    dest.mkdir(parents=True)
+    for part in parts:
+        (dest / part).symlink_to(base / part)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def make_run():
+    """link_run as a fixture (test modules are not importable from each other)."""
+    return link_run

@@ -7,7 +7,6 @@ import importlib.util
 import json
 import os
 import random
-import sys
 
 import numpy as np
 import pytest
@@ -31,14 +30,7 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On small models, 2 OpenMP threads cost ~15 ms of wake-up per op on this kind of sandbox;
-    # one thread makes the tiny-model tests ~100x faster.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import torch
 
 import common
 
-prep = importlib.import_module("01_prep_data")
 sim = importlib.import_module("02_sft_simulator")
 rec = importlib.import_module("03_sft_recommender")
 evaluate = importlib.import_module("05_eval")
@@ -36,30 +35,22 @@ def rec_tiny(**overrides) -> list[str]:
     return TINY_LLM + [x for k, v in flags.items() for x in ("--" + k.replace("_", "-"), str(v))]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def inspired_with_retriever(tmp_path_factory, shared_data):
+def inspired_with_retriever(tmp_path_factory, inspired_prepared, make_run):
     """Prepared INSPIRED data and a small fused retriever (shared read-only by the tests below)."""
-    run_dir = tmp_path_factory.mktemp("inspired_rec")
-    prep.main(["--dataset", "inspired", "--raw-dir", str(shared_data / "inspired"), "--run-dir", str(run_dir)])
+    run_dir = make_run(inspired_prepared, tmp_path_factory.mktemp("inspired_rec") / "run")
     rec.main(["--dataset", "inspired", "--run-dir", str(run_dir), "--parts", "retriever", "--max-samples", "40",
               "--epochs", "1", "--dim", "32", "--variants", "fused"])
     return run_dir
 
 
-def run_copy(base, tmp_path, name):
-    run_dir = tmp_path / name
-    run_dir.mkdir()
-    for part in ("data", "retriever"):
-        (run_dir / part).symlink_to(base / part)
-    return run_dir
+@pytest.fixture
+def run_copy(make_run):
+    """A fresh run directory over the shared data and retriever."""
+    return lambda base, tmp_path, name: make_run(base, tmp_path / name, ("data", "retriever"))
 
 
 # ---- prompt, chain, parsing ---------------------------------------------------------------
@@ -160,7 +151,7 @@ def test_training_candidates_inject_a_missed_target_at_a_random_slot():
 # ---- 03 part 2: SFT, resume, teacher ------------------------------------------------------------
 
 
-def test_recommender_sft_smoke_writes_adapter_and_quality(inspired_with_retriever, tmp_path):
+def test_recommender_sft_smoke_writes_adapter_and_quality(inspired_with_retriever, tmp_path, run_copy):
     run_dir = run_copy(inspired_with_retriever, tmp_path, "smoke")
     out = rec.main(["--dataset", "inspired", "--run-dir", str(run_dir)] + rec_tiny(steps=3, eval_every=3))
     folder = run_dir / "recommender_sft"
@@ -179,7 +170,7 @@ def test_recommender_sft_smoke_writes_adapter_and_quality(inspired_with_retrieve
     assert common.load_lora(model, folder)["r"] == 16
 
 
-def test_killed_recommender_sft_resumes_to_identical_weights(inspired_with_retriever, tmp_path):
+def test_killed_recommender_sft_resumes_to_identical_weights(inspired_with_retriever, tmp_path, run_copy):
     """SIGKILL the real script right after its first checkpoint; the same command again resumes and
     ends with the weights of an uninterrupted run."""
     args = ["--dataset", "inspired"] + rec_tiny(steps=8, save_every=2, max_eval_samples=1, max_new_tokens=4)
@@ -259,7 +250,7 @@ def test_conversation_stops_when_a_target_is_ranked_first_and_feeds_replies_back
     assert sample["context"] == [{"role": "seeker", "text": "something funny"}]  # the sample is not modified
 
 
-def test_eval_multi_turn_rows_smoke(inspired_with_retriever, tmp_path):
+def test_eval_multi_turn_rows_smoke(inspired_with_retriever, tmp_path, run_copy):
     run_dir = run_copy(inspired_with_retriever, tmp_path, "eval")
     sim_args = ["--run-dir", str(run_dir), "--steps", "1", "--max-train-samples", "10", "--max-eval-samples", "1",
                 "--max-len", "160", "--batch-size", "2"] + TINY_LLM

@@ -8,34 +8,24 @@ import torch
 
 import common
 
-prep = importlib.import_module("01_prep_data")
 sim = importlib.import_module("02_sft_simulator")
 
 TINY = ["--model", "tiny", "--max-len", "192", "--batch-size", "2", "--max-train-samples", "60",
         "--max-eval-samples", "6", "--gen-batch-size", "6", "--threads", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops are several times slower with 2 threads on small CPUs
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def inspired_data(tmp_path_factory, shared_data):
-    run_dir = tmp_path_factory.mktemp("inspired_sim")
-    prep.main(["--dataset", "inspired", "--raw-dir", str(shared_data / "inspired"), "--run-dir", str(run_dir)])
-    return run_dir
+def inspired_data(inspired_prepared):
+    return inspired_prepared
 
 
-def run_copy(inspired_data, tmp_path, name):
+@pytest.fixture
+def run_copy(make_run):
     """A fresh run directory sharing the prepared data (so each run has its own simulator/)."""
-    run_dir = tmp_path / name
-    run_dir.mkdir()
-    (run_dir / "data").symlink_to(inspired_data / "data")
-    return run_dir
+    return lambda base, tmp_path, name: make_run(base, tmp_path / name)
 
 
 def test_missing_data_names_the_prep_script(tmp_path):
@@ -90,7 +80,7 @@ def test_three_task_examples_from_one_sample(inspired_data):
     assert sim.task_messages("feedback", {**s, "seeker_reply": " "}, items, accepted, 8) is None
 
 
-def test_smoke_run_writes_adapter_log_and_quality(inspired_data, tmp_path):
+def test_smoke_run_writes_adapter_log_and_quality(inspired_data, tmp_path, run_copy):
     run_dir = run_copy(inspired_data, tmp_path, "smoke")
     out = sim.main(["--run-dir", str(run_dir), "--steps", "3", "--eval-every", "3", "--save-every", "2"] + TINY)
     folder = run_dir / "simulator"
@@ -115,7 +105,7 @@ def test_smoke_run_writes_adapter_log_and_quality(inspired_data, tmp_path):
     assert out["quality"] == quality
 
 
-def test_feedback_only_mix_builds_feedback_examples_only(inspired_data, tmp_path, monkeypatch):
+def test_feedback_only_mix_builds_feedback_examples_only(inspired_data, tmp_path, run_copy, monkeypatch):
     built = []
     original = sim.task_messages
     monkeypatch.setattr(sim, "task_messages", lambda task, *a, **k: built.append(task) or original(task, *a, **k))
@@ -140,7 +130,7 @@ def test_epoch_order_respects_the_mix_and_is_a_function_of_seed_and_epoch():
     assert order != common.epoch_order(pools, {"feedback": 2.0, "attributes": 1.0, "target": 1.0}, 0, 1)
 
 
-def test_killed_run_resumes_to_identical_weights(inspired_data, tmp_path):
+def test_killed_run_resumes_to_identical_weights(inspired_data, tmp_path, run_copy):
     args = ["--steps", "4", "--save-every", "2", "--grad-accum", "2", "--max-eval-samples", "2"] + TINY
     whole = run_copy(inspired_data, tmp_path, "whole")
     sim.main(["--run-dir", str(whole)] + args)
