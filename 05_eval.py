@@ -27,6 +27,9 @@ Multi-turn rows, on --limit samples drawn (seeded) among those with a new target
   sft-single-turn              the SFT recommender, one turn (= turn 1 of the next row)
   sft+simulator                the SFT recommender over T turns with the three-task simulator
   sft+simulator-feedback-only  the same with the simulator trained on the feedback task only
+  smtpo                        the recommender after multi-turn RL (04), over T turns with the simulator
+  smtpo-no-preference-reward   the same, RL without the preference reward (04 --w-preference 0)
+By default every row whose inputs exist is evaluated (the others are named and skipped).
 Each turn: the retriever recalls K candidates from the dialogue so far, the recommender ranks 10
 (an answer that does not parse keeps its valid titles, then the retriever's order fills the list),
 the simulator answers the top 3 as the seeker. A conversation stops once a true target is ranked
@@ -35,7 +38,6 @@ replies that name a true target it was neither shown nor told.
 """
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import asdict, dataclass
 
@@ -53,6 +55,8 @@ MULTI_TURN_ROWS = {
     "sft-single-turn": ("recommender_sft", "simulator"),
     "sft+simulator": ("recommender_sft", "simulator"),
     "sft+simulator-feedback-only": ("recommender_sft", "simulator_feedback_only"),
+    "smtpo": ("recommender_rl", "simulator"),
+    "smtpo-no-preference-reward": ("recommender_rl_no_preference", "simulator"),
 }
 SINGLE_TURN_ROWS = ("base-zero-shot", "sft-single-turn")  # recommender rows without simulator turns
 ALL_ROWS = SINGLE_SHOT_ROWS + list(MULTI_TURN_ROWS)
@@ -64,7 +68,7 @@ class Args:
     dataset: str = arg("redial", "dataset whose run directory to use", choices=["redial", "inspired"])
     run_dir: str = arg("", "run directory (default: runs/<dataset>)")
     split: str = arg("test", "split to evaluate", choices=["valid", "test"])
-    rows: list = arg(ALL_ROWS, f"systems to evaluate, among {ALL_ROWS}")
+    rows: list = arg([], f"systems to evaluate, among {ALL_ROWS} (default: every row whose inputs exist)")
     limit: int = arg(100, "multi-turn rows: samples (seeded draw among those with a new target); 0 = all")
     turns: int = arg(5, "multi-turn rows: turns T per conversation")
     candidates: int = arg(20, "candidates K the retriever recalls each turn")
@@ -122,41 +126,21 @@ def retriever_rankings(run: common.RunPaths, variants: list[str], samples: list[
             for v, net in nets.items()}
 
 
-def draw_samples(samples: list[dict], limit: int, seed: int) -> list[dict]:
-    """The multi-turn subset: `limit` samples with a new target, drawn with `seed`, in file order."""
-    pool = [i for i, s in enumerate(samples) if s["new_targets"]]
-    if limit and limit < len(pool):
-        pool = sorted(random.Random(seed).sample(pool, limit))
-    return [samples[i] for i in pool]
-
-
-def load_conversation(run: common.RunPaths, rows: list[str], items: list[dict], args: Args):
-    """One base LLM with every adapter the rows need (as swappable weights), the retriever, and the
-    Conversation that plays them. -> (conversation, {folder: weights})"""
-    folders = sorted({f for r in rows for f in MULTI_TURN_ROWS[r] if f not in ("retriever", "base")})
-    configs = {}
-    for f in folders:
-        run.require(f, "adapter_config.json")
-        configs[f] = common.read_lora(run.root / f)
-    bases = {f: c.get("base_model_name_or_path") for f, (c, _) in configs.items()}
-    model_name = args.model or next((b for f, b in bases.items() if f == "recommender_sft"), None) \
-        or next(iter(bases.values()), None) or common.DEFAULT_LLM
-    if not args.model and len(set(bases.values())) > 1:
-        raise SystemExit(f"error: the adapters were trained on different base models {bases}; 05 runs them on one "
-                         "base: retrain them on the same --model")
-    model, tok = common.load_llm(model_name, args.load_in_4bit, args.device)
-    weights = {}
-    for f, (config, w) in configs.items():
-        common.add_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-                        target_modules=config["target_modules"])  # raises if two adapters differ in shape
-        weights[f] = w
-    retriever = common.Retriever(run.require("retriever", "fused/retriever.pt") / "fused", device=args.device)
-    popularity = common.popularity_counts(common.load_dialogues(run, "train"), len(items)).tolist()
-    conversation = common.Conversation(
-        model, tok, items, retriever, simulator_weights=None, candidates=args.candidates, show_top=args.show_top,
-        rec_max_new_tokens=args.max_new_tokens, sim_max_new_tokens=args.sim_max_new_tokens,
-        batch_size=args.gen_batch_size, exclude_seen=args.exclude_seen, popularity=popularity)
-    return conversation, weights
+def available_rows(run: common.RunPaths) -> list[str]:
+    """Every row whose stage outputs are in the run directory; says which are skipped and why."""
+    rows, skipped = [], []
+    for row in ALL_ROWS:
+        needs = ["data/items.jsonl"] + ([] if row == "popularity" else
+                                        [f"retriever/{RETRIEVER_ROWS.get(row, 'fused')}/retriever.pt"])
+        needs += [f"{f}/adapter_config.json" for f in MULTI_TURN_ROWS.get(row, ()) if f not in ("retriever", "base")]
+        missing = [f for f in needs if not (run.root / f).exists()]
+        if missing:
+            skipped.append(f"{row} (no {missing[0]}: {common.RunPaths.STAGE_OF[missing[0].split('/')[0]]})")
+        else:
+            rows.append(row)
+    if skipped:
+        print("[05] skipped rows: " + "; ".join(skipped))
+    return rows
 
 
 def score_episodes(episodes: list[common.Episode], turns: int, args: Args) -> dict:
@@ -266,6 +250,8 @@ def main(argv=None) -> dict:
     unknown = [r for r in args.rows if r not in ALL_ROWS]
     if unknown:
         raise SystemExit(f"error: unknown --rows {unknown}; choose among {ALL_ROWS}")
+    if not args.rows:
+        args.rows = available_rows(run)
 
     items = common.load_items(run)
     samples = common.load_samples(run, args.split)
@@ -291,8 +277,9 @@ def main(argv=None) -> dict:
     # 2. Multi-turn conversations with the simulator on a seeded subset.
     multi = [r for r in args.rows if r in MULTI_TURN_ROWS]
     if multi:
-        subset = draw_samples(samples, args.limit, args.seed)
-        conversation, weights = load_conversation(run, multi, items, args)
+        subset = common.draw_samples(samples, args.limit, args.seed)
+        folders = sorted({f for r in multi for f in MULTI_TURN_ROWS[r] if f not in ("retriever", "base")})
+        conversation, weights = common.load_conversation(run, folders, items, args)
         # each (recommender, simulator) pair is played once; sft-single-turn reads turn 1 of sft+simulator
         pairs = {}
         for row in multi:

@@ -101,6 +101,7 @@ class RunPaths:
       retriever/       03: dual-view retriever (fused and single-view ablations), encoder caches
       recommender_sft/ 03: LoRA adapter of the SFT recommender
       recommender_rl/  04: LoRA adapter after multi-turn RL
+      recommender_rl_no_preference/  04 with --w-preference 0: the reward ablation
       eval/            05: results.json, results.md, recall_by_turn.png
     """
 
@@ -111,6 +112,7 @@ class RunPaths:
         "retriever": "03_sft_recommender.py",
         "recommender_sft": "03_sft_recommender.py",
         "recommender_rl": "04_rl_multiturn.py",
+        "recommender_rl_no_preference": "04_rl_multiturn.py --w-preference 0 --out recommender_rl_no_preference",
         "eval": "05_eval.py",
     }
 
@@ -1154,28 +1156,40 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   temperature: float = 1.0, chunk_rows: int = 4) -> torch.Tensor:
+                   temperature: float = 1.0, chunk_rows: int = 4, last: int = 0, entropy: bool = False):
     """log p(x_t | x_<t) for t = 1..T-1, in fp32.
 
     input_ids, attention_mask: [B, T], left or right padded -> [B, T-1], entry t-1 for x_t;
     0 where x_t is padding or the row's first real token (no context to score it against).
     temperature: score under logits / temperature (the distribution sampling used).
+    last: score only the last `last` tokens of every row -> [B, last] (a left-padded batch of
+    prompt + completion, where completions end every row): the LM head then runs on last + 1
+    positions instead of T, which is most of a forward pass's memory at a 49k vocabulary.
+    entropy: also return the policy's entropy at those positions, same shape, without gradient.
     The fp32 upcast is done `chunk_rows` rows at a time to bound memory ([chunk, T, V] floats),
     and log-softmax is taken as logit - logsumexp so no second [B, T, V] tensor is built.
     """
+    extra = {"logits_to_keep": last + 1} if last else {}
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask)).logits  # [B, T, V]
-    targets = input_ids[:, 1:].to(logits.device)
-    out = []
+                   position_ids=position_ids_from_mask(attention_mask), **extra).logits  # [B, T or last+1, V]
+    n = logits.shape[1] - 1
+    targets = input_ids[:, -n:].to(logits.device)
+    out, ent = [], []
     for s in range(0, logits.shape[0], chunk_rows):
         lg = logits[s:s + chunk_rows, :-1].float()
         if temperature != 1.0:
             lg = lg / temperature
+        norm = lg.logsumexp(-1)
         picked = lg.gather(-1, targets[s:s + chunk_rows, :, None]).squeeze(-1)
-        out.append(picked - lg.logsumexp(-1))
+        out.append(picked - norm)
+        if entropy:
+            with torch.no_grad():
+                logp = lg - norm[..., None]
+                ent.append(-(logp.exp() * logp).sum(-1))
     # a score needs a real token and a real context: a left-padded row's first token has neither
-    valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(logits.device)
-    return torch.cat(out) * valid
+    valid = (attention_mask[:, -n:] * attention_mask[:, -n - 1:-1]).to(logits.device)
+    lp = torch.cat(out) * valid
+    return (lp, torch.cat(ent) * valid) if entropy else lp
 
 
 def sequence_logprob_masked(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -1656,17 +1670,19 @@ def recommender_messages(context: Sequence[dict], items: Sequence[dict], candida
 
 def reasoning_chain(items: Sequence[dict], vocab: AttributeVocab, context: Sequence[dict], candidate_ids: Sequence[int],
                     targets: Sequence[int], liked: Sequence[int] = (), context_items: Sequence[int] = (),
-                    max_preferences: int = 4) -> tuple[str, list[int]]:
+                    max_preferences: int = 3) -> tuple[str, list[int]]:
     """The SFT target built from metadata (DESIGN section 5) and the ranking it encodes.
 
-    Preference: attributes the seeker states, then those of the target(s), then of liked movies
-    already in the dialogue (at most max_preferences). Scores: how many preferred attributes
-    each candidate has. Ranking: targets among the candidates first, then by score, ties in the
-    retriever's order. -> (text ending in <answer>1. title ... 10. title</answer>, ranked ids)"""
+    Preference: attributes the seeker states, then those of liked movies already in the dialogue
+    (at most max_preferences). Only what the prompt shows goes there: a Preference line that
+    named the hidden target's attributes taught the model to invent names, and greedy decoding
+    then looped on them. Scores: how many preferred attributes each candidate has. Ranking:
+    targets among the candidates first, then by score, ties in the retriever's order.
+    -> (text ending in <answer>1. title ... 10. title</answer>, ranked ids)"""
     seeker_text = " ".join(t["text"] for t in context if t["role"] == "seeker")
     mentioned = set(context_items)
     preference = vocab.stated(seeker_text)
-    for i in list(targets) + [i for i in liked if i in mentioned]:
+    for i in [i for i in liked if i in mentioned]:
         preference += item_attributes(items[i])
     preference = list(dict.fromkeys(preference))[:max_preferences]
     wanted = {p.lower() for p in preference}
@@ -1776,6 +1792,14 @@ def start_episodes(samples: Sequence[dict], copies: int = 1) -> list[Episode]:
             for s in samples for _ in range(copies)]
 
 
+def draw_samples(samples: list[dict], limit: int, seed: int) -> list[dict]:
+    """The multi-turn subset (05's --limit, 04's validation): `limit` samples with a new target, drawn with `seed`, in file order."""
+    pool = [i for i, s in enumerate(samples) if s["new_targets"]]
+    if limit and limit < len(pool):
+        pool = sorted(random.Random(seed).sample(pool, limit))
+    return [samples[i] for i in pool]
+
+
 def names_title(text: str, title: str) -> bool:
     """Whether free text names a movie: its title without the year, as whole words; titles shorter
     than 6 letters ('Up', 'Her') count only with their year, or they would match ordinary words."""
@@ -1858,17 +1882,52 @@ class Conversation:
             e.turns[-1].update(said=s, shown=ids, reply=r, names_target=bool(named), leaks=bool(leaked))
             e.context += [{"role": "recommender", "text": s}, {"role": "seeker", "text": r}]
 
-    def play(self, episodes: Sequence[Episode], turns: int, weights, progress: str = "") -> list[Episode]:
-        """Up to `turns` turns; a conversation stops once a true target is ranked first."""
+    def play(self, episodes: Sequence[Episode], turns: int, weights, progress: str = "",
+             temperature: float = 0.0, top_p: float = 1.0) -> list[Episode]:
+        """Up to `turns` turns; a conversation stops once a true target is ranked first.
+        temperature, top_p: the recommender's decoding (0 = greedy, for evaluation; RL samples)."""
         bar = tqdm(range(1, turns + 1), desc=progress or "turns", disable=not progress)
         for t in bar:
             active = [e for e in episodes if not e.done]
             if not active:
                 break
-            self.recommend(active, weights)
+            self.recommend(active, weights, temperature, top_p)
             if t < turns:
                 still = [e for e in active if not e.done]
                 if still:
                     self.reply(still)
             bar.set_postfix(active=len(active))
         return list(episodes)
+
+
+def load_conversation(run: RunPaths, folders: Sequence[str], items: Sequence[dict], args) -> tuple["Conversation", dict]:
+    """One base LLM carrying the adapters of `folders` (e.g. recommender_sft, simulator) as
+    swappable weights, the fused retriever, and the Conversation that plays them (04 and 05).
+    The base is args.model, else the one recommender_sft/ (else the first adapter) was trained
+    on. args: model, load_in_4bit, device, candidates, show_top, max_new_tokens,
+    sim_max_new_tokens, gen_batch_size, exclude_seen. LoRA dropout is 0: the swapped adapters
+    are evaluated or trained as RL policies, where dropout would make old and new log-probs differ.
+    -> (conversation, {folder: LoRA weights}); the model's live adapter is a fresh zero-B one."""
+    configs = {}
+    for f in folders:
+        run.require(f, "adapter_config.json")
+        configs[f] = read_lora(run.root / f)
+    bases = {f: c.get("base_model_name_or_path") for f, (c, _) in configs.items()}
+    model_name = args.model or bases.get("recommender_sft") or next(iter(bases.values()), None) or DEFAULT_LLM
+    if not args.model and len(set(bases.values())) > 1:
+        raise SystemExit(f"error: the adapters were trained on different base models {bases}; one base runs them "
+                         "all: retrain them on the same --model")
+    model, tok = load_llm(model_name, args.load_in_4bit, args.device)
+    weights = {}
+    for f, (config, w) in configs.items():
+        add_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=0.0,
+                 target_modules=config["target_modules"])  # raises if two adapters differ in shape
+        weights[f] = w
+    retriever = Retriever(run.require("retriever", "fused/retriever.pt") / "fused", device=args.device)
+    popularity = popularity_counts(load_dialogues(run, "train"), len(items)).tolist()
+    conversation = Conversation(
+        model, tok, items, retriever, simulator_weights=None, candidates=args.candidates, show_top=args.show_top,
+        rec_max_new_tokens=args.max_new_tokens, sim_max_new_tokens=args.sim_max_new_tokens,
+        batch_size=args.gen_batch_size, exclude_seen=args.exclude_seen, popularity=popularity)
+    conversation.base_model = model_name  # written into the adapters 04 saves
+    return conversation, weights

@@ -54,3 +54,42 @@ def link_run(base: Path, dest: Path, parts=("data",)) -> Path:
 def make_run():
     """link_run as a fixture (test modules are not importable from each other)."""
     return link_run
+
+
+TINY_LLM = ["--model", "tiny", "--threads", "1"]
+
+
+@pytest.fixture(scope="session")
+def inspired_with_retriever(tmp_path_factory, inspired_prepared):
+    """Prepared INSPIRED data and a small fused retriever (read-only: link it with make_run)."""
+    import importlib
+
+    rec = importlib.import_module("03_sft_recommender")
+    run_dir = link_run(inspired_prepared, tmp_path_factory.mktemp("inspired_rec") / "run")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rec.main(["--dataset", "inspired", "--run-dir", str(run_dir), "--parts", "retriever", "--max-samples", "40",
+              "--epochs", "1", "--dim", "32", "--variants", "fused"])
+    torch.set_num_threads(n)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def inspired_tiny_adapters(tmp_path_factory, inspired_with_retriever):
+    """The retriever run plus tiny-model adapters: simulator/, simulator_feedback_only/ and
+    recommender_sft/ (one SFT step each), what 04 and 05's multi-turn rows read. Read-only."""
+    import importlib
+
+    sim, rec = importlib.import_module("02_sft_simulator"), importlib.import_module("03_sft_recommender")
+    run_dir = link_run(inspired_with_retriever, tmp_path_factory.mktemp("inspired_tiny") / "run", ("data", "retriever"))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    sim_args = ["--run-dir", str(run_dir), "--steps", "1", "--max-train-samples", "10", "--max-eval-samples", "1",
+                "--max-len", "160", "--batch-size", "2"] + TINY_LLM
+    sim.main(sim_args)
+    sim.main(sim_args + ["--task-mix", "1", "0", "0", "--out", "simulator_feedback_only"])
+    rec.main(["--dataset", "inspired", "--run-dir", str(run_dir), "--parts", "recommender", "--max-samples", "40",
+              "--batch-size", "2", "--max-len", "1280", "--max-eval-samples", "1", "--max-new-tokens", "4",
+              "--gen-batch-size", "4", "--steps", "1"] + TINY_LLM)
+    torch.set_num_threads(n)
+    return run_dir

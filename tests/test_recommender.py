@@ -38,15 +38,6 @@ def rec_tiny(**overrides) -> list[str]:
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def inspired_with_retriever(tmp_path_factory, inspired_prepared, make_run):
-    """Prepared INSPIRED data and a small fused retriever (shared read-only by the tests below)."""
-    run_dir = make_run(inspired_prepared, tmp_path_factory.mktemp("inspired_rec") / "run")
-    rec.main(["--dataset", "inspired", "--run-dir", str(run_dir), "--parts", "retriever", "--max-samples", "40",
-              "--epochs", "1", "--dim", "32", "--variants", "fused"])
-    return run_dir
-
-
 @pytest.fixture
 def run_copy(make_run):
     """A fresh run directory over the shared data and retriever."""
@@ -67,18 +58,18 @@ def test_reasoning_chain_puts_the_target_first_and_parses_back():
     context = [{"role": "seeker", "text": "I want something funny"}]
     chain, ranked = common.reasoning_chain(ITEMS, vocab, context, CANDIDATES, targets=[3], liked=[3, 2],
                                            context_items=[2])
-    # preference: stated comedy, then the target's crime / Michael Mann / Al Pacino (4 at most, so the
-    # liked Mask's own attributes are cut). Target (Heat) first; Liar Liar and The Mask match comedy
-    # once each, a tie kept in the retriever's order; the dramas match nothing
+    # preference: stated comedy, then the liked Mask's comedy / fantasy / Chuck Russell (3 at most; the
+    # hidden target's crime / Michael Mann stay out). Target (Heat) first; The Mask matches all three,
+    # Liar Liar comedy only; the dramas match nothing
     assert ranked[0] == 3 and len(ranked) == 10 and len(set(ranked)) == 10
-    assert ranked[1:3] == [0, 2]
+    assert ranked[1:3] == [2, 0]
     lines = chain.splitlines()
     assert [ln.split(":")[0] for ln in lines[:5]] == ["Preference", "Matching", "Scores", "Ranking", "Explanation"]
-    assert lines[0] == "Preference: comedy, crime, Michael Mann, Al Pacino"
+    assert lines[0] == "Preference: comedy, fantasy, Chuck Russell"
     assert lines[3] == "Ranking: " + ", ".join(f"#{CANDIDATES.index(c) + 1}" for c in ranked)
     parsed = common.parse_recommendation(chain, titles, CANDIDATES)
     assert parsed["valid"] and parsed["ids"] == ranked
-    assert parsed["preference"] == {"comedy", "crime", "michael mann", "al pacino"}
+    assert parsed["preference"] == {"comedy", "fantasy", "chuck russell"}
     assert common.fill_ranking(parsed["ids"], CANDIDATES) == ranked
 
 
@@ -250,14 +241,10 @@ def test_conversation_stops_when_a_target_is_ranked_first_and_feeds_replies_back
     assert sample["context"] == [{"role": "seeker", "text": "something funny"}]  # the sample is not modified
 
 
-def test_eval_multi_turn_rows_smoke(inspired_with_retriever, tmp_path, run_copy):
-    run_dir = run_copy(inspired_with_retriever, tmp_path, "eval")
-    sim_args = ["--run-dir", str(run_dir), "--steps", "1", "--max-train-samples", "10", "--max-eval-samples", "1",
-                "--max-len", "160", "--batch-size", "2"] + TINY_LLM
-    sim.main(sim_args)
-    sim.main(sim_args + ["--task-mix", "1", "0", "0", "--out", "simulator_feedback_only"])
-    rec.main(["--dataset", "inspired", "--run-dir", str(run_dir)] + rec_tiny(steps=1, max_eval_samples=1, max_new_tokens=4))
-    rows = list(evaluate.MULTI_TURN_ROWS)
+def test_eval_multi_turn_rows_smoke(inspired_tiny_adapters, tmp_path, make_run):
+    run_dir = make_run(inspired_tiny_adapters, tmp_path / "eval",
+                       ("data", "retriever", "simulator", "simulator_feedback_only", "recommender_sft"))
+    rows = [r for r in evaluate.MULTI_TURN_ROWS if not r.startswith("smtpo")]  # 04's rows: tests/test_rl.py
     results = evaluate.main(["--dataset", "inspired", "--run-dir", str(run_dir), "--rows", "retriever-fused", *rows,
                              "--limit", "3", "--turns", "2", "--max-new-tokens", "16", "--sim-max-new-tokens", "6",
                              "--bootstrap", "50", "--threads", "1"])

@@ -1,0 +1,446 @@
+"""Stage 4: multi-turn reinforcement learning of the recommender (GRPO with fine-grained rewards).
+
+Reads   <run-dir>/data/             (01_prep_data.py)       items, training and validation samples
+        <run-dir>/retriever/        (03_sft_recommender.py) the fused retriever (K candidates per turn)
+        <run-dir>/simulator/        (02_sft_simulator.py)   the user simulator's adapter (frozen)
+        <run-dir>/recommender_sft/  (03_sft_recommender.py) the SFT adapter: the policy's start and the reference
+Writes  <run-dir>/recommender_rl/ (or --out, e.g. recommender_rl_no_preference with --w-preference 0)
+          adapter_config.json, adapter_model.safetensors   the policy's LoRA adapter (PEFT layout)
+          rl_config.json         the arguments, the base model, the world size, seconds
+          train_log.jsonl        one row per step (reward terms, return, hit@1/@10 by turn, KL, entropy,
+                                 zero-variance groups, tokens, seconds generating vs training; validation)
+          checkpoint/checkpoint.pt  every --save-every steps and at the end; a rerun resumes from it
+
+One base LLM carries three adapters, swapped in place (common.lora_swapped, no second model copy):
+the policy (trainable, initialised from the SFT adapter), the reference (the frozen SFT adapter,
+for the KL term) and the simulator (frozen). One step (DESIGN section 6):
+ 1. Draw --prompts training samples (start states), from (seed, step) alone.
+ 2. Play G = --group-size episodes from each: up to T = --turns turns of retriever (K candidates
+    from the dialogue so far) -> policy (sampled at --temperature) -> simulator (greedy reply to
+    the top 3). An episode ends at T or when a true target is ranked first.
+ 3. Reward every recommender turn: r_t = w_fmt * format + w_rec * recommend + w_pref * preference
+      format      1 when the answer parses: both <answer> tags, 10 distinct titles, all candidates
+      recommend   1 / log2(1 + rank) of the best-placed true target in the answer's own list, else 0
+      preference  F1 of the attributes on the Preference line against the true targets' attributes
+ 4. Return-to-go R_t = sum_{k >= t} gamma^(k - t) r_k. Advantage A_t = (R_t - mean) / std over the
+    group's episodes that played turn t; 0 when fewer than two did or all are equal (a
+    zero-variance group teaches nothing and is counted in the log).
+ 5. Token-level loss over the recommender's generated tokens only (the prompt, which holds the
+    dialogue and the simulator's replies, is masked):
+      L = (1 / N) * sum_tokens [ -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A) + beta * k3 ]
+      rho = pi(x_t) / pi_old(x_t),  k3 = pi_ref / pi - log(pi_ref / pi) - 1  (>= 0, 0 at pi = pi_ref)
+    N = the generated tokens of the whole batch (of all processes). --updates passes over the
+    batch (PPO-style; the first is on-policy, rho = 1); --clip-eps 0 disables clipping,
+    --kl-coef 0 the KL term.
+Multi-process: under torchrun (or accelerate launch) each process plays its own --prompts start
+states; the gradients are summed over processes after each divided its loss by the global N, so
+the update is the token mean over every process's tokens and all copies stay identical. Process 0
+writes the log, checkpoints and the adapter.
+Every step reseeds from (seed, step, rank), so a run that is killed (or stopped with --stop-after)
+and started again ends with the same weights.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import common
+from common import arg
+
+
+@dataclass
+class Args:
+    dataset: str = arg("redial", "dataset whose run directory to use", choices=["redial", "inspired"])
+    run_dir: str = arg("", "run directory (default: runs/<dataset>)")
+    out: str = arg("recommender_rl", "output folder in the run directory (recommender_rl_no_preference for the ablation)")
+    model: str = arg("", "base LLM (default: the one recommender_sft/ was trained on)")
+    load_in_4bit: bool = arg(False, "load the base in nf4 4-bit (QLoRA): the policy trains on the 4-bit base")
+    steps: int = arg(20, "RL steps (one batch of episodes and --updates optimizer steps each)")
+    prompts: int = arg(2, "start states (training samples) per step and process")
+    group_size: int = arg(4, "episodes G per start state; advantages are normalised within the group")
+    turns: int = arg(3, "turns T per episode")
+    candidates: int = arg(20, "candidates K the retriever recalls each turn")
+    show_top: int = arg(3, "movies of the list the simulator is shown (and answers)")
+    temperature: float = arg(1.0, "sampling temperature of the policy during rollouts (> 0)")
+    top_p: float = arg(1.0, "nucleus of the policy's sampling")
+    max_new_tokens: int = arg(288, "generation budget of one recommender answer")
+    sim_max_new_tokens: int = arg(60, "generation budget of one simulator reply")
+    gen_batch_size: int = arg(8, "prompts per generation batch")
+    w_format: float = arg(1.0, "reward weight of format (the answer parses into 10 distinct candidates)")
+    w_recommend: float = arg(1.0, "reward weight of recommend (1/log2(1+rank) of a true target)")
+    w_preference: float = arg(0.5, "reward weight of preference (F1 of claimed vs the target's attributes); 0 = ablation")
+    gamma: float = arg(0.9, "discount of the return-to-go over turns")
+    lr: float = arg(2e-5, "AdamW learning rate (constant)")
+    updates: int = arg(1, "optimizer steps per batch of episodes (PPO-style; > 1 makes clipping matter)")
+    clip_eps: float = arg(0.2, "PPO ratio clipping epsilon (0 = no clipping)")
+    kl_coef: float = arg(0.02, "weight beta of the k3 KL estimate to the SFT reference (0 = no KL term)")
+    max_grad_norm: float = arg(1.0, "clip the gradient's global norm (0 = no clipping)")
+    micro_batch: int = arg(2, "recommender turns per forward/backward pass (memory)")
+    gradient_checkpointing: bool = arg(True, "recompute activations in the backward pass (less memory, slower)")
+    exclude_seen: bool = arg(True, "never rank items already mentioned in the dialogue")
+    max_train_samples: int = arg(0, "draw start states from the first N training samples only (0 = all)")
+    eval_every: int = arg(0, "greedy validation episodes every N steps and at the end (0 = only at the end)")
+    eval_samples: int = arg(16, "validation start states (seeded draw among samples with a new target; 0 = none)")
+    save_every: int = arg(5, "checkpoint every N steps")
+    stop_after: int = arg(0, "stop with a checkpoint once this step is reached (rerun to resume); 0 = run all")
+    seed: int = arg(0, "random seed")
+    threads: int = arg(0, "torch CPU threads (0 = torch's default; 1 is fastest on small CPUs)")
+    device: str = arg(str(common.default_device()), "torch device (cuda:<local rank> under torchrun)")
+
+
+# ---- rewards, returns, advantages, loss (each checkable by hand) ---------------------------------
+
+
+def turn_reward(turn: dict, truth: list[int], items: list[dict], args) -> dict[str, float]:
+    """The fine-grained reward of one recommender turn (Conversation.recommend's dict; its
+    "parsed" is common.parse_recommendation's reading of the answer).
+    -> {format, recommend, preference, reward}; reward = the weighted sum with args.w_*."""
+    parsed = turn["parsed"]
+    fmt = 1.0 if parsed["valid"] else 0.0
+    own_list = parsed["ids"][:common.REC_TOP_N]
+    rank = next((n for n, i in enumerate(own_list, 1) if i is not None and i in truth), None)
+    recommend = 1.0 / math.log2(1 + rank) if rank else 0.0
+    target_attributes = {a.lower() for t in truth for a in common.item_attributes(items[t])}
+    claimed = parsed["preference"]
+    preference = common.set_f1(claimed, target_attributes) if claimed and target_attributes else 0.0
+    reward = args.w_format * fmt + args.w_recommend * recommend + args.w_preference * preference
+    return {"format": fmt, "recommend": recommend, "preference": preference, "reward": reward}
+
+
+def returns_to_go(rewards: list[float], gamma: float) -> list[float]:
+    """[r_1 .. r_n] -> [R_1 .. R_n], R_t = r_t + gamma * R_{t+1}."""
+    out, running = [], 0.0
+    for r in reversed(rewards):
+        running = r + gamma * running
+        out.append(running)
+    return out[::-1]
+
+
+def group_advantages(returns: list[list[float]], eps: float = 1e-6) -> tuple[list[list[float]], int, int]:
+    """Normalise the returns of one group (its G episodes) turn by turn.
+    returns: G lists of R_t (an episode that ended early has fewer) -> (advantages in the same
+    shape, groups with zero variance, groups): a (group, turn) whose episodes number fewer than two
+    or all have the same return gives advantage 0 (population std)."""
+    adv = [[0.0] * len(r) for r in returns]
+    zero, total = 0, 0
+    for t in range(max(map(len, returns), default=0)):
+        played = [g for g, r in enumerate(returns) if len(r) > t]
+        values = torch.tensor([returns[g][t] for g in played], dtype=torch.float64)
+        total += 1
+        std = values.std(unbiased=False).item() if len(played) > 1 else 0.0
+        if std < eps:
+            zero += 1
+            continue
+        for g, v in zip(played, ((values - values.mean()) / std).tolist()):
+            adv[g][t] = v
+    return adv, zero, total
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
+                mask: torch.Tensor, n_tokens: int, clip_eps: float, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipped policy-gradient loss plus beta * k3, summed over masked tokens and divided by n_tokens.
+    logp, old_logp, ref_logp, mask: [B, L] (generated tokens: mask 1); advantages: [B].
+    -> (loss: scalar, k3: [B, L] detached, 0 off the mask). On-policy (old = logp, detached) the
+    gradient is -A * d logp / n_tokens per token."""
+    ratio = torch.exp(logp - old_logp)
+    a = advantages[:, None]
+    pg = -ratio * a
+    if clip_eps > 0:
+        pg = torch.maximum(pg, -ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+    k3 = torch.zeros_like(logp)
+    if ref_logp is not None:
+        d = ref_logp - logp
+        k3 = torch.exp(d) - d - 1
+    per_token = pg + kl_coef * k3 if ref_logp is not None else pg
+    return (per_token * mask).sum() / max(n_tokens, 1), (k3 * mask).detach()
+
+
+def left_padded(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt ids, completion ids) pairs -> input_ids, attention_mask [B, T] left padded (every row
+    ends with its completion, as generate made it), completion mask [B, L] over the last L = longest
+    completion positions: 1 on each row's own completion tokens, so prompt (dialogue and simulator
+    replies) and padding are 0."""
+    T = max(len(p) + len(c) for p, c in rows)
+    L = max(len(c) for _, c in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), T), dtype=torch.long)
+    completion = torch.zeros((len(rows), L))
+    for b, (p, c) in enumerate(rows):
+        seq = p + c
+        ids[b, T - len(seq):] = torch.tensor(seq)
+        attn[b, T - len(seq):] = 1
+        completion[b, L - len(c):] = 1
+    return ids, attn, completion
+
+
+# ---- processes -------------------------------------------------------------------------------------
+
+
+def init_distributed(args) -> tuple[int, int]:
+    """(rank, world size); starts the process group under torchrun / accelerate launch (gloo on
+    CPU, nccl on CUDA, where each process takes the GPU of its local rank)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(args.device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_sum(values: list[float], world: int) -> list[float]:
+    """Sum a few numbers over processes (identity with one process)."""
+    if world == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ---- one step ---------------------------------------------------------------------------------------
+
+
+def rollout(conversation: common.Conversation, samples: list[dict], policy: dict, args) -> list[list[common.Episode]]:
+    """G episodes per start state with the policy sampling -> one group (list of G episodes) per sample."""
+    episodes = conversation.play(common.start_episodes(samples, args.group_size), args.turns, policy,
+                                 temperature=args.temperature, top_p=args.top_p)
+    return [episodes[i:i + args.group_size] for i in range(0, len(episodes), args.group_size)]
+
+
+def score_groups(groups: list[list[common.Episode]], items: list[dict], args) -> tuple[list[dict], dict]:
+    """Rewards, returns and advantages of every recommender turn.
+    -> (one training row {prompt_ids, completion_ids, advantage} per turn,
+        raw statistics of this process's episodes, merged over processes by summarize)"""
+    rows = []
+    raw = {"terms": [], "returns": [], "hits": [], "zero_variance_groups": 0, "groups": 0}
+    for group in groups:
+        rewards = [[turn_reward(t, e.truth, items, args) for t in e.turns] for e in group]
+        returns = [returns_to_go([r["reward"] for r in rs], args.gamma) for rs in rewards]
+        adv, zero, total = group_advantages(returns)
+        raw["zero_variance_groups"] += zero
+        raw["groups"] += total
+        for e, rs, rets, advs in zip(group, rewards, returns, adv):
+            raw["terms"] += rs
+            raw["returns"].append(rets[0])
+            raw["hits"].append(episode_hits(e, args.turns))
+            for t, a in zip(e.turns, advs):
+                rows.append({"prompt_ids": t["prompt_ids"], "completion_ids": t["completion_ids"], "advantage": a})
+    raw["tokens_generated"] = sum(len(r["completion_ids"]) for r in rows)
+    return rows, raw
+
+
+def episode_hits(e: common.Episode, turns: int) -> list[tuple[bool, bool]]:
+    """(a true target at rank 1, one in the top 10) after each turn, on the scored list (parsed
+    titles, then the retriever's order; a finished episode keeps its list)."""
+    return [(e.ranking_at(t)[0] in e.truth, any(i in e.truth for i in e.ranking_at(t)[:10]))
+            for t in range(1, turns + 1)]
+
+
+def summarize(raws: list[dict]) -> dict:
+    """Step statistics from the raw statistics of every process: mean reward and each term per
+    turn played, mean return R_1 per episode, hit@1 and hit@10 by turn, zero-variance groups."""
+    terms = [t for r in raws for t in r["terms"]]
+    hits = [h for r in raws for h in r["hits"]]
+    returns = [x for r in raws for x in r["returns"]]
+    out = {k: sum(t[k] for t in terms) / len(terms) for k in ("reward", "format", "recommend", "preference")}
+    out["return"] = sum(returns) / len(returns)
+    out["hit@1"] = [sum(h[t][0] for h in hits) / len(hits) for t in range(len(hits[0]))]
+    out["hit@10"] = [sum(h[t][1] for h in hits) / len(hits) for t in range(len(hits[0]))]
+    for k in ("zero_variance_groups", "groups", "tokens_generated"):
+        out[k] = sum(r[k] for r in raws)
+    out["zero_variance_fraction"] = out["zero_variance_groups"] / max(out["groups"], 1)
+    out["turns_played"], out["episodes"] = len(terms), len(hits)
+    return out
+
+
+def gather(obj, world: int) -> list:
+    """Every process's `obj` (a list of one with one process)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def policy_update(model, rows: list[dict], reference: dict | None, optimizer, pad_id: int, world: int, args) -> dict:
+    """--updates optimizer steps on one batch of recommender turns; returns KL, entropy, ratio stats.
+    The first pass is on-policy: its log-probs (before any step) are pi_old for the later passes.
+    With no KL term, rows with advantage 0 have no gradient and are not run."""
+    n_tokens = int(all_sum([sum(len(r["completion_ids"]) for r in rows)], world)[0])
+    active = [r for r in rows if r["completion_ids"] and (args.kl_coef > 0 or r["advantage"] != 0)]
+    params = common.lora_parameters(model)
+    sums = {"kl": 0.0, "entropy": 0.0, "clipped": 0.0, "tokens": 0.0, "loss": 0.0}
+    model.train()
+    for update in range(args.updates):
+        for s in range(0, len(active), args.micro_batch):
+            chunk = active[s:s + args.micro_batch]
+            ids, attn, mask = left_padded([(r["prompt_ids"], r["completion_ids"]) for r in chunk], pad_id)
+            ids, attn, mask = ids.to(args.device), attn.to(args.device), mask.to(args.device)
+            adv = torch.tensor([r["advantage"] for r in chunk], device=args.device)
+            L = mask.shape[1]
+            ref_logp = None
+            if args.kl_coef > 0:  # the reference adapter is swapped in before the policy's forward pass
+                with torch.no_grad(), common.lora_swapped(model, reference):
+                    ref_logp = common.token_logprobs(model, ids, attn, args.temperature, last=L)
+            logp, entropy = common.token_logprobs(model, ids, attn, args.temperature, last=L, entropy=True)
+            if update == 0:
+                for r, lp in zip(chunk, logp.detach()):
+                    r["old_logp"] = lp
+            old = torch.stack([r["old_logp"] for r in chunk])
+            loss, k3 = policy_loss(logp, old, ref_logp, adv, mask, n_tokens, args.clip_eps, args.kl_coef)
+            loss.backward()
+            if update == 0:
+                sums["kl"] += k3.sum().item()
+                sums["entropy"] += (entropy * mask).sum().item()
+                sums["tokens"] += mask.sum().item()
+            ratio = torch.exp(logp.detach() - old)
+            sums["clipped"] += (((ratio - 1).abs() > args.clip_eps) * mask).sum().item() if args.clip_eps > 0 else 0.0
+            sums["loss"] += loss.item()
+        if world > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+        # the norm before clipping (inf: measured, not clipped)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    kl, ent, clipped, tokens, loss = all_sum([sums["kl"], sums["entropy"], sums["clipped"], sums["tokens"],
+                                              sums["loss"]], world)
+    return {"kl": kl / max(tokens, 1), "entropy": ent / max(tokens, 1), "loss": loss / args.updates,
+            "clipped_fraction": clipped / max(tokens * args.updates, 1), "grad_norm": float(grad_norm),
+            "trained_turns": len(active)}
+
+
+def validate(conversation: common.Conversation, samples: list[dict], policy: dict, items: list[dict], args) -> dict:
+    """Greedy episodes of the current policy on held-out start states: reward terms, hit@1/@10 by
+    turn (summarize) and the parse rate."""
+    episodes = conversation.play(common.start_episodes(samples), args.turns, policy)
+    stats = summarize([{"terms": [turn_reward(t, e.truth, items, args) for e in episodes for t in e.turns],
+                        "returns": [0.0], "hits": [episode_hits(e, args.turns) for e in episodes],
+                        "zero_variance_groups": 0, "groups": 0, "tokens_generated": 0}])
+    keep = ("reward", "format", "recommend", "preference", "hit@1", "hit@10", "episodes")
+    return {"valid": {k: stats[k] for k in keep} | {"parse_rate": stats["format"]}}
+
+
+def main(argv=None) -> dict:
+    args = common.parse_args(Args, argv)
+    args.run_dir = common.default_run_dir(args.dataset, args.run_dir)
+    run = common.RunPaths(args.run_dir)
+    out_dir = run.root / args.out
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.temperature <= 0:
+        raise SystemExit("error: --temperature must be > 0: the policy gradient needs sampled episodes")
+    rank, world = init_distributed(args)
+    main_process = rank == 0
+    started = time.time()
+
+    # 1. Data: the catalogue, training start states (with a target), held-out start states.
+    items = common.load_items(run)
+    train = [s for s in common.load_samples(run, "train")[:args.max_train_samples or None] if common.sample_truth(s)]
+    held_out = common.draw_samples(common.load_samples(run, "valid"), args.eval_samples, args.seed) \
+        if args.eval_samples else []
+    if main_process:
+        print(f"[04] {len(items)} items; {len(train)} training start states; {len(held_out)} validation; "
+              f"{world} process(es) x {args.prompts} start states x G={args.group_size} episodes x T={args.turns} turns")
+
+    # 2. One base, three adapters: the policy (live, trainable, from the SFT adapter), the
+    #    reference (the frozen SFT weights) and the simulator (frozen).
+    conversation, weights = common.load_conversation(run, ["recommender_sft", "simulator"], items, args)
+    conversation.simulator_weights = weights["simulator"]
+    model, tok = conversation.model, conversation.tok
+    reference = weights["recommender_sft"]
+    common.set_lora_weights(model, reference)
+    if args.gradient_checkpointing:
+        common.enable_gradient_checkpointing(model)
+    optimizer = torch.optim.AdamW(common.lora_parameters(model), lr=args.lr, weight_decay=0.0)
+
+    # 3. Resume from out_dir/checkpoint/ when a checkpoint of the same settings is there.
+    same_run = {k: getattr(args, k) for k in ("model", "load_in_4bit", "prompts", "group_size", "turns", "candidates",
+                                               "temperature", "top_p", "max_new_tokens", "w_format", "w_recommend",
+                                               "w_preference", "gamma", "lr", "updates", "clip_eps", "kl_coef",
+                                               "max_train_samples", "seed", "steps")}
+    same_run["world_size"] = world
+    ckpt_dir, log_path = out_dir / "checkpoint", out_dir / "train_log.jsonl"
+    step, log_rows = 0, []
+    if (ckpt_dir / "checkpoint.pt").exists():
+        step, extra = common.load_checkpoint(ckpt_dir, model, optimizer)
+        if extra.get("same_run") != same_run:
+            raise SystemExit(f"error: {ckpt_dir} was written with other settings {extra.get('same_run')}; "
+                             "rerun with those, or delete the checkpoint folder to start over")
+        log_rows = extra["log"]
+        if main_process:
+            print(f"[04] resuming from {ckpt_dir} at step {step}")
+    if main_process:
+        common.write_jsonl(log_path, log_rows)  # drops rows logged after the checkpoint we resume from
+
+    # 4. The loop: rollouts with the simulator in the loop, rewards, group advantages, update.
+    end = min(args.steps, args.stop_after) if args.stop_after else args.steps
+    bar = tqdm(range(step, end), desc="RL", initial=step, total=end, disable=not main_process)
+    for step in bar:
+        common.set_seed(args.seed * 1_000_003 + step * 1_009 + rank)
+        draw = random.Random(args.seed * 1_000_003 + step).sample(range(len(train)), args.prompts * world)
+        samples = [train[i] for i in draw[rank::world]]
+        t0 = time.time()
+        groups = rollout(conversation, samples, common.get_lora_weights(model), args)
+        rows, raw = score_groups(groups, items, args)
+        t1 = time.time()
+        update = policy_update(model, rows, reference, optimizer, tok.pad_token_id, world, args)
+        t2 = time.time()
+        row = {"step": step + 1, **summarize(gather(raw, world)), **update,
+               "seconds_generating": round(t1 - t0, 2), "seconds_training": round(t2 - t1, 2)}
+        last = step + 1 == end
+        if main_process and held_out and ((args.eval_every and (step + 1) % args.eval_every == 0) or
+                                          (last and end == args.steps)):
+            row.update(validate(conversation, held_out, common.get_lora_weights(model), items, args))
+        if main_process:
+            log_rows.append(row)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(reward=f"{row['reward']:.3f}", hit10=f"{row['hit@10'][-1]:.2f}", kl=f"{row['kl']:.4f}")
+            if (step + 1) % args.save_every == 0 or last:
+                common.save_checkpoint(ckpt_dir, step + 1, common.lora_state_dict(model), optimizer,
+                                       extra={"same_run": same_run, "log": log_rows})
+        if world > 1:
+            dist.barrier()
+
+    # 5. The policy's adapter in PEFT layout (once all steps are done).
+    in_sync = True
+    if world > 1:  # every process applied the same summed gradients: the copies must be equal
+        checksum = torch.tensor([sum(p.double().sum().item() for p in common.lora_parameters(model))], dtype=torch.float64)
+        gathered = [torch.zeros_like(checksum) for _ in range(world)]
+        dist.all_gather(gathered, checksum)
+        in_sync = all(torch.equal(g, gathered[0]) for g in gathered)
+    result = {"steps_done": end, "world_size": world, "in_sync": in_sync}
+    if end < args.steps:
+        if main_process:
+            print(f"[04] stopped at step {end} of {args.steps}; rerun without --stop-after to resume")
+        return result
+    if main_process:
+        common.save_lora(model, out_dir, {"base_model_name_or_path": conversation.base_model})
+        config = {"args": asdict(args), "base_model": conversation.base_model, "world_size": world,
+                  "processes_in_sync": in_sync, "seconds": round(time.time() - started, 1)}
+        common.write_json(out_dir / "rl_config.json", config)
+        first, final = log_rows[0], log_rows[-1]
+        print(f"[04] reward {first['reward']:.3f} -> {final['reward']:.3f}, hit@10 at turn {args.turns} "
+              f"{first['hit@10'][-1]:.3f} -> {final['hit@10'][-1]:.3f}; wrote {out_dir}/ in {config['seconds']} s")
+        result["log"] = log_rows
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""04_rl_multiturn.py: rewards, returns, advantages and the loss checked by hand; the loss mask on a
+real rollout; KL before the first update; one update changes the LoRA weights and nothing else;
+a resumed run equals an uninterrupted one; two processes stay in sync; 05's SMTPO rows."""
+import importlib
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+
+rl = importlib.import_module("04_rl_multiturn")
+evaluate = importlib.import_module("05_eval")
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+NAMES = ["Alien", "Brazil", "Casablanca", "Dunkirk", "Eraserhead", "Fargo", "Gravity", "Hereditary", "Inception",
+         "Jaws", "Krull", "Labyrinth", "Memento", "Nosferatu"]  # distinct enough for the fuzzy title match
+ITEMS = [{"title": f"{name} ({2000 + i})", "genres": ["comedy" if i % 2 else "drama"],
+          "directors": [f"Director {name}"], "stars": [f"Star {name}"]} for i, name in enumerate(NAMES)]
+CANDIDATES = list(range(12))  # items 12 and 13 are not candidates
+WEIGHTS = SimpleNamespace(w_format=1.0, w_recommend=1.0, w_preference=0.5)
+RUN_PARTS = ("data", "retriever", "simulator", "recommender_sft")
+
+
+def answer(ids, preference="comedy") -> str:
+    return (f"Preference: {preference}\nRanking: ...\n<answer>\n"
+            + "\n".join(f"{n}. {ITEMS[i]['title']}" for n, i in enumerate(ids, 1)) + "\n</answer>")
+
+
+def reward(text: str, truth: list[int]) -> dict:
+    parsed = common.parse_recommendation(text, common.TitleIndex(ITEMS), CANDIDATES)
+    return rl.turn_reward({"parsed": parsed}, truth, ITEMS, WEIGHTS)
+
+
+# ---- rewards, returns, advantages, loss ------------------------------------------------------------
+
+
+def test_rewards_on_hand_made_answers():
+    ten = [3, 0, 1, 2, 4, 5, 6, 7, 8, 9]
+    first = reward(answer(ten, "comedy, Director Dunkirk"), [3])
+    # Dunkirk (item 3) is a comedy by Director Dunkirk with Star Dunkirk: claimed {comedy, director dunkirk}
+    # -> F1 = 2 * 2 / (2 + 3)
+    assert first == pytest.approx({"format": 1.0, "recommend": 1.0, "preference": 0.8, "reward": 1 + 1 + 0.5 * 0.8})
+    seventh = reward(answer(ten), [ten[6]])
+    assert seventh["format"] == 1.0 and seventh["recommend"] == pytest.approx(1 / 3)  # 1 / log2(1 + 7)
+    assert reward(answer(ten), [11])["recommend"] == 0.0  # a candidate the list leaves out
+    no_tags = reward("Preference: comedy\n1. Dunkirk (2003)", [3])
+    assert no_tags["format"] == 0.0 and no_tags["recommend"] == 0.0  # no list to read without tags
+    duplicate = reward(answer([3, 3, 1, 2, 4, 5, 6, 7, 8, 9]), [3])
+    assert duplicate["format"] == 0.0 and duplicate["recommend"] == 1.0  # listed first, but malformed
+    outside = reward(answer([13, 0, 1, 2, 4, 5, 6, 7, 8, 9]), [13])
+    assert outside["format"] == 0.0 and outside["recommend"] == 0.0  # not a candidate: no credit
+    assert reward(answer(ten, "nothing specific yet"), [3])["preference"] == 0.0
+    assert reward(answer(ten[:9]), [3])["format"] == 0.0  # nine titles
+
+
+def test_returns_to_go_and_group_advantages_by_hand():
+    assert rl.returns_to_go([1.0, 0.0, 2.0], 0.5) == pytest.approx([1.5, 1.0, 2.0])
+    # four episodes; turn 1 returns 1, 0, 0, 0 -> mean 0.25, population std sqrt(3)/4;
+    # turn 2 played by two episodes with 2 and 2 (zero variance), turn 3 by one (zero variance)
+    adv, zero, total = rl.group_advantages([[1.0, 2.0, 5.0], [0.0, 2.0], [0.0], [0.0]])
+    s = math.sqrt(3) / 4
+    assert adv[0][0] == pytest.approx(0.75 / s) and adv[1][0] == pytest.approx(-0.25 / s)
+    assert adv[0][1:] == [0.0, 0.0] and adv[1][1] == 0.0 and [len(a) for a in adv] == [3, 2, 1, 1]
+    assert (zero, total) == (2, 3)
+
+
+def test_policy_loss_gradient_and_clipping_by_hand():
+    logp = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    adv = torch.tensor([2.0, -1.0])
+    loss, k3 = rl.policy_loss(logp, logp.detach(), logp.detach(), adv, mask, n_tokens=5, clip_eps=0.2, kl_coef=0.1)
+    loss.backward()
+    # on-policy: loss = -sum(A * mask) / N, gradient -A / N on each generated token; k3 = 0 at pi = pi_ref
+    assert loss.item() == pytest.approx(-(2 * 2 - 1 * 3) / 5)
+    assert torch.allclose(logp.grad, torch.tensor([[-0.4, -0.4, 0.0], [0.2, 0.2, 0.2]]))
+    assert torch.equal(k3, torch.zeros_like(k3))
+    # a ratio of 2 with A > 0 is clipped at 1.2 (no gradient); A < 0 keeps the unclipped -2 * A
+    new = torch.log(torch.tensor([[2.0], [2.0]])).requires_grad_()
+    loss, _ = rl.policy_loss(new, torch.zeros(2, 1), None, torch.tensor([1.0, -1.0]), torch.ones(2, 1), 2, 0.2, 0.0)
+    assert loss.item() == pytest.approx((-1.2 + 2.0) / 2)
+    loss.backward()
+    assert new.grad[0, 0] == 0 and new.grad[1, 0] == pytest.approx(2.0 / 2)  # d(2 * e^x)/dx / N at x = log 2
+    # k3 of a policy below the reference: pi_ref / pi - log(pi_ref / pi) - 1
+    _, k3 = rl.policy_loss(torch.tensor([[-2.0]]), torch.tensor([[-2.0]]), torch.tensor([[-1.0]]), torch.tensor([0.0]),
+                           torch.ones(1, 1), 1, 0.0, 1.0)
+    assert k3.item() == pytest.approx(math.e - 1 - 1)
+
+
+# ---- on a rollout with the tiny model, real data, retriever and simulator ----------------------------
+
+
+def rl_args(run_dir: Path, **overrides) -> list[str]:
+    flags = {"steps": 2, "prompts": 2, "group_size": 2, "turns": 2, "max_new_tokens": 12, "sim_max_new_tokens": 6,
+             "micro_batch": 3, "eval_samples": 2, "save_every": 1, "max_train_samples": 60, "lr": 1e-2,
+             "kl_coef": 0.1, **overrides}
+    return (["--dataset", "inspired", "--run-dir", str(run_dir), "--model", "tiny", "--threads", "1"]
+            + [x for k, v in flags.items() for x in ("--" + k.replace("_", "-"), str(v))])
+
+
+# a reward that differs between sampled answers of the tiny model (its real rewards are all 0,
+# which would leave every advantage, and so every gradient, at 0); shared with the torchrun driver
+varied_reward = importlib.import_module("rl_varied_reward").varied_reward
+
+
+@pytest.fixture(scope="module")
+def rollout(inspired_tiny_adapters):
+    """A conversation with the tiny policy, simulator and retriever, and one step's rollout."""
+    run = common.RunPaths(inspired_tiny_adapters)
+    args = common.parse_args(rl.Args, rl_args(inspired_tiny_adapters))
+    items = common.load_items(run)
+    conversation, weights = common.load_conversation(run, ["recommender_sft", "simulator"], items, args)
+    conversation.simulator_weights = weights["simulator"]
+    common.set_lora_weights(conversation.model, weights["recommender_sft"])
+    train = [s for s in common.load_samples(run, "train")[:60] if common.sample_truth(s)]
+    torch.manual_seed(0)
+    groups = rl.rollout(conversation, train[:2], common.get_lora_weights(conversation.model), args)
+    return SimpleNamespace(conversation=conversation, weights=weights, groups=groups, args=args, items=items)
+
+
+def test_rollout_groups_and_loss_mask_cover_recommender_tokens_only(rollout):
+    groups, tok = rollout.groups, rollout.conversation.tok
+    assert len(groups) == 2 and all(len(g) == 2 for g in groups)
+    assert all(e.sample is g[0].sample for g in groups for e in g)  # a group shares its start state
+    rows, raw = rl.score_groups(groups, rollout.items, rollout.args)
+    assert len(rows) == len(raw["terms"]) == sum(len(e.turns) for g in groups for e in g)
+    second = [(e, e.turns[1]) for g in groups for e in g if len(e.turns) > 1]
+    assert second, "no episode reached turn 2 (tiny model ranked a target first every time?)"
+    pairs = [(t["prompt_ids"], t["completion_ids"]) for g in groups for e in g for t in e.turns]
+    ids, attn, mask = rl.left_padded(pairs, tok.pad_token_id)
+    L = mask.shape[1]
+    for b, (p, c) in enumerate(pairs):
+        picked = ids[b, -L:][mask[b].bool()].tolist()
+        assert picked == c  # exactly the generated tokens, in order
+    # the simulator's reply reaches the next turn's prompt, which the mask leaves out
+    e, turn2 = second[0]
+    reply = e.turns[0]["reply"]
+    assert reply in tok.decode(turn2["prompt_ids"]) and reply not in tok.decode(turn2["completion_ids"])
+    # token_logprobs(last=L) over the mask equals the full-sequence score of the completion
+    model = rollout.conversation.model
+    with torch.no_grad():
+        lp = common.token_logprobs(model, ids, attn, last=L)
+        full_mask = torch.zeros_like(ids, dtype=torch.float)
+        full_mask[:, -L:] = mask
+        full = common.sequence_logprob_masked(model, ids, attn, full_mask)
+    assert torch.allclose((lp * mask).sum(-1), full, atol=1e-4)
+
+
+def test_kl_is_zero_before_the_first_update_and_one_update_changes_only_lora(rollout):
+    model, args = rollout.conversation.model, rollout.args
+    reference = rollout.weights["recommender_sft"]
+    common.set_lora_weights(model, reference)
+    rows, _ = rl.score_groups(rollout.groups, rollout.items, args)
+    for n, r in enumerate(rows):  # advantages of both signs so that the step has a gradient
+        r["advantage"] = 1.0 if n % 2 else -1.0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lora = set(common.lora_state_dict(model))
+    optimizer = torch.optim.AdamW(common.lora_parameters(model), lr=1e-2)
+    stats = rl.policy_update(model, [dict(r) for r in rows], reference, optimizer, rollout.conversation.tok.pad_token_id,
+                             1, args)
+    assert stats["kl"] == 0.0 and stats["entropy"] > 0 and stats["trained_turns"] == len(rows)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= lora  # LoRA moved, nothing else did
+    assert not any(torch.equal(before[k], after[k]) for k in lora if k.endswith("lora_B.weight"))
+    second = rl.policy_update(model, [dict(r) for r in rows], reference, optimizer,
+                              rollout.conversation.tok.pad_token_id, 1, args)
+    assert second["kl"] > 0  # the policy has left the reference
+    common.set_lora_weights(model, reference)
+
+
+def test_killed_rl_run_resumes_to_identical_weights(inspired_tiny_adapters, tmp_path, make_run, monkeypatch):
+    monkeypatch.setattr(rl, "turn_reward", varied_reward)
+    whole = make_run(inspired_tiny_adapters, tmp_path / "whole", RUN_PARTS)
+    result = rl.main(rl_args(whole, updates=2))
+    resumed = make_run(inspired_tiny_adapters, tmp_path / "resumed", RUN_PARTS)
+    assert rl.main(rl_args(resumed, updates=2, stop_after=1)) == {"steps_done": 1, "world_size": 1, "in_sync": True}
+    rl.main(rl_args(resumed, updates=2))
+    a = load_file(whole / "recommender_rl" / "adapter_model.safetensors")
+    b = load_file(resumed / "recommender_rl" / "adapter_model.safetensors")
+    sft = load_file(whole / "recommender_sft" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], sft[k]) for k in a)  # RL moved the policy off the SFT adapter
+    log = result["log"]
+    assert [r["step"] for r in log] == [1, 2] and log[0]["kl"] == 0.0
+    assert [r["step"] for r in common.read_jsonl(resumed / "recommender_rl" / "train_log.jsonl")] == [1, 2]
+    for key in ("reward", "format", "recommend", "preference", "return", "hit@1", "hit@10", "kl", "entropy",
+                "zero_variance_fraction", "tokens_generated", "seconds_generating", "seconds_training"):
+        assert key in log[-1]
+    assert len(log[-1]["hit@10"]) == 2 and "valid" in log[-1] and log[-1]["episodes"] == 4
+
+
+def test_two_processes_average_gradients_and_stay_in_sync(inspired_tiny_adapters, tmp_path, make_run):
+    run_dir = make_run(inspired_tiny_adapters, tmp_path / "ddp", RUN_PARTS)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # accelerate 1.15: `--cpu --num_processes 2` starts ONE process; `--multi_gpu` starts two (torchrun
+    # underneath) also on a CPU machine, where 04 then averages over gloo
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           str(REPO / "tests" / "rl_varied_reward.py")] + rl_args(run_dir, steps=1, eval_samples=0)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = common.read_json(run_dir / "recommender_rl" / "rl_config.json")
+    assert config["world_size"] == 2 and config["processes_in_sync"] is True
+    log = common.read_jsonl(run_dir / "recommender_rl" / "train_log.jsonl")
+    assert log[0]["episodes"] == 2 * 2 * 2  # processes x start states x G, all in the log
+    a = load_file(run_dir / "recommender_rl" / "adapter_model.safetensors")
+    sft = load_file(run_dir / "recommender_sft" / "adapter_model.safetensors")
+    assert any(not torch.equal(a[k], sft[k]) for k in a)
+
+
+def test_eval_smtpo_rows(inspired_tiny_adapters, tmp_path, make_run, monkeypatch):
+    monkeypatch.setattr(rl, "turn_reward", varied_reward)
+    run_dir = make_run(inspired_tiny_adapters, tmp_path / "eval", RUN_PARTS)
+    rl.main(rl_args(run_dir, steps=1, eval_samples=0))
+    rl.main(rl_args(run_dir, steps=1, eval_samples=0, w_preference=0, out="recommender_rl_no_preference"))
+    results = evaluate.main(["--dataset", "inspired", "--run-dir", str(run_dir), "--limit", "2", "--turns", "2",
+                             "--max-new-tokens", "8", "--sim-max-new-tokens", "4", "--bootstrap", "20", "--threads", "1"])
+    # default rows: everything whose inputs exist (no simulator_feedback_only/ here)
+    assert {"smtpo", "smtpo-no-preference-reward", "sft+simulator"} <= set(results["multi_turn"])
+    assert "sft+simulator-feedback-only" not in results["multi_turn"]
+    assert results["multi_turn"]["smtpo"]["recommender"] == "recommender_rl"
