@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import html
-import json
 import os
 import random
 import re

@@ -926,7 +926,10 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute each decoder layer's activations in the backward pass (memory for time). The
     non-reentrant variant works although the frozen embeddings' outputs need no grad."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # a KV cache is useless while training and warns with checkpointing
 
 

@@ -46,7 +46,7 @@ def main() -> None:
     with open(out, "a") as f:
         f.write(json.dumps(row) + "\n")
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
-    print(f"\n| stage | wall (min) | peak RSS (GiB) | exit |\n|---|---|---|---|")
+    print("\n| stage | wall (min) | peak RSS (GiB) | exit |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['label']} | {r['wall_s'] / 60:.1f} | {r['peak_rss_gib']:.2f} | {r['returncode']} |")
     sys.exit(row["returncode"])
