@@ -92,6 +92,7 @@ class Args:
     max_eval_samples: int = arg(40, "valid samples for validation loss and quality.json")
     gen_batch_size: int = arg(8, "prompts per generation batch")
     max_new_tokens: int = arg(320, "generation budget of one recommender answer")
+    no_repeat_ngram: int = arg(6, "quality report: forbid the answer to repeat one of its own n-grams (greedy loop guard; 0 = off)")
     threads: int = arg(0, "torch CPU threads (0 = torch's default; 1 is fastest on small CPUs)")
     device: str = arg(str(common.default_device()), "torch device")
 
@@ -215,7 +216,8 @@ def recommender_quality(model, tok, samples: list[dict], candidates: list[list[i
     """Greedy answers on held-out samples (the retriever's candidates, nothing injected): how many
     parse into 10 distinct candidate titles, and the hit rates of the re-ranked lists."""
     answers = common.recommend_with_llm(model, tok, items, titles, [s["context"] for s in samples], candidates,
-                                        args.max_new_tokens, batch_size=args.gen_batch_size, max_turns=args.max_turns)
+                                        args.max_new_tokens, batch_size=args.gen_batch_size, max_turns=args.max_turns,
+                                        no_repeat_ngram=args.no_repeat_ngram)
     n = max(len(answers), 1)
     return {
         "samples": len(answers),
@@ -286,7 +288,8 @@ def train_recommender(args: Args, run: common.RunPaths, items: list[dict], sampl
     common.save_lora(model, out_dir, {"base_model_name_or_path": args.model})
     print(f"[03] quality on {len(held_out)} valid samples (tuned, then base)")
     retriever_order = [c[:common.REC_TOP_N] for c in candidates["valid"]]
-    quality = {"split": "valid", "candidates": k,
+    quality = {"split": "valid", "candidates": k, "decoding": {"greedy": True, "max_new_tokens": args.max_new_tokens,
+                                                                "no_repeat_ngram": args.no_repeat_ngram},
                "retriever_order": common.score_rankings(retriever_order, held_out, ks=(1, 5, 10))["new"],
                "tuned": recommender_quality(model, tok, held_out, candidates["valid"],
                                                                               items, titles, args)}

@@ -72,6 +72,7 @@ class Args:
     temperature: float = arg(1.0, "sampling temperature of the policy during rollouts (> 0)")
     top_p: float = arg(1.0, "nucleus of the policy's sampling")
     max_new_tokens: int = arg(288, "generation budget of one recommender answer")
+    no_repeat_ngram: int = arg(0, "loop guard of the recommender's decoding (0 = off: rollouts must sample the policy itself)")
     sim_max_new_tokens: int = arg(60, "generation budget of one simulator reply")
     gen_batch_size: int = arg(8, "prompts per generation batch")
     w_format: float = arg(1.0, "reward weight of format (the answer parses into 10 distinct candidates)")

@@ -1232,10 +1232,32 @@ def _cut_at_stop(tokenizer, ids: list[int], text: str, stop_strings: Sequence[st
     return ids[:lo], text[:at]
 
 
+class CompletionNoRepeatNGram:
+    """A logits processor that forbids a token completing an n-gram the completion already holds.
+    Unlike transformers' no_repeat_ngram_size it ignores the prompt, so titles can still be copied
+    from the candidate list; it stops greedy loops ("comedy, comedy, comedy, ...") of small models.
+    input_ids: [B, prompt_len + generated so far], scores: [B, V] -> scores with -inf where banned."""
+
+    def __init__(self, n: int, prompt_len: int):
+        self.n, self.prompt_len = n, prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        n = self.n
+        generated = input_ids[:, self.prompt_len:].tolist()
+        for b, seq in enumerate(generated):
+            if len(seq) < n:
+                continue
+            prefix = seq[len(seq) - n + 1:]
+            banned = [seq[i + n - 1] for i in range(len(seq) - n + 1) if seq[i:i + n - 1] == prefix]
+            if banned:
+                scores[b, banned] = float("-inf")
+        return scores
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: list[list[dict] | str], max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, stop_strings: Sequence[str] | None = None,
-             batch_size: int = 8, return_tokens: bool = False):
+             batch_size: int = 8, return_tokens: bool = False, no_repeat_ngram: int = 0):
     """Complete chat prompts with the KV cache, `batch_size` prompts at a time, left padded.
 
     prompts: chat messages (rendered with the generation prompt) or raw strings (tokenized as
@@ -1244,6 +1266,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[dict] | str], max_n
     (the model's own generation_config sampling defaults, top_k, repetition penalty, are overridden).
     stop_strings: a row stops at the first of them; its text ends just before it and its
     completion ids end with the token that completed it.
+    no_repeat_ngram: n > 0 forbids repeating an n-gram of the completion (CompletionNoRepeatNGram).
     -> texts: list[str]; with return_tokens, (texts, prompt_ids, completion_ids), ids as
        list[list[int]] without padding; completion ids include the final EOS when one was made.
     Model is put in eval mode (no LoRA dropout) and restored afterwards. Seed torch to repeat a
@@ -1280,7 +1303,9 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[dict] | str], max_n
                 n = len(encoded[i])
                 input_ids[b, T - n:] = torch.tensor(encoded[i])
                 attention_mask[b, T - n:] = 1
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **gen_kwargs)
+            guard = {"logits_processor": [CompletionNoRepeatNGram(no_repeat_ngram, T)]} if no_repeat_ngram else {}
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **gen_kwargs,
+                                 **guard)
             for b, i in enumerate(rows):
                 ids = out[b, T:].tolist()
                 for k, t in enumerate(ids):  # finished rows are filled with pad after their end
@@ -1734,13 +1759,15 @@ def sample_truth(sample: dict) -> list[int]:
 def recommend_with_llm(model: nn.Module, tokenizer, items: Sequence[dict], titles: TitleIndex,
                        contexts: Sequence[Sequence[dict]], candidates: Sequence[Sequence[int]],
                        max_new_tokens: int = 320, temperature: float = 0.0, top_p: float = 1.0,
-                       batch_size: int = 8, max_turns: int = 4) -> list[dict]:
+                       batch_size: int = 8, max_turns: int = 4, no_repeat_ngram: int = 0) -> list[dict]:
     """The recommender's answer for each (dialogue, K candidates): prompt, generate, parse, fill.
+    no_repeat_ngram: the completion loop guard of generate (0 = off; keep it off for RL rollouts,
+    whose log-probs must be those of the distribution that sampled them).
     -> one {text, prompt_ids, completion_ids, parsed, ranked} per dialogue (ranked: 10 item ids)."""
     prompts = [recommender_messages(ctx, items, c, max_turns=max_turns) for ctx, c in zip(contexts, candidates)]
     texts, prompt_ids, completion_ids = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                                  temperature=temperature, top_p=top_p, batch_size=batch_size,
-                                                 return_tokens=True)
+                                                 return_tokens=True, no_repeat_ngram=no_repeat_ngram)
     out = []
     for text, p_ids, c_ids, c in zip(texts, prompt_ids, completion_ids, candidates):
         parsed = parse_recommendation(text, titles, c)
@@ -1828,12 +1855,12 @@ class Conversation:
                  simulator_weights: dict[str, torch.Tensor] | None, candidates: int = 20, show_top: int = 3,
                  max_turns: int = 4, simulator_max_turns: int = 8, rec_max_new_tokens: int = 320,
                  sim_max_new_tokens: int = 60, batch_size: int = 8, exclude_seen: bool = True,
-                 popularity: Sequence[float] | None = None):
+                 popularity: Sequence[float] | None = None, no_repeat_ngram: int = 0):
         self.model, self.tok, self.items, self.retriever = model, tokenizer, items, retriever
         self.simulator_weights = simulator_weights
         self.k, self.show_top, self.max_turns, self.simulator_max_turns = candidates, show_top, max_turns, simulator_max_turns
         self.rec_max_new_tokens, self.sim_max_new_tokens = rec_max_new_tokens, sim_max_new_tokens
-        self.batch_size, self.exclude_seen = batch_size, exclude_seen
+        self.batch_size, self.exclude_seen, self.no_repeat_ngram = batch_size, exclude_seen, no_repeat_ngram
         self.titles = TitleIndex(items, popularity)
 
     def recommend(self, episodes: Sequence[Episode], weights, temperature: float = 0.0, top_p: float = 1.0) -> None:
@@ -1850,7 +1877,8 @@ class Conversation:
             with adapter(self.model, weights):
                 answers = recommend_with_llm(self.model, self.tok, self.items, self.titles,
                                              [e.context for e in episodes], cands, self.rec_max_new_tokens,
-                                             temperature, top_p, self.batch_size, self.max_turns)
+                                             temperature, top_p, self.batch_size, self.max_turns,
+                                             self.no_repeat_ngram)
         for e, c, answer in zip(episodes, cands, answers):
             rank = min((answer["ranked"].index(t) + 1 for t in e.truth if t in answer["ranked"]), default=None)
             e.turns.append({"candidates": c, **answer, "rank": rank})
@@ -1908,7 +1936,7 @@ def load_conversation(run: RunPaths, folders: Sequence[str], items: Sequence[dic
     swappable weights, the fused retriever, and the Conversation that plays them (04 and 05).
     The base is args.model, else the one recommender_sft/ (else the first adapter) was trained
     on. args: model, load_in_4bit, device, candidates, show_top, max_new_tokens,
-    sim_max_new_tokens, gen_batch_size, exclude_seen. LoRA dropout is 0: the swapped adapters
+    sim_max_new_tokens, gen_batch_size, exclude_seen, no_repeat_ngram (the recommender's loop guard). LoRA dropout is 0: the swapped adapters
     are evaluated or trained as RL policies, where dropout would make old and new log-probs differ.
     -> (conversation, {folder: LoRA weights}); the model's live adapter is a fresh zero-B one."""
     configs = {}
@@ -1931,6 +1959,7 @@ def load_conversation(run: RunPaths, folders: Sequence[str], items: Sequence[dic
     conversation = Conversation(
         model, tok, items, retriever, simulator_weights=None, candidates=args.candidates, show_top=args.show_top,
         rec_max_new_tokens=args.max_new_tokens, sim_max_new_tokens=args.sim_max_new_tokens,
-        batch_size=args.gen_batch_size, exclude_seen=args.exclude_seen, popularity=popularity)
+        batch_size=args.gen_batch_size, exclude_seen=args.exclude_seen, popularity=popularity,
+        no_repeat_ngram=args.no_repeat_ngram)
     conversation.base_model = model_name  # written into the adapters 04 saves
     return conversation, weights

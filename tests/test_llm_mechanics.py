@@ -496,3 +496,26 @@ def test_REAL_MODEL_smollm2_gguf():
     # a real model answers a chat and stops by itself
     text = L.generate(model, tok, [[{"role": "user", "content": "What is the capital of France?"}]], max_new_tokens=24)[0]
     assert "Paris" in text, text
+
+
+def test_completion_no_repeat_ngram_bans_only_repeats_of_the_completion():
+    guard = L.CompletionNoRepeatNGram(n=3, prompt_len=4)
+    # prompt 7 8 9 7 (its 7 8 -> 9 is not the completion's); completion 1 2 3 1 2: "1 2" was
+    # followed by 3, so 3 is banned next; nothing else is
+    ids = torch.tensor([[7, 8, 9, 7, 1, 2, 3, 1, 2], [7, 8, 9, 7, 5, 7, 8, 6, 6]])
+    scores = L.CompletionNoRepeatNGram.__call__(guard, ids, torch.zeros(2, 12))
+    assert torch.isinf(scores[0]).nonzero().flatten().tolist() == [3]
+    assert not torch.isinf(scores[1]).any()  # "6 6" never seen before; "7 8" -> 9 is in the prompt only
+
+
+def test_generate_with_the_loop_guard_never_repeats_a_completion_ngram(tok):
+    model = tiny(tok)
+
+    def repeats(completions):
+        grams = [[tuple(c[i:i + 3]) for i in range(len(c) - 2)] for c in completions]
+        return sum(len(g) - len(set(g)) for g in grams)
+
+    free = L.generate(model, tok, ["a b c", "x y"], max_new_tokens=60, return_tokens=True)[2]
+    guarded = L.generate(model, tok, ["a b c", "x y"], max_new_tokens=60, no_repeat_ngram=3, return_tokens=True)[2]
+    assert repeats(free) > 0  # the random tiny model loops greedily, so the guard has work to do
+    assert repeats(guarded) == 0 and all(len(c) == 60 for c in guarded)
