@@ -1236,6 +1236,9 @@ class CompletionNoRepeatNGram:
     """A logits processor that forbids a token completing an n-gram the completion already holds.
     Unlike transformers' no_repeat_ngram_size it ignores the prompt, so titles can still be copied
     from the candidate list; it stops greedy loops ("comedy, comedy, comedy, ...") of small models.
+    n must be long enough to hold a list line's number: SmolLM2 spells years digit by digit, so
+    with n = 6 the 6-gram "2019)" + newline repeats between two films of 2019 and the newline got
+    banned (measured: parse rate 0.25 without the guard, 0.08 with n = 6 on INSPIRED valid).
     input_ids: [B, prompt_len + generated so far], scores: [B, V] -> scores with -inf where banned."""
 
     def __init__(self, n: int, prompt_len: int):
