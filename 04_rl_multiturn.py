@@ -254,7 +254,7 @@ def summarize(raws: list[dict]) -> dict:
     hits = [h for r in raws for h in r["hits"]]
     returns = [x for r in raws for x in r["returns"]]
     out = {k: sum(t[k] for t in terms) / len(terms) for k in ("reward", "format", "recommend", "preference")}
-    out["return"] = sum(returns) / len(returns)
+    out["return"] = sum(returns) / len(returns) if returns else None
     out["hit@1"] = [sum(h[t][0] for h in hits) / len(hits) for t in range(len(hits[0]))]
     out["hit@10"] = [sum(h[t][1] for h in hits) / len(hits) for t in range(len(hits[0]))]
     for k in ("zero_variance_groups", "groups", "tokens_generated"):
@@ -275,7 +275,8 @@ def gather(obj, world: int) -> list:
 
 def policy_update(model, rows: list[dict], reference: dict | None, optimizer, pad_id: int, world: int, args) -> dict:
     """--updates optimizer steps on one batch of recommender turns; returns KL, entropy, ratio stats.
-    The first pass is on-policy: its log-probs (before any step) are pi_old for the later passes.
+    The first pass is on-policy: its log-probs (before any step) are pi_old for the later passes,
+    and the reference's log-probs are scored once, in that pass (the micro-batches never change).
     With no KL term, rows with advantage 0 have no gradient and are not run."""
     n_tokens = int(all_sum([sum(len(r["completion_ids"]) for r in rows)], world)[0])
     active = [r for r in rows if r["completion_ids"] and (args.kl_coef > 0 or r["advantage"] != 0)]
@@ -289,10 +290,11 @@ def policy_update(model, rows: list[dict], reference: dict | None, optimizer, pa
             ids, attn, mask = ids.to(args.device), attn.to(args.device), mask.to(args.device)
             adv = torch.tensor([r["advantage"] for r in chunk], device=args.device)
             L = mask.shape[1]
-            ref_logp = None
-            if args.kl_coef > 0:  # the reference adapter is swapped in before the policy's forward pass
+            if args.kl_coef > 0 and update == 0:  # the reference is fixed: score it once, before the policy's pass
                 with torch.no_grad(), common.lora_swapped(model, reference):
-                    ref_logp = common.token_logprobs(model, ids, attn, args.temperature, last=L)
+                    for r, lp in zip(chunk, common.token_logprobs(model, ids, attn, args.temperature, last=L)):
+                        r["ref_logp"] = lp
+            ref_logp = torch.stack([r["ref_logp"] for r in chunk]) if args.kl_coef > 0 else None
             logp, entropy = common.token_logprobs(model, ids, attn, args.temperature, last=L, entropy=True)
             if update == 0:
                 for r, lp in zip(chunk, logp.detach()):
@@ -328,7 +330,7 @@ def validate(conversation: common.Conversation, samples: list[dict], policy: dic
     turn (summarize) and the parse rate."""
     episodes = conversation.play(common.start_episodes(samples), args.turns, policy)
     stats = summarize([{"terms": [turn_reward(t, e.truth, items, args) for e in episodes for t in e.turns],
-                        "returns": [0.0], "hits": [episode_hits(e, args.turns) for e in episodes],
+                        "returns": [], "hits": [episode_hits(e, args.turns) for e in episodes],
                         "zero_variance_groups": 0, "groups": 0, "tokens_generated": 0}])
     keep = ("reward", "format", "recommend", "preference", "hit@1", "hit@10", "episodes")
     return {"valid": {k: stats[k] for k in keep} | {"parse_rate": stats["format"]}}
