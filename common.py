@@ -60,7 +60,7 @@ def parse_args(cls, argv: Sequence[str] | None = None):
     )
     for field in dataclasses.fields(cls):
         flag = "--" + field.name.replace("_", "-")
-        help_text = field.metadata.get("help", "")
+        help_text = field.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         ftype = field.type if not isinstance(field.type, str) else eval(field.type, vars(sys.modules[cls.__module__]))
         kwargs: dict[str, Any] = {"default": default, "help": help_text}

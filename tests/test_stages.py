@@ -69,3 +69,14 @@ def test_popularity_ranking_excludes_items_already_in_the_dialogue(inspired_run)
         assert len(set(r)) == 50
     counts = common.popularity_counts(common.load_dialogues(run, "train"), len(common.load_items(run)))
     assert counts[ranked[0][0]] >= counts[ranked[0][-1]]
+
+
+@pytest.mark.parametrize("script", ["01_prep_data", "02_sft_simulator", "03_sft_recommender", "04_rl_multiturn",
+                                    "05_eval"])
+def test_every_stage_prints_its_help(script, capsys):
+    # help texts go through argparse's %-formatting: a bare '95%' in a help string crashed --help
+    with pytest.raises(SystemExit) as done:
+        importlib.import_module(script).main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "--dataset" in out and "--seed" in out
