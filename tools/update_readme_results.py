@@ -1,7 +1,13 @@
-"""Copy the latest results tables (runs/<dataset>/eval/results.md) into README.md, between the
-markers <!-- results:start --> and <!-- results:end -->, with the command that produced them.
+"""Copy measured tables into README.md; nothing in those blocks is typed by hand.
 
-    python tools/update_readme_results.py [--runs runs] [--command "bash run_all.sh ..."]
+Between <!-- results:start --> and <!-- results:end -->: one block per dataset with
+runs/<dataset>/eval/results.md, the retriever's Recall@K and, where 04 ran, the RL curves
+(per step of recommender_rl*/train_log.jsonl). Only the datasets found under --runs are replaced;
+the other datasets' blocks stay as they were, each with its own "Produced by" line.
+Between <!-- bench:start --> and <!-- bench:end -->: the latest ours-vs-TRL pair of
+bench/results/rl_step_vs_trl.jsonl (bench/rl_step_vs_trl.py).
+
+    python tools/update_readme_results.py [--runs runs] [--datasets inspired] [--command "..."]
 """
 import argparse
 import datetime
@@ -10,37 +16,129 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RL_FOLDERS = ("recommender_rl", "recommender_rl_no_preference")
+
+
+def rl_curve_table(run_dir: Path) -> str:
+    """Per-step training statistics of each RL run in `run_dir` (sampled episodes, so noisy)."""
+    parts = []
+    for folder in RL_FOLDERS:
+        log = run_dir / folder / "train_log.jsonl"
+        if not log.exists():
+            continue
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        config = json.loads((run_dir / folder / "rl_config.json").read_text())["args"] if (
+            run_dir / folder / "rl_config.json").exists() else {}
+        head = (f"`{folder}/` ({config.get('prompts', '?')} prompt x G {config.get('group_size', '?')} x "
+                f"T {config.get('turns', '?')} per step, lr {config.get('lr', '?')}, w_pref {config.get('w_preference', '?')}); "
+                "training episodes (sampled at temperature 1):")
+        lines = ["| step | reward | format | recommend | preference | return | hit@10 by turn | KL | entropy | "
+                 "zero-var groups | s gen / train |", "|" + "---|" * 11]
+        for r in rows:
+            hits = ", ".join(f"{h:.2f}" for h in r["hit@10"])
+            lines.append(f"| {r['step']} | {r['reward']:.3f} | {r['format']:.2f} | {r['recommend']:.3f} | "
+                         f"{r['preference']:.3f} | {r['return']:.3f} | {hits} | {r['kl']:.4f} | {r['entropy']:.2f} | "
+                         f"{r['zero_variance_fraction']:.2f} | {r['seconds_generating']:.0f} / {r['seconds_training']:.0f} |")
+        half = len(rows) // 2
+        if half:
+            first = sum(r["reward"] for r in rows[:half]) / half
+            second = sum(r["reward"] for r in rows[half:]) / (len(rows) - half)
+            lines.append(f"\nMean reward, first {half} steps {first:.3f}, last {len(rows) - half} steps {second:.3f}.")
+        val = rows[-1].get("valid")
+        if val:
+            lines.append(f"Greedy validation after step {rows[-1]['step']} ({val['episodes']} held-out start states): "
+                         f"reward {val['reward']:.3f}, parse rate {val['parse_rate']:.2f}, recommend {val['recommend']:.3f}, "
+                         f"preference {val['preference']:.3f}, hit@10 by turn "
+                         + ", ".join(f"{h:.2f}" for h in val["hit@10"]) + ".")
+        parts.append(head + "\n\n" + "\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def dataset_block(results: Path, command: str, stamp: str) -> tuple[str, str]:
+    meta = json.loads(results.read_text())
+    run_dir = results.parents[1]
+    table = (results.parent / "results.md").read_text().strip()
+    extra = ""
+    retriever_report = run_dir / "retriever" / "report.json"
+    if retriever_report.exists():
+        rep = json.loads(retriever_report.read_text())
+        k = rep["candidates"]
+        extra = f"\n\nRetriever Recall@{k} (the candidate set the recommender re-ranks), new targets: " + ", ".join(
+            f"{v} valid {r['valid']['new'][f'recall@{k}']:.3f} / test {r['test']['new'][f'recall@{k}']:.3f}"
+            for v, r in rep["variants"].items())
+    curves = rl_curve_table(run_dir)
+    if curves:
+        extra += f"\n\nRL training curves ({meta['dataset']}, `04_rl_multiturn.py`):\n\n{curves}"
+    return meta["dataset"], f"#### {meta['dataset']}\n\nProduced by `{command}` on {stamp}.\n\n{table}{extra}"
+
+
+def bench_block() -> str | None:
+    path = ROOT / "bench" / "results" / "rl_step_vs_trl.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    pair = {r["impl"]: r for r in rows[-2:]}
+    if set(pair) != {"ours", "trl"}:
+        return None
+    ours, trl = pair["ours"], pair["trl"]
+    s = ours["settings"]
+    out = ["`python bench/rl_step_vs_trl.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in s.items() if k in ("model", "device", "threads", "prompt_tokens",
+                                                                  "completion_tokens", "repeats")) + "`"
+           f" on {ours['date']} ({ours['machine']}{'; ' + ours['label'] if ours.get('label') else ''}): "
+           f"{s['prompts']} prompts x G {s['group_size']}, {s['prompt_tokens']} prompt + {s['completion_tokens']} "
+           f"completion tokens, LoRA r {s['lora_r']}, micro-batch {s['micro_batch']}, KL {s['kl_coef']}, "
+           f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}{', nf4' if s['load_in_4bit'] else ''}; "
+           f"medians of {s['repeats']} steps after {s['warmup']} warm-up step(s).", "",
+           "| | seconds/step | generating | training | generated tokens/s | peak memory GiB |", "|---|---|---|---|---|---|"]
+    for name, r in (("ours", ours), ("TRL GRPOTrainer", trl)):
+        out.append(f"| {name} | {r['step_s']:.1f} | {r['generate_s']:.1f} | {r['train_s']:.1f} | "
+                   f"{r['generated_tokens_per_s']:.1f} | {r['peak_memory_gib']:.2f} |")
+    out.append(f"| ours / TRL | {ours['step_s'] / trl['step_s']:.2f} | {ours['generate_s'] / trl['generate_s']:.2f} | "
+               f"{ours['train_s'] / trl['train_s']:.2f} | "
+               f"{ours['generated_tokens_per_s'] / trl['generated_tokens_per_s']:.2f} | "
+               f"{ours['peak_memory_gib'] / trl['peak_memory_gib']:.2f} |")
+    return "\n".join(out)
+
+
+def replace_between(text: str, name: str, body: str) -> str:
+    pattern = re.compile(rf"(<!-- {name}:start -->\n)(?:.*?\n)?(<!-- {name}:end -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"README.md has no <!-- {name}:start --> / <!-- {name}:end --> markers")
+    return pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", default="runs", help="folder holding one run directory per dataset")
+    parser.add_argument("--datasets", nargs="*", default=None, help="only these datasets (default: all found)")
     parser.add_argument("--command", default="bash run_all.sh", help="the command that produced the runs")
     args = parser.parse_args()
-    blocks = []
-    for results in sorted((ROOT / args.runs).glob("*/eval/results.json")):
-        meta = json.loads(results.read_text())
-        table = (results.parent / "results.md").read_text().strip()
-        retriever_report = results.parents[1] / "retriever" / "report.json"
-        extra = ""
-        if retriever_report.exists():
-            rep = json.loads(retriever_report.read_text())
-            k = rep["candidates"]
-            extra = "\n\nRetriever Recall@{k} (the candidate set the recommender re-ranks), new targets: ".format(k=k) + ", ".join(
-                f"{v} valid {r['valid']['new'][f'recall@{k}']:.3f} / test {r['test']['new'][f'recall@{k}']:.3f}"
-                for v, r in rep["variants"].items())
-        blocks.append(f"#### {meta['dataset']}\n\n{table}{extra}")
-    if not blocks:
-        raise SystemExit(f"no {args.runs}/*/eval/results.json found: run 05_eval.py first")
     stamp = datetime.date.today().isoformat()
-    body = f"Produced by `{args.command}` on {stamp}; tables copied by `tools/update_readme_results.py`.\n\n" + "\n\n".join(blocks)
+    new = dict(dataset_block(p, args.command, stamp) for p in sorted((ROOT / args.runs).glob("*/eval/results.json"))
+               if args.datasets is None or p.parents[1].name in args.datasets)
     readme = ROOT / "README.md"
     text = readme.read_text()
-    pattern = re.compile(r"(<!-- results:start -->\n).*?(\n<!-- results:end -->)", re.S)
-    if not pattern.search(text):
-        raise SystemExit("README.md has no <!-- results:start --> / <!-- results:end --> markers")
-    readme.write_text(pattern.sub(lambda m: m.group(1) + body + m.group(2), text))
-    print(f"updated {readme} with {len(blocks)} result table(s)")
+    current = re.search(r"<!-- results:start -->\n(.*?)\n<!-- results:end -->", text, re.S)
+    old_body = current.group(1) if current else ""
+    # the blocks already there: a common "Produced by" line (older layout) goes into each kept block
+    header, *old_blocks = re.split(r"(?m)^(?=#### )", old_body)
+    blocks = {}
+    for b in old_blocks:
+        name = b.split("\n", 1)[0][5:].strip()
+        if "Produced by" not in b and header.strip():
+            b = b.replace("\n\n", "\n\n" + header.strip() + "\n\n", 1)
+        blocks[name] = b.strip()
+    blocks.update(new)
+    if not blocks:
+        raise SystemExit(f"no {args.runs}/*/eval/results.json found: run 05_eval.py first")
+    text = replace_between(text, "results", "\n\n".join(blocks[k] for k in sorted(blocks)))
+    bench = bench_block()
+    if bench:
+        text = replace_between(text, "bench", bench)
+    readme.write_text(text)
+    print(f"updated {readme}: results of {sorted(new)} (kept {sorted(set(blocks) - set(new))})"
+          + (", benchmark table" if bench else ""))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,251 @@
+"""One GRPO step of ours (04_rl_multiturn.py's mechanics) against TRL's GRPOTrainer, same task.
+
+The task is single-turn and the same for both: `--prompts` prompts of `--prompt-tokens` tokens
+(recommender-style text: an instruction and numbered candidates), `--group-size` sampled
+completions each of exactly `--completion-tokens` tokens (EOS is suppressed until then, so both
+sides generate and train on the same number of tokens), a reward that both call (the share of
+distinct words in the completion, a cheap score that always varies within a group), LoRA of the
+same rank on the same layers, the same micro-batch, KL coefficient, clipping, learning rate and
+gradient checkpointing. One step = generate the whole group batch, score, one optimizer step.
+
+Ours: common.generate + 04's group_advantages + 04's policy_update (reference = the adapter's
+initial weights swapped in, as 04 swaps in the SFT adapter). TRL: GRPOTrainer with a peft
+LoraConfig (reference = adapter disabled), per_device_train_batch_size = --micro-batch,
+gradient_accumulation_steps = prompts x G / micro-batch, so one trainer step = one generation
+batch and one optimizer step, as ours.
+
+Each side runs in its own child process (so peak memory is its own): --warmup steps untimed,
+then --repeats timed steps; the parent prints medians and the ratios ours / TRL and appends one
+JSON line per side to --out. Peak memory: the child's max RSS on CPU, torch.cuda.max_memory_allocated
+on CUDA. TRL is a bench-only dependency: `pip install -r bench/requirements.txt`
+(`bash install.sh --bench`).
+
+    OMP_NUM_THREADS=1 python bench/rl_step_vs_trl.py --threads 1             # CPU, SmolLM2-135M
+    python bench/rl_step_vs_trl.py --device cuda --model Qwen/Qwen2.5-1.5B-Instruct --load-in-4bit
+"""
+import dataclasses
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+from common import arg  # noqa: E402
+
+
+@dataclass
+class Args:
+    impl: str = arg("both", "ours, trl, or both (each in a child process, then the comparison)",
+                    choices=["ours", "trl", "both"])
+    model: str = arg(common.DEFAULT_LLM, "base LLM: Hugging Face id, folder or .gguf ('tiny': a random tiny model)")
+    load_in_4bit: bool = arg(False, "nf4 base with double quantisation (bitsandbytes), LoRA on top")
+    device: str = arg("cpu", "torch device")
+    threads: int = arg(1, "torch CPU threads (0 = torch's default)")
+    prompts: int = arg(2, "prompts per step")
+    group_size: int = arg(4, "completions per prompt (G)")
+    prompt_tokens: int = arg(256, "tokens per prompt")
+    completion_tokens: int = arg(128, "tokens per completion (fixed: EOS suppressed until then)")
+    micro_batch: int = arg(2, "sequences per forward/backward pass")
+    lora_r: int = arg(16, "LoRA rank")
+    lora_alpha: float = arg(32.0, "LoRA alpha")
+    lr: float = arg(2e-5, "AdamW learning rate (constant)")
+    kl_coef: float = arg(0.02, "beta of the k3 KL term (both sides score a reference when > 0)")
+    clip_eps: float = arg(0.2, "PPO ratio clipping epsilon")
+    gradient_checkpointing: bool = arg(True, "activation checkpointing in the policy's forward")
+    warmup: int = arg(1, "untimed steps first")
+    repeats: int = arg(3, "timed steps; the medians are reported")
+    seed: int = arg(0, "random seed")
+    label: str = arg("", "free text stored with the results")
+    out: str = arg("bench/results/rl_step_vs_trl.jsonl", "results file (one JSON line per side, appended)")
+    result_file: str = arg("", "(internal) where a child writes its measurements")
+
+
+def make_prompts(tokenizer, n: int, length: int) -> list[str]:
+    """n distinct chat prompts of exactly `length` tokens (raw strings: both sides tokenize them
+    without adding special tokens)."""
+    prompts = []
+    for i in range(n):
+        candidates = "\n".join(f"#{k + 1} Movie {i * 97 + k * 13} ({1950 + (i + k) % 70}): drama, comedy; "
+                               f"director {k * 7 + i}; star {k * 11 + i}" for k in range(60))
+        text = common.render_chat(tokenizer, [{"role": "user", "content":
+                                  "Rank ten of these candidates for the seeker and explain.\n" + candidates}],
+                                  add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][-length:]
+        prompts.append(tokenizer.decode(ids))
+    return prompts
+
+
+def distinct_word_reward(completions: list[str], **_) -> list[float]:
+    """Share of distinct words in each completion (TRL passes extra keyword columns)."""
+    out = []
+    for c in completions:
+        words = c.split()
+        out.append(len(set(words)) / max(len(words), 1))
+    return out
+
+
+def peak_memory_gib(device: str) -> float:
+    import resource
+    import torch
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def run_ours(args, model, tok, prompts) -> list[dict]:
+    import torch
+    rl = importlib.import_module("04_rl_multiturn")
+    common.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=0.0)
+    if args.gradient_checkpointing:
+        common.enable_gradient_checkpointing(model)
+    reference = {k: v.clone() for k, v in common.get_lora_weights(model).items()}
+    optimizer = torch.optim.AdamW(common.lora_parameters(model), lr=args.lr, weight_decay=0.0)
+    model.generation_config.min_new_tokens = args.completion_tokens  # fixed-length completions, as TRL's below
+    update_args = SimpleNamespace(updates=1, micro_batch=args.micro_batch, kl_coef=args.kl_coef, clip_eps=args.clip_eps,
+                                  temperature=1.0, max_grad_norm=1.0, device=args.device)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    steps = []
+    for step in range(args.warmup + args.repeats):
+        batch = [prompts[(step * args.prompts + i) % len(prompts)] for i in range(args.prompts)]
+        started = time.perf_counter()
+        texts, prompt_ids, completion_ids = common.generate(
+            model, tok, [p for p in batch for _ in range(args.group_size)], max_new_tokens=args.completion_tokens,
+            temperature=1.0, batch_size=args.prompts * args.group_size, return_tokens=True)
+        generated = time.perf_counter()
+        rewards = distinct_word_reward(texts)
+        rows = []
+        for g in range(args.prompts):
+            span = range(g * args.group_size, (g + 1) * args.group_size)
+            advantages, _, _ = rl.group_advantages([[rewards[i]] for i in span])
+            rows += [{"prompt_ids": prompt_ids[i], "completion_ids": completion_ids[i], "advantage": a[0]}
+                     for i, a in zip(span, advantages)]
+        rl.policy_update(model, rows, reference, optimizer, pad_id, 1, update_args)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        done = time.perf_counter()
+        steps.append({"step_s": done - started, "generate_s": generated - started,
+                      "tokens": sum(map(len, completion_ids)), "prompt_tokens": statistics.mean(map(len, prompt_ids))})
+    return steps
+
+
+def run_trl(args, model, tok, prompts) -> list[dict]:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    steps, clock = [], {}
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            clock["start"], clock["generate"] = time.perf_counter(), 0.0
+
+        def on_step_end(self, *_, **__):
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            steps.append({"step_s": time.perf_counter() - clock["start"], "generate_s": clock["generate"]})
+
+    per_step = args.prompts * args.group_size
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="trl_bench_"), report_to="none", save_strategy="no", logging_steps=1,
+        max_steps=args.warmup + args.repeats, seed=args.seed, use_cpu=args.device == "cpu", bf16=False,
+        per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=per_step // args.micro_batch,
+        num_generations=args.group_size, max_completion_length=args.completion_tokens,
+        generation_kwargs={"min_new_tokens": args.completion_tokens}, temperature=1.0, top_p=1.0, top_k=0,
+        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        beta=args.kl_coef, epsilon=args.clip_eps, num_iterations=1, loss_type="dapo",
+        gradient_checkpointing=args.gradient_checkpointing, dataloader_num_workers=0, log_completions=False)
+    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                      target_modules=list(common.LORA_TARGETS), task_type="CAUSAL_LM")
+    dataset = Dataset.from_dict({"prompt": [prompts[i % len(prompts)] for i in range(args.prompts * (args.warmup + args.repeats))]})
+    trainer = GRPOTrainer(model=model, reward_funcs=distinct_word_reward, args=config, train_dataset=dataset,
+                          processing_class=tok, peft_config=lora, callbacks=[StepTimer()])
+    inner = trainer._generate_single_turn
+
+    def timed_generate(*a, **kw):
+        started = time.perf_counter()
+        out = inner(*a, **kw)
+        clock["generate"] += time.perf_counter() - started
+        return out
+
+    trainer._generate_single_turn = timed_generate
+    trainer.train()
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    for s, length in zip(steps, lengths):
+        s["tokens"] = length * per_step
+    return steps
+
+
+def child(args) -> None:
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    common.set_seed(args.seed)
+    model, tok = common.load_llm(args.model, load_in_4bit=args.load_in_4bit, device=args.device)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    prompts = make_prompts(tok, 16, args.prompt_tokens)
+    steps = (run_ours if args.impl == "ours" else run_trl)(args, model, tok, prompts)
+    timed = steps[args.warmup:]
+    result = {"impl": args.impl, "step_s": statistics.median(s["step_s"] for s in timed),
+              "generate_s": statistics.median(s["generate_s"] for s in timed),
+              "tokens_per_step": statistics.median(s["tokens"] for s in timed),
+              "peak_memory_gib": round(peak_memory_gib(args.device), 3), "steps": timed}
+    result["train_s"] = result["step_s"] - result["generate_s"]
+    result["generated_tokens_per_s"] = result["tokens_per_step"] / result["generate_s"]
+    Path(args.result_file).write_text(json.dumps(result))
+
+
+def compare(args) -> None:
+    settings = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("impl", "out", "result_file", "label")}
+    results = {}
+    for impl in ("ours", "trl"):
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            result_file = f.name
+        argv = [sys.executable, __file__, "--impl", impl, "--result-file", result_file]
+        for k, v in settings.items():
+            flag = "--" + k.replace("_", "-")
+            argv += ([flag] if v else ["--no-" + k.replace("_", "-")]) if isinstance(v, bool) else [flag, str(v)]
+        print(f"[bench] {impl}: {' '.join(argv[1:])}", flush=True)
+        subprocess.run(argv, check=True)
+        results[impl] = json.loads(Path(result_file).read_text())
+        os.unlink(result_file)
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as f:
+        for impl, r in results.items():
+            f.write(json.dumps({"impl": impl, "label": args.label, "date": stamp, "settings": settings,
+                                "machine": f"{os.uname().machine}, {os.cpu_count()} CPUs", **r}) + "\n")
+    ours, trl = results["ours"], results["trl"]
+    print(f"\n{args.prompts} prompts x G {args.group_size}, {args.prompt_tokens} + {args.completion_tokens} tokens, "
+          f"{args.model}{' nf4' if args.load_in_4bit else ''} on {args.device}; medians of {args.repeats} steps")
+    print("| | seconds/step | generating | training | generated tokens/s | peak memory GiB |")
+    print("|---|---|---|---|---|---|")
+    for name, r in (("ours", ours), ("TRL GRPOTrainer", trl)):
+        print(f"| {name} | {r['step_s']:.1f} | {r['generate_s']:.1f} | {r['train_s']:.1f} | "
+              f"{r['generated_tokens_per_s']:.1f} | {r['peak_memory_gib']:.2f} |")
+    print(f"| ours / TRL | {ours['step_s'] / trl['step_s']:.2f} | {ours['generate_s'] / trl['generate_s']:.2f} | "
+          f"{ours['train_s'] / trl['train_s']:.2f} | {ours['generated_tokens_per_s'] / trl['generated_tokens_per_s']:.2f} | "
+          f"{ours['peak_memory_gib'] / trl['peak_memory_gib']:.2f} |")
+
+
+def main(argv=None) -> None:
+    args = common.parse_args(Args, argv)
+    if args.impl == "both":
+        compare(args)
+    else:
+        child(args)
+
+
+if __name__ == "__main__":
+    main()
