@@ -108,16 +108,17 @@ def replace_between(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", default="runs", help="folder holding one run directory per dataset")
+    parser.add_argument("--runs", default=str(ROOT / "runs"), help="folder holding one run directory per dataset")
     parser.add_argument("--datasets", nargs="*", default=None, help="only these datasets (default: all found)")
     parser.add_argument("--command", default="bash run_all.sh", help="the command that produced the runs")
-    args = parser.parse_args()
+    parser.add_argument("--readme", default=str(ROOT / "README.md"), help="the file to update")
+    args = parser.parse_args(argv)
     stamp = datetime.date.today().isoformat()
-    new = dict(dataset_block(p, args.command, stamp) for p in sorted((ROOT / args.runs).glob("*/eval/results.json"))
+    new = dict(dataset_block(p, args.command, stamp) for p in sorted(Path(args.runs).glob("*/eval/results.json"))
                if args.datasets is None or p.parents[1].name in args.datasets)
-    readme = ROOT / "README.md"
+    readme = Path(args.readme)
     text = readme.read_text()
     current = re.search(r"<!-- results:start -->\n(.*?)\n<!-- results:end -->", text, re.S)
     old_body = current.group(1) if current else ""
