@@ -229,14 +229,19 @@ def compare(args) -> None:
     ours, trl = results["ours"], results["trl"]
     print(f"\n{args.prompts} prompts x G {args.group_size}, {args.prompt_tokens} + {args.completion_tokens} tokens, "
           f"{args.model}{' nf4' if args.load_in_4bit else ''} on {args.device}; medians of {args.repeats} steps")
-    print("| | seconds/step | generating | training | generated tokens/s | peak memory GiB |")
-    print("|---|---|---|---|---|---|")
+    print(comparison_table(ours, trl))
+
+
+def comparison_table(ours: dict, trl: dict) -> str:
+    """Markdown table of two result lines (ours, TRL) and their ratios (tools/update_readme_results.py copies it)."""
+    lines = ["| | seconds/step | generating | training | generated tokens/s | peak memory GiB |", "|---|---|---|---|---|---|"]
     for name, r in (("ours", ours), ("TRL GRPOTrainer", trl)):
-        print(f"| {name} | {r['step_s']:.1f} | {r['generate_s']:.1f} | {r['train_s']:.1f} | "
-              f"{r['generated_tokens_per_s']:.1f} | {r['peak_memory_gib']:.2f} |")
-    print(f"| ours / TRL | {ours['step_s'] / trl['step_s']:.2f} | {ours['generate_s'] / trl['generate_s']:.2f} | "
-          f"{ours['train_s'] / trl['train_s']:.2f} | {ours['generated_tokens_per_s'] / trl['generated_tokens_per_s']:.2f} | "
-          f"{ours['peak_memory_gib'] / trl['peak_memory_gib']:.2f} |")
+        lines.append(f"| {name} | {r['step_s']:.1f} | {r['generate_s']:.1f} | {r['train_s']:.1f} | "
+                     f"{r['generated_tokens_per_s']:.1f} | {r['peak_memory_gib']:.2f} |")
+    ratio = {k: ours[k] / trl[k] for k in ("step_s", "generate_s", "train_s", "generated_tokens_per_s", "peak_memory_gib")}
+    lines.append(f"| ours / TRL | {ratio['step_s']:.2f} | {ratio['generate_s']:.2f} | {ratio['train_s']:.2f} | "
+                 f"{ratio['generated_tokens_per_s']:.2f} | {ratio['peak_memory_gib']:.2f} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:

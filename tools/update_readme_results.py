@@ -11,12 +11,16 @@ bench/results/rl_step_vs_trl.jsonl (bench/rl_step_vs_trl.py).
 """
 import argparse
 import datetime
+import importlib.util
 import json
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RL_FOLDERS = ("recommender_rl", "recommender_rl_no_preference")
+_spec = importlib.util.spec_from_file_location("rl_step_vs_trl", ROOT / "bench" / "rl_step_vs_trl.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)  # its comparison_table: the benchmark's table is formatted in one place
 
 
 def rl_curve_table(run_dir: Path) -> str:
@@ -31,7 +35,7 @@ def rl_curve_table(run_dir: Path) -> str:
             run_dir / folder / "rl_config.json").exists() else {}
         head = (f"`{folder}/` ({config.get('prompts', '?')} prompt x G {config.get('group_size', '?')} x "
                 f"T {config.get('turns', '?')} per step, lr {config.get('lr', '?')}, w_pref {config.get('w_preference', '?')}); "
-                "training episodes (sampled at temperature 1):")
+                f"training episodes (sampled at temperature {config.get('temperature', '?')}):")
         lines = ["| step | reward | format | recommend | preference | return | hit@10 by turn | KL | entropy | "
                  "zero-var groups | s gen / train |", "|" + "---|" * 11]
         for r in rows:
@@ -89,15 +93,7 @@ def bench_block() -> str | None:
            f"{s['prompts']} prompts x G {s['group_size']}, {s['prompt_tokens']} prompt + {s['completion_tokens']} "
            f"completion tokens, LoRA r {s['lora_r']}, micro-batch {s['micro_batch']}, KL {s['kl_coef']}, "
            f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}{', nf4' if s['load_in_4bit'] else ''}; "
-           f"medians of {s['repeats']} steps after {s['warmup']} warm-up step(s).", "",
-           "| | seconds/step | generating | training | generated tokens/s | peak memory GiB |", "|---|---|---|---|---|---|"]
-    for name, r in (("ours", ours), ("TRL GRPOTrainer", trl)):
-        out.append(f"| {name} | {r['step_s']:.1f} | {r['generate_s']:.1f} | {r['train_s']:.1f} | "
-                   f"{r['generated_tokens_per_s']:.1f} | {r['peak_memory_gib']:.2f} |")
-    out.append(f"| ours / TRL | {ours['step_s'] / trl['step_s']:.2f} | {ours['generate_s'] / trl['generate_s']:.2f} | "
-               f"{ours['train_s'] / trl['train_s']:.2f} | "
-               f"{ours['generated_tokens_per_s'] / trl['generated_tokens_per_s']:.2f} | "
-               f"{ours['peak_memory_gib'] / trl['peak_memory_gib']:.2f} |")
+           f"medians of {s['repeats']} steps after {s['warmup']} warm-up step(s).", "", bench.comparison_table(ours, trl)]
     return "\n".join(out)
 
 
@@ -134,12 +130,12 @@ def main(argv=None) -> None:
     if not blocks:
         raise SystemExit(f"no {args.runs}/*/eval/results.json found: run 05_eval.py first")
     text = replace_between(text, "results", "\n\n".join(blocks[k] for k in sorted(blocks)))
-    bench = bench_block()
-    if bench:
-        text = replace_between(text, "bench", bench)
+    bench_table = bench_block()
+    if bench_table:
+        text = replace_between(text, "bench", bench_table)
     readme.write_text(text)
     print(f"updated {readme}: results of {sorted(new)} (kept {sorted(set(blocks) - set(new))})"
-          + (", benchmark table" if bench else ""))
+          + (", benchmark table" if bench_table else ""))
 
 
 if __name__ == "__main__":
