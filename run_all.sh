@@ -1,22 +1,42 @@
 #!/usr/bin/env bash
 # The whole pipeline, stage after stage, on both datasets with the offline defaults
-# (SmolLM2-135M-Instruct, MiniLM, CPU). Budgets are flags; the defaults are the ones the
-# README's measured results used.
-#   bash run_all.sh [--raw-dir DIR] [--datasets "redial inspired"] [--jobs 1|2]
-#                   [--sim-steps 50] [--rec-steps 40] [--rl-steps 6] [--limit 12] [--turns 5]
+# (SmolLM2-135M-Instruct, MiniLM, CPU).
+#   bash run_all.sh [--budget quick|cpu] [--raw-dir DIR] [--datasets "redial inspired"] [--jobs 1|2]
+#                   [--sim-steps N] [--rec-steps N] [--rl-steps N] [--limit N] [--turns T]
+# --budget quick (default) a few steps of every stage on small held-out sets, in runs/quick/<dataset>:
+#                it checks, in minutes, that every stage runs and hands its outputs to the next; its
+#                numbers mean nothing
+# --budget cpu   the CPU setting of the README's measured results (hours per dataset on one core):
+#                02 50 steps, 03 40 steps, 04 6 steps of 1 start state x G 4 x T 2, 05 --limit 12, T 5;
+#                in runs/<dataset>, the stages' default run directory
 # --raw-dir DIR  read DIR/redial and DIR/inspired instead of downloading the public files
 # --jobs 2       run the datasets side by side, one torch thread each (fastest on 2 cores);
-#                each dataset's output then goes to runs/<dataset>/pipeline.log
+#                each dataset's output then goes to <run directory>/pipeline.log
 # --rl-steps N   steps of 04's multi-turn GRPO, for SMTPO and for its no-preference-reward ablation
-#                (CPU setting: 1 start state x G 4 episodes x T 2 turns per step, lr 1e-4, no activation
-#                checkpointing: about 4-5 min a step on one core; 04's own defaults are larger)
+#                (lr 1e-4, no activation checkpointing: about 4-5 min a step on one core at G 4 x T 2;
+#                04's own defaults are larger)
 # --limit N      multi-turn evaluation on N test samples (seeded draw; 0 = all)
+# The step and sample flags override the budget's values; give them after --budget.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
-RAW=""; DATASETS="redial inspired"; JOBS=1; SIM_STEPS=50; REC_STEPS=40; RL_STEPS=6; LIMIT=12; TURNS=5
+RAW=""; DATASETS="redial inspired"; JOBS=1
+budget() {
+  # *_EVAL: held-out samples of 02's and 03's quality reports and of 04's validation; SAMPLES: 03's cap on
+  # the samples of each split (0 = all; the retriever trains on them); GROUP: 04's episodes per start state.
+  # Each budget has its own run directories, so a quick check never meets the checkpoints of a longer run.
+  case "$1" in
+    quick) SIM_STEPS=2; REC_STEPS=2; RL_STEPS=1; LIMIT=2; TURNS=2
+           SIM_EVAL=4; REC_EVAL=4; RL_EVAL=2; SAMPLES=300; GROUP=2; RUNS=runs/quick ;;
+    cpu)   SIM_STEPS=50; REC_STEPS=40; RL_STEPS=6; LIMIT=12; TURNS=5
+           SIM_EVAL=100; REC_EVAL=24; RL_EVAL=16; SAMPLES=0; GROUP=4; RUNS=runs ;;
+    *) echo "unknown budget $1 (quick or cpu)"; exit 2 ;;
+  esac
+}
+budget quick
 while [ $# -gt 0 ]; do
   case "$1" in
+    --budget) budget "$2"; shift 2 ;;
     --raw-dir) RAW="$2"; shift 2 ;;
     --datasets) DATASETS="$2"; shift 2 ;;
     --jobs) JOBS="$2"; shift 2 ;;
@@ -34,25 +54,28 @@ FB_STEPS=$(( (SIM_STEPS + 2) / 3 ))
 
 pipeline() {
   local ds=$1
-  echo "=== $ds"
-  $PY 01_prep_data.py --dataset "$ds" ${RAW:+--raw-dir "$RAW/$ds"}
-  $PY 02_sft_simulator.py --dataset "$ds" --steps "$SIM_STEPS" --eval-every 50
-  $PY 02_sft_simulator.py --dataset "$ds" --steps "$FB_STEPS" --task-mix 1 0 0 --out simulator_feedback_only
-  $PY 03_sft_recommender.py --dataset "$ds" --steps "$REC_STEPS" --max-eval-samples 24 --eval-every "$REC_STEPS" --max-new-tokens 288
-  local rl="--dataset $ds --steps $RL_STEPS --prompts 1 --group-size 4 --turns 2 --lr 1e-4 --no-gradient-checkpointing"
-  $PY 04_rl_multiturn.py $rl
-  $PY 04_rl_multiturn.py $rl --w-preference 0 --out recommender_rl_no_preference
-  $PY 05_eval.py --dataset "$ds" --limit "$LIMIT" --turns "$TURNS" --max-new-tokens 288
+  local on="--dataset $ds --run-dir $RUNS/$ds"
+  echo "=== $ds -> $RUNS/$ds"
+  $PY 01_prep_data.py $on ${RAW:+--raw-dir "$RAW/$ds"}
+  $PY 02_sft_simulator.py $on --steps "$SIM_STEPS" --eval-every 50 --max-eval-samples "$SIM_EVAL"
+  $PY 02_sft_simulator.py $on --steps "$FB_STEPS" --task-mix 1 0 0 --out simulator_feedback_only \
+    --max-eval-samples "$SIM_EVAL"
+  $PY 03_sft_recommender.py $on --steps "$REC_STEPS" --max-eval-samples "$REC_EVAL" --eval-every "$REC_STEPS" \
+    --max-new-tokens 288 --max-samples "$SAMPLES"
+  local rl="$on --steps $RL_STEPS --prompts 1 --group-size $GROUP --turns 2 --lr 1e-4 --no-gradient-checkpointing"
+  $PY 04_rl_multiturn.py $rl --eval-samples "$RL_EVAL"
+  $PY 04_rl_multiturn.py $rl --eval-samples "$RL_EVAL" --w-preference 0 --out recommender_rl_no_preference
+  $PY 05_eval.py $on --limit "$LIMIT" --turns "$TURNS" --max-new-tokens 288
 }
 
 if [ "$JOBS" -gt 1 ]; then
   export OMP_NUM_THREADS=1
   pids=()
   for ds in $DATASETS; do
-    mkdir -p "runs/$ds"
-    pipeline "$ds" > "runs/$ds/pipeline.log" 2>&1 &
+    mkdir -p "$RUNS/$ds"
+    pipeline "$ds" > "$RUNS/$ds/pipeline.log" 2>&1 &
     pids+=($!)
-    echo "started $ds (log: runs/$ds/pipeline.log)"
+    echo "started $ds (log: $RUNS/$ds/pipeline.log)"
   done
   status=0
   for pid in "${pids[@]}"; do wait "$pid" || status=1; done
