@@ -73,6 +73,8 @@ class Args:
     lora_r: int = arg(16, "LoRA rank (keep the simulator's: 04 and 05 swap both adapters on one base)")
     lora_alpha: float = arg(32.0, "LoRA alpha (scale alpha / r)")
     lora_dropout: float = arg(0.05, "dropout on the LoRA input")
+    init_adapter: str = arg("", "start the LoRA from this adapter folder (e.g. an earlier recommender_sft/ whose "
+                                "budget was too small) instead of zeros; '' = a fresh adapter")
     inject_target: bool = arg(True, "training only: put a missed target in place of a random candidate")
     teacher: str = arg("", "distil reasoning chains from this LLM (kept when they parse and hit); '' = metadata chains")
     teacher_samples: int = arg(200, "training samples the teacher is asked about (generation is slow)")
@@ -269,11 +271,17 @@ def train_recommender(args: Args, run: common.RunPaths, items: list[dict], sampl
 
     # 7. LoRA SFT, resumable from recommender_sft/checkpoint/.
     common.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+    if args.init_adapter:
+        # continuing an SFT with a new step budget: a checkpoint cannot (its schedule is tied to --steps)
+        common.load_lora(model, args.init_adapter)
+        print(f"[03] LoRA initialised from {args.init_adapter}")
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
     same_run = {k_: getattr(args, k_) for k_ in ("model", "lora_r", "lora_alpha", "batch_size", "grad_accum", "max_len",
                                                  "max_turns", "max_samples", "seed", "steps", "lr", "teacher",
                                                  "inject_target", "candidates")}
+    if args.init_adapter:
+        same_run["init_adapter"] = args.init_adapter
 
     def validation_loss() -> dict:
         return {"eval_loss": round(common.mean_token_loss(model, eval_examples, tok.pad_token_id, args.batch_size,

@@ -188,6 +188,21 @@ def test_killed_recommender_sft_resumes_to_identical_weights(inspired_with_retri
     assert log == list(range(1, 9))
 
 
+def test_init_adapter_continues_from_an_earlier_adapter(inspired_with_retriever, tmp_path, run_copy):
+    """--init-adapter starts the LoRA from a trained adapter, not from zeros: with lr 0 the new
+    adapter is the old one, bit for bit (a fresh one would have B = 0)."""
+    tiny = rec_tiny(max_eval_samples=1, max_new_tokens=4)
+    first = run_copy(inspired_with_retriever, tmp_path, "first")
+    rec.main(["--dataset", "inspired", "--run-dir", str(first), "--steps", "2", "--lr", "0.01"] + tiny)
+    _, trained = common.read_lora(first / "recommender_sft")
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in trained.items())
+    again = run_copy(inspired_with_retriever, tmp_path, "again")
+    rec.main(["--dataset", "inspired", "--run-dir", str(again), "--steps", "1", "--lr", "0",
+              "--init-adapter", str(first / "recommender_sft")] + tiny)
+    _, continued = common.read_lora(again / "recommender_sft")
+    assert continued.keys() == trained.keys() and all(torch.equal(continued[k], trained[k]) for k in trained)
+
+
 def test_teacher_chains_are_kept_only_when_they_parse_and_hit(inspired_with_retriever, tmp_path, monkeypatch):
     run = common.RunPaths(inspired_with_retriever)
     items, samples = common.load_items(run), common.load_samples(run, "train")[:3]
