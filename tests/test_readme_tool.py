@@ -23,10 +23,19 @@ def test_new_dataset_block_replaces_its_own_and_keeps_the_others(tmp_path):
             "kl": 0.0, "entropy": 1.0, "zero_variance_fraction": 0.5, "seconds_generating": 10, "seconds_training": 5}
     (rl / "train_log.jsonl").write_text("\n".join(json.dumps({"step": i + 1, **step, "reward": r})
                                                   for i, r in enumerate([0.5, 0.7])))
+    sft = tmp_path / "runs" / "inspired" / "recommender_sft"
+    sft.mkdir()
+    (sft / "train_log.jsonl").write_text("\n".join(json.dumps({"step": i + 1, "loss": loss, **(
+        {"eval_loss": 0.25} if i == 9 else {})}) for i, loss in enumerate([1.0, 0.8] + [0.5] * 8)))
+    sim = tmp_path / "runs" / "inspired" / "simulator"
+    sim.mkdir()
+    (sim / "train_log.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0, "eval_loss": {"feedback": 3.2, "target": 1.5}}))
     tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--command", "new cmd"])
     text = readme.read_text()
     assert "old inspired" not in text and "| new inspired table |" in text and "Produced by `new cmd`" in text
     # the kept block carries the old common "Produced by" line
     redial = text[text.index("#### redial"):]
     assert "Produced by `old` on 2026-01-01." in redial and "old redial table" in redial
+    assert "| `recommender_sft/` | 10 | 0.900, 0.500, 0.500, 0.500, 0.500 | 0.250 (10) |" in text
+    assert "| `simulator/` | 1 | 3.000 | feedback 3.200 / target 1.500 (1) |" in text
     assert "| 2 | 0.700 |" in text and "first 1 steps 0.500, last 1 steps 0.700" in text

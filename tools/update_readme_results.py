@@ -1,7 +1,7 @@
 """Copy measured tables into README.md; nothing in those blocks is typed by hand.
 
 Between <!-- results:start --> and <!-- results:end -->: one block per dataset with
-runs/<dataset>/eval/results.md, the retriever's Recall@K and, where 04 ran, the RL curves
+runs/<dataset>/eval/results.md, the retriever's Recall@K, the SFT loss curves of 02 and 03 and, where 04 ran, the RL curves
 (per step of recommender_rl*/train_log.jsonl). Only the datasets found under --runs are replaced;
 the other datasets' blocks stay as they were, each with its own "Produced by" line.
 Between <!-- bench:start --> and <!-- bench:end -->: the latest ours-vs-TRL pair of
@@ -18,9 +18,39 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RL_FOLDERS = ("recommender_rl", "recommender_rl_no_preference")
+SFT_FOLDERS = ("simulator", "simulator_feedback_only", "recommender_sft")
 _spec = importlib.util.spec_from_file_location("rl_step_vs_trl", ROOT / "bench" / "rl_step_vs_trl.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)  # its comparison_table: the benchmark's table is formatted in one place
+
+
+def eval_loss_text(loss: float | dict) -> str:
+    """03 logs one validation loss, 02 one per task ({feedback, attributes, target})."""
+    if isinstance(loss, dict):
+        return " / ".join(f"{task} {value:.3f}" for task, value in loss.items())
+    return f"{loss:.3f}"
+
+
+def sft_curve_table(run_dir: Path, chunks: int = 5) -> str:
+    """The SFT loss curves of 02 and 03 (their train_log.jsonl): mean training loss over each fifth
+    of the run, and every validation loss with its step."""
+    lines = []
+    for folder in SFT_FOLDERS:
+        log = run_dir / folder / "train_log.jsonl"
+        if not log.exists():
+            continue
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        if not rows:
+            continue
+        n = min(chunks, len(rows))
+        bounds = [round(i * len(rows) / n) for i in range(n + 1)]
+        means = [sum(r["loss"] for r in rows[a:b]) / (b - a) for a, b in zip(bounds, bounds[1:])]
+        evals = ", ".join(f"{eval_loss_text(r['eval_loss'])} ({r['step']})" for r in rows if "eval_loss" in r) or "-"
+        lines.append(f"| `{folder}/` | {rows[-1]['step']} | {', '.join(f'{m:.3f}' for m in means)} | {evals} |")
+    if not lines:
+        return ""
+    return "\n".join([f"| model | steps | mean training loss, by {chunks} equal parts of the run | validation loss (step) |",
+                      "|---|---|---|---|"] + lines)
 
 
 def rl_curve_table(run_dir: Path) -> str:
@@ -70,6 +100,9 @@ def dataset_block(results: Path, command: str, stamp: str) -> tuple[str, str]:
         extra = f"\n\nRetriever Recall@{k} (the candidate set the recommender re-ranks), new targets: " + ", ".join(
             f"{v} valid {r['valid']['new'][f'recall@{k}']:.3f} / test {r['test']['new'][f'recall@{k}']:.3f}"
             for v, r in rep["variants"].items())
+    sft = sft_curve_table(run_dir)
+    if sft:
+        extra += f"\n\nSFT loss curves ({meta['dataset']}, `02_sft_simulator.py` and `03_sft_recommender.py`):\n\n{sft}"
     curves = rl_curve_table(run_dir)
     if curves:
         extra += f"\n\nRL training curves ({meta['dataset']}, `04_rl_multiturn.py`):\n\n{curves}"
