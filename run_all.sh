@@ -23,13 +23,15 @@ PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 RAW=""; DATASETS="redial inspired"; JOBS=1
 budget() {
   # *_EVAL: held-out samples of 02's and 03's quality reports and of 04's validation; SAMPLES: 03's cap on
-  # the samples of each split (0 = all; the retriever trains on them); GROUP: 04's episodes per start state.
+  # the samples of each split (0 = all; the retriever trains on them); GROUP: 04's episodes per start state;
+  # GEN: the recommender's answer budget in tokens (a model after 2 SFT steps never ends one: in the quick
+  # check every answer runs to the limit, and generation is most of 04's and 05's time).
   # Each budget has its own run directories, so a quick check never meets the checkpoints of a longer run.
   case "$1" in
     quick) SIM_STEPS=2; REC_STEPS=2; RL_STEPS=1; LIMIT=2; TURNS=2
-           SIM_EVAL=4; REC_EVAL=4; RL_EVAL=2; SAMPLES=300; GROUP=2; RUNS=runs/quick ;;
+           SIM_EVAL=4; REC_EVAL=4; RL_EVAL=2; SAMPLES=300; GROUP=2; GEN=128; RUNS=runs/quick ;;
     cpu)   SIM_STEPS=50; REC_STEPS=40; RL_STEPS=6; LIMIT=12; TURNS=5
-           SIM_EVAL=100; REC_EVAL=24; RL_EVAL=16; SAMPLES=0; GROUP=4; RUNS=runs ;;
+           SIM_EVAL=100; REC_EVAL=24; RL_EVAL=16; SAMPLES=0; GROUP=4; GEN=288; RUNS=runs ;;
     *) echo "unknown budget $1 (quick or cpu)"; exit 2 ;;
   esac
 }
@@ -61,11 +63,12 @@ pipeline() {
   $PY 02_sft_simulator.py $on --steps "$FB_STEPS" --task-mix 1 0 0 --out simulator_feedback_only \
     --max-eval-samples "$SIM_EVAL"
   $PY 03_sft_recommender.py $on --steps "$REC_STEPS" --max-eval-samples "$REC_EVAL" --eval-every "$REC_STEPS" \
-    --max-new-tokens 288 --max-samples "$SAMPLES"
+    --max-new-tokens "$GEN" --max-samples "$SAMPLES"
   local rl="$on --steps $RL_STEPS --prompts 1 --group-size $GROUP --turns 2 --lr 1e-4 --no-gradient-checkpointing"
+  rl="$rl --max-new-tokens $GEN"
   $PY 04_rl_multiturn.py $rl --eval-samples "$RL_EVAL"
   $PY 04_rl_multiturn.py $rl --eval-samples "$RL_EVAL" --w-preference 0 --out recommender_rl_no_preference
-  $PY 05_eval.py $on --limit "$LIMIT" --turns "$TURNS" --max-new-tokens 288
+  $PY 05_eval.py $on --limit "$LIMIT" --turns "$TURNS" --max-new-tokens "$GEN"
 }
 
 if [ "$JOBS" -gt 1 ]; then
