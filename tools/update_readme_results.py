@@ -24,6 +24,12 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)  # its comparison_table: the benchmark's table is formatted in one place
 
 
+def train_log(run_dir: Path, folder: str) -> list[dict]:
+    """The rows of run_dir/folder/train_log.jsonl; [] when the stage has not run."""
+    log = run_dir / folder / "train_log.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+
+
 def eval_loss_text(loss: float | dict) -> str:
     """03 logs one validation loss, 02 one per task ({feedback, attributes, target})."""
     if isinstance(loss, dict):
@@ -36,10 +42,7 @@ def sft_curve_table(run_dir: Path, chunks: int = 5) -> str:
     of the run, and every validation loss with its step."""
     lines = []
     for folder in SFT_FOLDERS:
-        log = run_dir / folder / "train_log.jsonl"
-        if not log.exists():
-            continue
-        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        rows = train_log(run_dir, folder)
         if not rows:
             continue
         n = min(chunks, len(rows))
@@ -57,10 +60,9 @@ def rl_curve_table(run_dir: Path) -> str:
     """Per-step training statistics of each RL run in `run_dir` (sampled episodes, so noisy)."""
     parts = []
     for folder in RL_FOLDERS:
-        log = run_dir / folder / "train_log.jsonl"
-        if not log.exists():
+        rows = train_log(run_dir, folder)
+        if not rows:
             continue
-        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         config = json.loads((run_dir / folder / "rl_config.json").read_text())["args"] if (
             run_dir / folder / "rl_config.json").exists() else {}
         head = (f"`{folder}/` ({config.get('prompts', '?')} prompt x G {config.get('group_size', '?')} x "
