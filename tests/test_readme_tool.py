@@ -30,8 +30,13 @@ def test_new_dataset_block_replaces_its_own_and_keeps_the_others(tmp_path):
     sim = tmp_path / "runs" / "inspired" / "simulator"
     sim.mkdir()
     (sim / "train_log.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0, "eval_loss": {"feedback": 3.2, "target": 1.5}}))
+    side = tmp_path / "runs" / "inspired_side_run" / "eval"  # not runs/<dataset>/: ignored
+    side.mkdir(parents=True)
+    (side / "results.json").write_text(json.dumps({"dataset": "inspired"}))
+    (side / "results.md").write_text("| side run table |")
     tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--command", "new cmd"])
     text = readme.read_text()
+    assert "side run table" not in text
     assert "old inspired" not in text and "| new inspired table |" in text and "Produced by `new cmd`" in text
     # the kept block carries the old common "Produced by" line
     redial = text[text.index("#### redial"):]

@@ -146,8 +146,11 @@ def main(argv=None) -> None:
     parser.add_argument("--command", default="bash run_all.sh", help="the command that produced the runs")
     parser.add_argument("--readme", default=str(ROOT / "README.md"), help="the file to update")
     args = parser.parse_args(argv)
-    stamp = datetime.date.today().isoformat()
-    new = dict(dataset_block(p, args.command, stamp) for p in sorted(Path(args.runs).glob("*/eval/results.json"))
+    # only runs/<dataset>/: a side run directory (e.g. runs/inspired_sft100) must not replace its dataset's block
+    found = [p for p in sorted(Path(args.runs).glob("*/eval/results.json"))
+             if p.parents[1].name == json.loads(p.read_text())["dataset"]]
+    # the date 05 wrote the results, not today's: re-running the tool must not re-date old runs
+    new = dict(dataset_block(p, args.command, datetime.date.fromtimestamp(p.stat().st_mtime).isoformat()) for p in found
                if args.datasets is None or p.parents[1].name in args.datasets)
     readme = Path(args.readme)
     text = readme.read_text()
