@@ -64,8 +64,8 @@ pipeline() {
     --max-eval-samples "$SIM_EVAL"
   $PY 03_sft_recommender.py $on --steps "$REC_STEPS" --max-eval-samples "$REC_EVAL" --eval-every "$REC_STEPS" \
     --max-new-tokens "$GEN" --max-samples "$SAMPLES"
-  local rl="$on --steps $RL_STEPS --prompts 1 --group-size $GROUP --turns 2 --lr 1e-4 --no-gradient-checkpointing"
-  rl="$rl --max-new-tokens $GEN"
+  local rl="$on --steps $RL_STEPS --prompts 1 --group-size $GROUP --turns 2 --lr 1e-4 --no-gradient-checkpointing \
+    --max-new-tokens $GEN"
   $PY 04_rl_multiturn.py $rl --eval-samples "$RL_EVAL"
   $PY 04_rl_multiturn.py $rl --eval-samples "$RL_EVAL" --w-preference 0 --out recommender_rl_no_preference
   $PY 05_eval.py $on --limit "$LIMIT" --turns "$TURNS" --max-new-tokens "$GEN"
