@@ -33,6 +33,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
@@ -1158,39 +1159,87 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+# Configs whose LM head is more than a linear layer on the decoder's output (a soft cap or scale on
+# the logits): token_logprobs takes the plain path (the model's own logits) for these.
+_SCALED_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def _plain_lm_head(model: nn.Module) -> nn.Module | None:
+    """The model's LM head when logits = head(decoder(...).last_hidden_state), else None."""
+    config = getattr(model, "config", None)
+    if any(getattr(config, f, None) not in (None, 1, 1.0) for f in _SCALED_HEAD_FIELDS):
+        return None
+    if not hasattr(model, "get_decoder") or not hasattr(model, "get_output_embeddings"):
+        return None
+    head = model.get_output_embeddings()
+    return head if isinstance(head, nn.Module) else None
+
+
+def _chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool):
+    """logits [c, n, V] (any dtype), targets [c, n] -> (log p of the targets [c, n] fp32, entropy
+    [c, n] without gradient, or None). log-softmax is taken as logit - logsumexp, and the entropy as
+    logsumexp - sum p * logit, each with one [c, n, V] fp32 temporary."""
+    lg = logits.float()
+    if temperature != 1.0:
+        lg = lg / temperature
+    norm = lg.logsumexp(-1)
+    picked = lg.gather(-1, targets[..., None]).squeeze(-1)
+    ent = None
+    if entropy:
+        with torch.no_grad():
+            ent = norm - (lg - norm[..., None]).exp_().mul_(lg).sum(-1)
+    return picked - norm, ent
+
+
+def _head_chunk_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
+                         entropy: bool):
+    """hidden [c, n, H] -> _chunk_logprobs of head(hidden)."""
+    return _chunk_logprobs(head(hidden), targets, temperature, entropy)
+
+
 def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   temperature: float = 1.0, chunk_rows: int = 4, last: int = 0, entropy: bool = False):
+                   temperature: float = 1.0, chunk_rows: int = 1, last: int = 0, entropy: bool = False):
     """log p(x_t | x_<t) for t = 1..T-1, in fp32.
 
     input_ids, attention_mask: [B, T], left or right padded -> [B, T-1], entry t-1 for x_t;
     0 where x_t is padding or the row's first real token (no context to score it against).
     temperature: score under logits / temperature (the distribution sampling used).
     last: score only the last `last` tokens of every row -> [B, last] (a left-padded batch of
-    prompt + completion, where completions end every row): the LM head then runs on last + 1
-    positions instead of T, which is most of a forward pass's memory at a 49k vocabulary.
+    prompt + completion, where completions end every row).
     entropy: also return the policy's entropy at those positions, same shape, without gradient.
-    The fp32 upcast is done `chunk_rows` rows at a time to bound memory ([chunk, T, V] floats),
-    and log-softmax is taken as logit - logsumexp so no second [B, T, V] tensor is built.
+
+    Memory: the logits are never held for the whole batch. The decoder's hidden states [B, n, H]
+    go through the LM head `chunk_rows` rows at a time, and with gradients on, each chunk's
+    logits are recomputed in the backward pass (activation checkpointing) instead of stored: the
+    peak is one chunk's [chunk, n, V] logits, their fp32 copy and gradient, not [B, n, V] of each.
+    At Qwen's 152k vocabulary, 8 rows of 256 scored tokens are 1.25 GB of fp32 logits and as much
+    again for their gradient; one row is 0.16 GB. Models whose head scales or caps its logits
+    (_SCALED_HEAD_FIELDS) score the model's own logits instead, with the same row chunks.
     """
-    extra = {"logits_to_keep": last + 1} if last else {}
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), **extra).logits  # [B, T or last+1, V]
-    n = logits.shape[1] - 1
-    targets = input_ids[:, -n:].to(logits.device)
+    n = last or input_ids.shape[1] - 1
+    position_ids = position_ids_from_mask(attention_mask)
+    head = _plain_lm_head(model)
+    if head is not None:
+        states = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                     use_cache=False).last_hidden_state[:, -n - 1:-1]  # [B, n, H]: x_t's context
+    else:
+        states = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False, logits_to_keep=n + 1).logits[:, :-1]  # [B, n, V]
+    targets = input_ids[:, -n:].to(states.device)
     out, ent = [], []
-    for s in range(0, logits.shape[0], chunk_rows):
-        lg = logits[s:s + chunk_rows, :-1].float()
-        if temperature != 1.0:
-            lg = lg / temperature
-        norm = lg.logsumexp(-1)
-        picked = lg.gather(-1, targets[s:s + chunk_rows, :, None]).squeeze(-1)
-        out.append(picked - norm)
-        if entropy:
-            with torch.no_grad():
-                logp = lg - norm[..., None]
-                ent.append(-(logp.exp() * logp).sum(-1))
+    for s in range(0, states.shape[0], chunk_rows):
+        rows, tgt = states[s:s + chunk_rows], targets[s:s + chunk_rows]
+        if head is None:
+            lp, h = _chunk_logprobs(rows, tgt, temperature, entropy)
+        elif torch.is_grad_enabled():
+            lp, h = torch.utils.checkpoint.checkpoint(_head_chunk_logprobs, head, rows, tgt, temperature, entropy,
+                                                      use_reentrant=False)
+        else:
+            lp, h = _head_chunk_logprobs(head, rows, tgt, temperature, entropy)
+        out.append(lp)
+        ent.append(h)
     # a score needs a real token and a real context: a left-padded row's first token has neither
-    valid = (attention_mask[:, -n:] * attention_mask[:, -n - 1:-1]).to(logits.device)
+    valid = (attention_mask[:, -n:] * attention_mask[:, -n - 1:-1]).to(states.device)
     lp = torch.cat(out) * valid
     return (lp, torch.cat(ent) * valid) if entropy else lp
 

@@ -519,3 +519,36 @@ def test_generate_with_the_loop_guard_never_repeats_a_completion_ngram(tok):
     guarded = L.generate(model, tok, ["a b c", "x y"], max_new_tokens=60, no_repeat_ngram=3, return_tokens=True)[2]
     assert repeats(free) > 0  # the random tiny model loops greedily, so the guard has work to do
     assert repeats(guarded) == 0 and all(len(c) == 60 for c in guarded)
+
+
+def test_token_logprobs_entropy_row_chunks_and_recomputed_head(tok, monkeypatch):
+    """The entropy (computed as logsumexp - sum p * logit, in place) is the categorical entropy of
+    the same logits; scoring 1 or 2 rows at a time through the recomputed (checkpointed) LM head,
+    or through the model's own logits (the path for models with a scaled head), gives the same
+    log-probs and the same LoRA gradients."""
+    model = tiny(tok)
+    L.add_lora(model, r=4, alpha=8, dropout=0.0)
+    for _, m in L.lora_modules(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.1)  # non-zero, so the LoRA gradients depend on every row
+    seqs = [tok(L.render_chat(tok, p, True), add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    ids, mask = left_padded(seqs, tok.pad_token_id)
+
+    def score(chunk):
+        model.zero_grad(set_to_none=True)
+        lp, ent = L.token_logprobs(model, ids, mask, temperature=0.7, chunk_rows=chunk, last=5, entropy=True)
+        lp.sum().backward()
+        return lp.detach(), ent, [p.grad.clone() for p in L.lora_parameters(model)]
+
+    results = [score(1), score(2)]
+    monkeypatch.setattr(L, "_plain_lm_head", lambda model: None)
+    results.append(score(2))
+    lp1, ent1, g1 = results[0]
+    for lp, ent, g in results[1:]:
+        assert torch.allclose(lp1, lp, atol=1e-5) and torch.allclose(ent1, ent, atol=1e-5)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g))
+    assert any(g.abs().sum() > 0 for g in g1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=L.position_ids_from_mask(mask)).logits
+    expected = torch.distributions.Categorical(logits=logits[:, -6:-1].float() / 0.7).entropy()
+    assert ent1.shape == (len(seqs), 5) and (ent1 > 0).all()
+    assert torch.allclose(ent1, expected, atol=1e-4)
