@@ -93,15 +93,30 @@ def distinct_word_reward(completions: list[str], **_) -> list[float]:
     return out
 
 
-def peak_memory_gib(device: str) -> float:
-    import resource
-    import torch
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+class PeakMemory:
+    """Peak memory of the run, and on CUDA of each phase of a step: end(phase) books the peak since
+    the previous end() to `phase` and resets CUDA's peak counter. overall() is the max over the whole
+    run (what max_memory_allocated gives without resets); on a CPU the child's max RSS."""
+
+    def __init__(self, device: str):
+        self.cuda, self.phases = device.startswith("cuda"), {}
+
+    def end(self, phase: str) -> None:
+        if self.cuda:
+            import torch
+            torch.cuda.synchronize()
+            self.phases[phase] = max(self.phases.get(phase, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+            torch.cuda.reset_peak_memory_stats()
+
+    def overall(self) -> float:
+        import resource
+        if not self.cuda:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        self.end("other")
+        return max(self.phases.values())
 
 
-def run_ours(args, model, tok, prompts) -> list[dict]:
+def run_ours(args, model, tok, prompts, peaks: PeakMemory) -> list[dict]:
     import torch
     rl = importlib.import_module("04_rl_multiturn")
     common.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=0.0)
@@ -116,11 +131,13 @@ def run_ours(args, model, tok, prompts) -> list[dict]:
     steps = []
     for step in range(args.warmup + args.repeats):
         batch = [prompts[(step * args.prompts + i) % len(prompts)] for i in range(args.prompts)]
+        peaks.end("other")
         started = time.perf_counter()
         texts, prompt_ids, completion_ids = common.generate(
             model, tok, [p for p in batch for _ in range(args.group_size)], max_new_tokens=args.completion_tokens,
             temperature=1.0, batch_size=args.prompts * args.group_size, return_tokens=True)
         generated = time.perf_counter()
+        peaks.end("generate")
         rewards = distinct_word_reward(texts)
         rows = []
         for g in range(args.prompts):
@@ -132,12 +149,13 @@ def run_ours(args, model, tok, prompts) -> list[dict]:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         done = time.perf_counter()
+        peaks.end("train")
         steps.append({"step_s": done - started, "generate_s": generated - started,
                       "tokens": sum(map(len, completion_ids)), "prompt_tokens": statistics.mean(map(len, prompt_ids))})
     return steps
 
 
-def run_trl(args, model, tok, prompts) -> list[dict]:
+def run_trl(args, model, tok, prompts, peaks: PeakMemory) -> list[dict]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -153,6 +171,7 @@ def run_trl(args, model, tok, prompts) -> list[dict]:
         def on_step_end(self, *_, **__):
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
+            peaks.end("train")
             steps.append({"step_s": time.perf_counter() - clock["start"], "generate_s": clock["generate"]})
 
     per_step = args.prompts * args.group_size
@@ -173,9 +192,13 @@ def run_trl(args, model, tok, prompts) -> list[dict]:
     inner = trainer._generate_single_turn
 
     def timed_generate(*a, **kw):
+        peaks.end("train")  # what ran since the last generation: scoring and the update
         started = time.perf_counter()
         out = inner(*a, **kw)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
         clock["generate"] += time.perf_counter() - started
+        peaks.end("generate")
         return out
 
     trainer._generate_single_turn = timed_generate
@@ -195,15 +218,24 @@ def child(args) -> None:
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     prompts = make_prompts(tok, 16, args.prompt_tokens)
-    steps = (run_ours if args.impl == "ours" else run_trl)(args, model, tok, prompts)
+    peaks = PeakMemory(args.device)
+    steps = (run_ours if args.impl == "ours" else run_trl)(args, model, tok, prompts, peaks)
     timed = steps[args.warmup:]
     result = {"impl": args.impl, "step_s": statistics.median(s["step_s"] for s in timed),
               "generate_s": statistics.median(s["generate_s"] for s in timed),
               "tokens_per_step": statistics.median(s["tokens"] for s in timed),
-              "peak_memory_gib": round(peak_memory_gib(args.device), 3), "steps": timed}
+              "peak_memory_gib": round(peaks.overall(), 3),
+              "peak_memory_by_phase_gib": {k: round(v, 3) for k, v in peaks.phases.items()}, "steps": timed}
     result["train_s"] = result["step_s"] - result["generate_s"]
     result["generated_tokens_per_s"] = result["tokens_per_step"] / result["generate_s"]
     Path(args.result_file).write_text(json.dumps(result))
+
+
+def machine_name(device: str) -> str:
+    import torch
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)}, {os.cpu_count()} CPUs"
+    return f"{os.uname().machine}, {os.cpu_count()} CPUs"
 
 
 def compare(args) -> None:
@@ -225,11 +257,15 @@ def compare(args) -> None:
     with open(args.out, "a") as f:
         for impl, r in results.items():
             f.write(json.dumps({"impl": impl, "label": args.label, "date": stamp, "settings": settings,
-                                "machine": f"{os.uname().machine}, {os.cpu_count()} CPUs", **r}) + "\n")
+                                "machine": machine_name(args.device), **r}) + "\n")
     ours, trl = results["ours"], results["trl"]
     print(f"\n{args.prompts} prompts x G {args.group_size}, {args.prompt_tokens} + {args.completion_tokens} tokens, "
           f"{args.model}{' nf4' if args.load_in_4bit else ''} on {args.device}; medians of {args.repeats} steps")
     print(comparison_table(ours, trl))
+    if ours["peak_memory_by_phase_gib"]:
+        print("peak memory by phase (GiB): " + "; ".join(
+            f"{name} " + ", ".join(f"{k} {v:.2f}" for k, v in r["peak_memory_by_phase_gib"].items())
+            for name, r in (("ours", ours), ("TRL", trl))))
 
 
 def comparison_table(ours: dict, trl: dict) -> str:

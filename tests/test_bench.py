@@ -44,3 +44,24 @@ def test_trl_side_and_comparison_table(tmp_path):
     for r in rows:
         check_side(r)
     assert "| ours / TRL |" in proc.stdout
+
+
+def test_random_model_and_the_nf4_lora_step_benchmark(tmp_path):
+    """bench/random_model.py writes a loadable Qwen2-shaped folder; bench/lora_step.py runs the stages'
+    SFT step on it with an nf4 base and counts the parameters as the unquantized model has them."""
+    folder, out = tmp_path / "tiny-qwen", tmp_path / "lora_step.jsonl"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "random_model.py"), "--shape", "tiny-qwen", "--device", "cpu",
+                    "--out", str(folder)], check=True, cwd=ROOT)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and config["num_hidden_layers"] == 2
+    subprocess.run([sys.executable, str(ROOT / "bench" / "lora_step.py"), "--model", str(folder), "--load-in-4bit",
+                    "--device", "cpu", "--threads", "1", "--seq-len", "96", "--answer-tokens", "24", "--warmup", "1",
+                    "--repeats", "1", "--out", str(out)], check=True, cwd=ROOT)
+    r = json.loads(out.read_text())
+    assert r["linear4bit_layers"] == 2 * 7  # q, k, v, o, gate, up, down in each layer
+    # embeddings (tied) + 2 x (attention with q/k/v biases + MLP + 2 norms) + final norm, as the fp model has them
+    h, i, v, kv = config["hidden_size"], config["intermediate_size"], config["vocab_size"], 2 * 16
+    layer = h * h + h + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h
+    assert r["base_parameters"] == v * h + 2 * layer + h
+    assert r["step_s"] > 0 and r["peak_memory_gib"] > 0 and len(r["losses"]) == 2
+    assert all(loss > 0 for loss in r["losses"])

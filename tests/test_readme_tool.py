@@ -12,7 +12,8 @@ spec.loader.exec_module(tool)
 def test_new_dataset_block_replaces_its_own_and_keeps_the_others(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:start -->\nProduced by `old` on 2026-01-01.\n\n#### inspired\n\nold inspired"
-                      "\n\n#### redial\n\nold redial table\n<!-- results:end -->\n<!-- bench:start -->\n<!-- bench:end -->\n")
+                      "\n\n#### redial\n\nold redial table\n<!-- results:end -->\n<!-- bench:start -->\n<!-- bench:end -->\n"
+                      "<!-- lora_step:start -->\n<!-- lora_step:end -->\n")
     eval_dir = tmp_path / "runs" / "inspired" / "eval"
     eval_dir.mkdir(parents=True)
     (eval_dir / "results.json").write_text(json.dumps({"dataset": "inspired"}))
@@ -44,3 +45,41 @@ def test_new_dataset_block_replaces_its_own_and_keeps_the_others(tmp_path):
     assert "| `recommender_sft/` | 10 | 0.900, 0.500, 0.500, 0.500, 0.500 | 0.250 (10) |" in text
     assert "| `simulator/` | 1 | 3.000 | feedback 3.200 / target 1.500 (1) |" in text
     assert "| 2 | 0.700 |" in text and "first 1 steps 0.500, last 1 steps 0.700" in text
+
+
+def test_bench_block_shows_the_latest_pair_per_device_and_the_cuda_history(tmp_path):
+    settings = {"model": "m", "device": "cpu", "threads": 1, "prompts": 2, "group_size": 4, "prompt_tokens": 8,
+                "completion_tokens": 4, "micro_batch": 2, "repeats": 3, "warmup": 1, "lora_r": 16, "kl_coef": 0.02,
+                "gradient_checkpointing": True, "load_in_4bit": False}
+
+    def side(impl, date, device, step, peak, label=""):
+        return {"impl": impl, "date": date, "label": label, "machine": device.upper(),
+                "settings": {**settings, "device": device, "load_in_4bit": device == "cuda"},
+                "step_s": step, "generate_s": step / 2, "train_s": step / 2, "generated_tokens_per_s": 10.0,
+                "peak_memory_gib": peak, **({"peak_memory_by_phase_gib": {"generate": peak, "train": 1.0}}
+                                             if device == "cuda" else {})}
+
+    rows = [side("ours", "d1", "cpu", 9.0, 3.0), side("trl", "d1", "cpu", 10.0, 4.0),
+            side("ours", "d2", "cuda", 20.0, 7.5, "before"), side("trl", "d2", "cuda", 25.0, 5.0, "before"),
+            side("ours", "d3", "cuda", 21.0, 5.3, "after"), side("trl", "d3", "cuda", 20.0, 5.0, "after"),
+            side("ours", "d4", "cuda", 1.0, 1.0)]  # an unfinished pair (TRL side missing): left out
+    path = tmp_path / "bench.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    block = tool.bench_block(path)
+    cpu_at, cuda_at = block.index("on d1 (CPU"), block.index("on d3 (CUDA; after)")
+    assert cpu_at < cuda_at and "on d2 (" not in block and "d4" not in block
+    assert "| ours / TRL | 0.90 |" in block and "| ours / TRL | 1.05 |" in block  # 9/10 on the CPU, 21/20 on CUDA
+    assert "ours generate 5.30, train 1.00; TRL generate 5.00, train 1.00" in block
+    assert "| d2 | before | 20.0 | 25.0 | 0.80 | 7.50 | 5.00 | 1.50 |" in block
+    assert "| d3 | after | 21.0 | 20.0 | 1.05 | 5.30 | 5.00 | 1.06 |" in block
+
+
+def test_lora_step_block_counts_base_parameters_in_old_and_new_lines(tmp_path):
+    settings = {"model": "m", "grad_accum": 2, "batch_size": 2, "seq_len": 1280}
+    common = {"date": "d", "device": "GPU", "label": "", "settings": settings, "lora_parameters": 18_000_000,
+              "step_s": 1.04, "tokens_per_s": 4900.0, "weights_gib": 1.5, "peak_memory_gib": 6.65}
+    path = tmp_path / "lora_step.jsonl"
+    path.write_text(json.dumps({**common, "parameters": 1_018_000_000}) + "\n"  # old line: counted with LoRA
+                    + json.dumps({**common, "base_parameters": 1_000_000_000}))
+    lines = tool.lora_step_block(path).splitlines()
+    assert lines[2] == lines[3] == "| d | GPU | m | 1000M | 2 x 2 x 1280 | 1.04 | 4900 | 1.50 | 6.65 |"

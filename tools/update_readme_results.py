@@ -4,8 +4,10 @@ Between <!-- results:start --> and <!-- results:end -->: one block per dataset w
 runs/<dataset>/eval/results.md, the retriever's Recall@K, the SFT loss curves of 02 and 03 and, where 04 ran, the RL curves
 (per step of recommender_rl*/train_log.jsonl). Only the datasets found under --runs are replaced;
 the other datasets' blocks stay as they were, each with its own "Produced by" line.
-Between <!-- bench:start --> and <!-- bench:end -->: the latest ours-vs-TRL pair of
-bench/results/rl_step_vs_trl.jsonl (bench/rl_step_vs_trl.py).
+Between <!-- bench:start --> and <!-- bench:end -->: the latest ours-vs-TRL pair on a CPU and on
+CUDA of bench/results/rl_step_vs_trl.jsonl (bench/rl_step_vs_trl.py), and every CUDA pair in order.
+Between <!-- lora_step:start --> and <!-- lora_step:end -->: bench/results/lora_step.jsonl
+(bench/lora_step.py).
 
     python tools/update_readme_results.py [--runs runs] [--datasets inspired] [--command "..."]
 """
@@ -111,24 +113,67 @@ def dataset_block(results: Path, command: str, stamp: str) -> tuple[str, str]:
     return meta["dataset"], f"#### {meta['dataset']}\n\nProduced by `{command}` on {stamp}.\n\n{table}{extra}"
 
 
-def bench_block() -> str | None:
-    path = ROOT / "bench" / "results" / "rl_step_vs_trl.jsonl"
-    if not path.exists():
-        return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    pair = {r["impl"]: r for r in rows[-2:]}
-    if set(pair) != {"ours", "trl"}:
-        return None
-    ours, trl = pair["ours"], pair["trl"]
+def bench_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """The (ours, TRL) pairs of rl_step_vs_trl.jsonl, in file order (each run appends ours, then TRL)."""
+    return [(a, b) for a, b in zip(rows, rows[1:]) if a["impl"] == "ours" and b["impl"] == "trl"
+            and a["date"] == b["date"] and a["settings"] == b["settings"]]
+
+
+def bench_paragraph(ours: dict, trl: dict) -> str:
     s = ours["settings"]
     out = ["`python bench/rl_step_vs_trl.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in s.items() if k in ("model", "device", "threads", "prompt_tokens",
-                                                                  "completion_tokens", "repeats")) + "`"
+        f"--{k.replace('_', '-')} {v}" for k, v in s.items() if k in ("model", "device", "threads", "prompts", "group_size",
+                                                                  "prompt_tokens", "completion_tokens", "micro_batch",
+                                                                  "repeats")) + (" --load-in-4bit" if s["load_in_4bit"] else "") + "`"
            f" on {ours['date']} ({ours['machine']}{'; ' + ours['label'] if ours.get('label') else ''}): "
            f"{s['prompts']} prompts x G {s['group_size']}, {s['prompt_tokens']} prompt + {s['completion_tokens']} "
            f"completion tokens, LoRA r {s['lora_r']}, micro-batch {s['micro_batch']}, KL {s['kl_coef']}, "
            f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}{', nf4' if s['load_in_4bit'] else ''}; "
            f"medians of {s['repeats']} steps after {s['warmup']} warm-up step(s).", "", bench.comparison_table(ours, trl)]
+    if ours.get("peak_memory_by_phase_gib"):
+        out += ["", "Peak GPU memory by phase (GiB; generate = `generate` with its KV cache, train = scoring, "
+                "backward and optimizer step, other = the rest: loading the model, and for TRL the end of the run): " + "; ".join(
+                    f"{name} " + ", ".join(f"{k} {v:.2f}" for k, v in r["peak_memory_by_phase_gib"].items())
+                    for name, r in (("ours", ours), ("TRL", trl))) + "."]
+    return "\n".join(out)
+
+
+def bench_block(path: Path = ROOT / "bench" / "results" / "rl_step_vs_trl.jsonl") -> str | None:
+    """The latest pair on a CPU and on CUDA, then every CUDA pair in order (the code changed between them)."""
+    if not path.exists():
+        return None
+    pairs = bench_pairs([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+    latest = {}
+    for ours, trl in pairs:
+        latest["cuda" if ours["settings"]["device"].startswith("cuda") else "cpu"] = (ours, trl)
+    if not latest:
+        return None
+    parts = [bench_paragraph(*latest[d]) for d in ("cpu", "cuda") if d in latest]
+    cuda = [(o, t) for o, t in pairs if o["settings"]["device"].startswith("cuda")]
+    if len(cuda) > 1:
+        rows = ["| date | label | ours s/step | TRL s/step | ratio | ours peak GiB | TRL peak GiB | ratio |",
+                "|---|---|---|---|---|---|---|---|"]
+        rows += [f"| {o['date']} | {o.get('label', '')} | {o['step_s']:.1f} | {t['step_s']:.1f} | "
+                 f"{o['step_s'] / t['step_s']:.2f} | {o['peak_memory_gib']:.2f} | {t['peak_memory_gib']:.2f} | "
+                 f"{o['peak_memory_gib'] / t['peak_memory_gib']:.2f} |" for o, t in cuda]
+        parts.append("Every CUDA run in `bench/results/rl_step_vs_trl.jsonl`, in order:\n\n" + "\n".join(rows))
+    return "\n\n".join(parts)
+
+
+def lora_step_block(path: Path = ROOT / "bench" / "results" / "lora_step.jsonl") -> str | None:
+    """Every line of bench/results/lora_step.jsonl (bench/lora_step.py) as a table row."""
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = ["| date | device | model | base parameters | step (micro-batches x rows x tokens) | seconds/step | tokens/s | "
+           "weights GiB | peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s = r["settings"]
+        # the first lines (2026-11-26) counted after LoRA was added, as "parameters"
+        base = r["base_parameters"] if "base_parameters" in r else r["parameters"] - r["lora_parameters"]
+        out.append(f"| {r['date']} | {r['device']} | {r['label'] or s['model']} | {base / 1e6:.0f}M | "
+                   f"{s['grad_accum']} x {s['batch_size']} x {s['seq_len']} | {r['step_s']:.2f} | "
+                   f"{r['tokens_per_s']:.0f} | {r['weights_gib']:.2f} | {r['peak_memory_gib']:.2f} |")
     return "\n".join(out)
 
 
@@ -168,12 +213,14 @@ def main(argv=None) -> None:
     if not blocks:
         raise SystemExit(f"no {args.runs}/*/eval/results.json found: run 05_eval.py first")
     text = replace_between(text, "results", "\n\n".join(blocks[k] for k in sorted(blocks)))
-    bench_table = bench_block()
+    bench_table, lora_table = bench_block(), lora_step_block()
     if bench_table:
         text = replace_between(text, "bench", bench_table)
+    if lora_table:
+        text = replace_between(text, "lora_step", lora_table)
     readme.write_text(text)
     print(f"updated {readme}: results of {sorted(new)} (kept {sorted(set(blocks) - set(new))})"
-          + (", benchmark table" if bench_table else ""))
+          + (", benchmark table" if bench_table else "") + (", LoRA step table" if lora_table else ""))
 
 
 if __name__ == "__main__":
