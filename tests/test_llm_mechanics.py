@@ -425,6 +425,32 @@ def test_causal_lm_loss_matches_hf(tok):
     assert L.causal_lm_loss(model, empty).item() == 0.0
 
 
+def test_causal_lm_loss_head_at_label_positions_gives_the_plain_gradient(tok, monkeypatch):
+    """The loss runs the LM head only where a label is predicted; the LoRA gradients equal those of
+    the plain path (the model's own logits at every position), and a batch without labels still
+    back-propagates (to zero gradients)."""
+    model = tiny(tok)
+    L.add_lora(model, r=4, alpha=8, dropout=0.0)
+    for _, m in L.lora_modules(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+    batch = sft_batch(tok)
+    assert 0 < int((batch["labels"] != L.IGNORE_INDEX).sum()) < batch["labels"].numel()  # a real mask
+
+    def grads(b):
+        model.zero_grad(set_to_none=True)
+        loss = L.causal_lm_loss(model, b)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in L.lora_parameters(model)]
+
+    loss, g = grads(batch)
+    empty_loss, empty_g = grads(dict(batch, labels=torch.full_like(batch["labels"], L.IGNORE_INDEX)))
+    monkeypatch.setattr(L, "_plain_lm_head", lambda model: None)
+    plain_loss, plain_g = grads(batch)
+    assert torch.allclose(loss, plain_loss, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g, plain_g)) and any(a.abs().sum() > 0 for a in g)
+    assert empty_loss.item() == 0.0 and all((a == 0).all() for a in empty_g)
+
+
 # ---- checkpoints --------------------------------------------------------------------------
 
 

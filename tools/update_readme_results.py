@@ -171,9 +171,10 @@ def lora_step_block(path: Path = ROOT / "bench" / "results" / "lora_step.jsonl")
         s = r["settings"]
         # the first lines (2026-11-26) counted after LoRA was added, as "parameters"
         base = r["base_parameters"] if "base_parameters" in r else r["parameters"] - r["lora_parameters"]
+        weights = "n/a" if r["weights_gib"] != r["weights_gib"] else f"{r['weights_gib']:.2f}"  # NaN on a CPU
         out.append(f"| {r['date']} | {r['device']} | {r['label'] or s['model']} | {base / 1e6:.0f}M | "
                    f"{s['grad_accum']} x {s['batch_size']} x {s['seq_len']} | {r['step_s']:.2f} | "
-                   f"{r['tokens_per_s']:.0f} | {r['weights_gib']:.2f} | {r['peak_memory_gib']:.2f} |")
+                   f"{r['tokens_per_s']:.0f} | {weights} | {r['peak_memory_gib']:.2f} |")
     return "\n".join(out)
 
 
