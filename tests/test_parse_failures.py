@@ -1,0 +1,35 @@
+"""tools/parse_failures.py classifies every recommender answer of 05's conversation files."""
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("parse_failures", ROOT / "tools" / "parse_failures.py")
+tool = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tool)
+
+
+def answer(lines, closed=True):
+    return "Preference: comedy\n<answer>\n" + "\n".join(f"{k + 1}. {t}" for k, t in enumerate(lines)) + (
+        "\n</answer>" if closed else "")
+
+
+def test_each_failure_kind_is_counted(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    titles = [f"Film {k} ({2000 + k})" for k in range(12)]
+    (run / "data" / "items.jsonl").write_text("\n".join(json.dumps({"item_id": i, "title": t}) for i, t in enumerate(titles)))
+    (run / "data" / "dialogues_train.jsonl").write_text("")
+    ten = titles[:10]
+    turns = [answer(ten), answer(ten[:9]), answer(ten + titles[10:11]), answer(ten[:9] + ["Unknown Movie (1990)"]),
+             answer(ten[:9] + ten[:1]), answer(ten, closed=False), ""]
+    (run / "eval").mkdir()
+    conv = {"dialog_id": "d1", "turns": [{"candidates": titles, "answer": a} for a in turns]}
+    (run / "eval" / "conversations_sft.jsonl").write_text(json.dumps(conv))
+    (run / "eval" / "conversations_retriever.jsonl").write_text(json.dumps({"dialog_id": "d1", "turns": [
+        {"candidates": titles, "answer": ""}]}))
+    tool.main(["--run-dir", str(run)])
+    out = capsys.readouterr().out
+    # 6 LLM answers (the empty one is a retriever turn): one of each kind
+    assert "| sft | 6 | 1 (17%) | 1 (17%) | 1 (17%) | 1 (17%) | 1 (17%) | 1 (17%) |" in out
+    assert "| retriever |" not in out

@@ -1,0 +1,91 @@
+"""Why recommender answers fail to parse: counts of each failure kind in 05's conversation files.
+
+An answer is valid (common.parse_recommendation) when it has <answer>...</answer> and exactly 10
+entries naming 10 distinct candidates. For every recommender turn of each
+eval/conversations_<row>.jsonl this re-parses the stored answer against the turn's own candidates
+and counts, per row with an LLM recommender: valid, no closed <answer> block, fewer or more than 10 entries, an entry that
+names no candidate, two entries naming the same candidate (an answer can have several kinds).
+
+    python tools/parse_failures.py --run-dir runs/inspired [--examples 3]
+"""
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+
+KINDS = ("valid", "no closed <answer>", "fewer than 10", "more than 10", "names no candidate", "duplicate")
+
+
+def failure_kinds(parsed: dict, n: int = common.REC_TOP_N) -> list[str]:
+    """The KINDS an output of parse_recommendation falls in (["valid"] when it is)."""
+    if parsed["valid"]:
+        return ["valid"]
+    if not parsed["has_answer"]:
+        return ["no closed <answer>"]
+    kinds = []
+    if len(parsed["entries"]) < n:
+        kinds.append("fewer than 10")
+    if len(parsed["entries"]) > n:
+        kinds.append("more than 10")
+    if None in parsed["ids"]:
+        kinds.append("names no candidate")
+    named = [i for i in parsed["ids"] if i is not None]
+    if len(set(named)) < len(named):
+        kinds.append("duplicate")
+    return kinds
+
+
+def count_file(path: Path, titles: common.TitleIndex, id_of: dict[str, int], examples: int) -> tuple[Counter, int, list]:
+    counts, turns, shown = Counter(), 0, []
+    for line_no, conv in common.numbered_jsonl(path):
+        for turn in conv["turns"]:
+            if not turn["answer"]:  # a row without an LLM recommender (the retriever's list)
+                continue
+            try:
+                candidates = [id_of[t] for t in turn["candidates"]]
+            except KeyError as e:
+                raise SystemExit(f"{path}:{line_no}: candidate {e} is not in the run's items.jsonl; "
+                                 "was this file written from another run directory?")
+            parsed = common.parse_recommendation(turn["answer"], titles, candidates)
+            kinds = failure_kinds(parsed)
+            counts.update(kinds)
+            turns += 1
+            if "valid" not in kinds and len(shown) < examples:
+                bad = [e for e, i in zip(parsed["entries"], parsed["ids"]) if i is None]
+                shown.append(f"{conv['dialog_id']}: {', '.join(kinds)}; {len(parsed['entries'])} entries"
+                             + (f"; unmatched {bad[:3]}" if bad else ""))
+    return counts, turns, shown
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run-dir", required=True, help="run directory whose eval/conversations_*.jsonl to read")
+    parser.add_argument("--examples", type=int, default=2, help="failed answers to describe per row")
+    args = parser.parse_args(argv)
+    run = common.RunPaths(args.run_dir)
+    items = common.load_items(run)
+    titles = common.TitleIndex(items, common.popularity_counts(common.load_dialogues(run, "train"), len(items)).tolist())
+    id_of = {it["title"]: i for i, it in enumerate(items)}
+    files = sorted(run.require("eval").glob("conversations_*.jsonl"))
+    if not files:
+        raise SystemExit(f"error: no {run.eval}/conversations_*.jsonl: run 05_eval.py --run-dir {args.run_dir} first")
+    print("| row | turns | " + " | ".join(KINDS) + " |\n|---|---|" + "---|" * len(KINDS))
+    notes = []
+    for path in files:
+        counts, turns, shown = count_file(path, titles, id_of, args.examples)
+        row = path.stem[len("conversations_"):]
+        if not turns:
+            continue
+        print(f"| {row} | {turns} | " + " | ".join(f"{counts[k]} ({counts[k] / max(turns, 1):.0%})" for k in KINDS) + " |")
+        notes += [f"- {row}: {s}" for s in shown]
+    if notes:
+        print("\nFailed answers (first of each row):\n" + "\n".join(notes))
+
+
+if __name__ == "__main__":
+    main()
