@@ -1172,12 +1172,13 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 # Configs whose LM head is more than a linear layer on the decoder's output (a soft cap or scale on
-# the logits): token_logprobs takes the plain path (the model's own logits) for these.
+# the logits): causal_lm_loss and token_logprobs take the plain path (the model's own logits) for these.
 _SCALED_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 def _plain_lm_head(model: nn.Module) -> nn.Module | None:
-    """The model's LM head when logits = head(decoder(...).last_hidden_state), else None."""
+    """The model's LM head when its logits are head(get_decoder()(...).last_hidden_state), as in
+    Llama, Qwen2 and SmolLM; None for configs that name a logit scale or cap, or without those methods."""
     config = getattr(model, "config", None)
     if any(getattr(config, f, None) not in (None, 1, 1.0) for f in _SCALED_HEAD_FIELDS):
         return None
