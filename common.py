@@ -1149,14 +1149,10 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     model's own logits at the same positions."""
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX  # [B, T-1]: position t predicts label t + 1
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     head = _plain_lm_head(model)
-    if head is None:
-        logits = model(**inputs).logits[:, :-1]  # [B, T-1, V]
-        logits = logits[keep.to(logits.device)]  # [N, V]
-    else:
-        hidden = model.get_decoder()(**inputs).last_hidden_state[:, :-1]  # [B, T-1, H]
-        logits = head(hidden[keep.to(hidden.device)])  # [N, V]
+    states = _scoring_states(model, head, batch["input_ids"], batch["attention_mask"])[:, :-1]  # [B, T-1, H or V]
+    states = states[keep.to(states.device)]  # [N, H or V]
+    logits = head(states) if head is not None else states  # [N, V]
     if logits.shape[0] == 0:  # nothing to learn: a zero that still has a graph
         return logits.sum() * 0.0
     return F.cross_entropy(logits.float(), labels[keep].to(logits.device))
@@ -1186,6 +1182,17 @@ def _plain_lm_head(model: nn.Module) -> nn.Module | None:
         return None
     head = model.get_output_embeddings()
     return head if isinstance(head, nn.Module) else None
+
+
+def _scoring_states(model: nn.Module, head: nn.Module | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    position_ids: torch.Tensor | None = None, keep_last: int = 0) -> torch.Tensor:
+    """What the loss and the log-probs score from, without a KV cache: the decoder's last hidden
+    states [B, T, H] when `head` is the plain LM head (the caller applies it where it needs
+    logits), else the model's own logits [B, T, V] (only the last `keep_last` positions when > 0)."""
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    if head is not None:
+        return model.get_decoder()(**inputs).last_hidden_state
+    return model(**inputs, **({"logits_to_keep": keep_last} if keep_last else {})).logits
 
 
 def _chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool):
@@ -1230,14 +1237,9 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     (_SCALED_HEAD_FIELDS) score the model's own logits instead, with the same row chunks.
     """
     n = last or input_ids.shape[1] - 1
-    position_ids = position_ids_from_mask(attention_mask)
     head = _plain_lm_head(model)
-    if head is not None:
-        states = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                     use_cache=False).last_hidden_state[:, -n - 1:-1]  # [B, n, H]: x_t's context
-    else:
-        states = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False, logits_to_keep=n + 1).logits[:, :-1]  # [B, n, V]
+    states = _scoring_states(model, head, input_ids, attention_mask, position_ids_from_mask(attention_mask),
+                             keep_last=n + 1)[:, -n - 1:-1]  # [B, n, H or V]: x_t's context
     targets = input_ids[:, -n:].to(states.device)
     out, ent = [], []
     for s in range(0, states.shape[0], chunk_rows):
