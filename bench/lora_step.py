@@ -13,8 +13,6 @@ are printed and appended as one JSON line to --out.
     python bench/lora_step.py --model /tmp/q15 --load-in-4bit --device cuda    # QLoRA at 1.5B on a GPU
 """
 import json
-import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -29,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 from common import arg  # noqa: E402
+from rl_step_vs_trl import PeakMemory, machine_name  # noqa: E402  (bench/ is the script's folder)
 
 
 @dataclass
@@ -82,12 +81,6 @@ def count_parameters(model: torch.nn.Module) -> int:
     return count
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
 def main(argv=None) -> None:
     args = common.parse_args(Args, argv)
     if args.threads:
@@ -118,11 +111,11 @@ def main(argv=None) -> None:
     tokens = args.seq_len * args.batch_size * args.grad_accum
     n_4bit = sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")
     result = {"label": args.label, "date": time.strftime("%Y-%m-%d %H:%M"), "settings": asdict(args),
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {os.cpu_count()} CPUs",
+              "device": machine_name(str(device)),
               "base_parameters": parameters, "linear4bit_layers": n_4bit,
               "lora_parameters": sum(p.numel() for p in common.lora_parameters(model)),
               "load_s": round(loaded_s, 1), "weights_gib": round(weights_gib, 3), "step_s": round(step_s, 3),
-              "tokens_per_s": round(tokens / step_s, 1), "peak_memory_gib": round(peak_memory_gib(device), 3),
+              "tokens_per_s": round(tokens / step_s, 1), "peak_memory_gib": round(PeakMemory(str(device)).overall(), 3),
               "losses": [row["loss"] for row in log]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
