@@ -237,7 +237,7 @@ def train_recommender(args: Args, run: common.RunPaths, items: list[dict], sampl
     """Part 2: LoRA SFT of the reasoning recommender on the retriever's candidates."""
     out_dir = run.recommender_sft
     k = args.candidates
-    titles = common.TitleIndex(items, common.popularity_counts(common.load_dialogues(run, "train"), len(items)).tolist())
+    titles = common.run_title_index(run, items)
     vocab = common.AttributeVocab(items)
     train, held_out = samples["train"], samples["valid"][:args.max_eval_samples]
 

@@ -397,6 +397,11 @@ class TitleIndex:
         return names[close[0]] if close else None
 
 
+def run_title_index(run: "RunPaths", items: Sequence[dict]) -> TitleIndex:
+    """The run's title matcher, ties broken by how many training dialogues mention each item."""
+    return TitleIndex(items, popularity_counts(load_dialogues(run, "train"), len(items)).tolist())
+
+
 # --------------------------------------------------------------------------------------
 # 5. Ranking metrics
 # --------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     run = common.RunPaths(args.run_dir)
     items = common.load_items(run)
-    titles = common.TitleIndex(items, common.popularity_counts(common.load_dialogues(run, "train"), len(items)).tolist())
+    titles = common.run_title_index(run, items)
     id_of = {it["title"]: i for i, it in enumerate(items)}
     files = sorted(run.require("eval").glob("conversations_*.jsonl"))
     if not files:
