@@ -95,6 +95,8 @@ class Args:
     gen_batch_size: int = arg(8, "prompts per generation batch")
     max_new_tokens: int = arg(320, "generation budget of one recommender answer")
     no_repeat_ngram: int = arg(10, "quality report: forbid the answer to repeat one of its own n-grams (greedy loop guard; 0 = off)")
+    constrain_answer: bool = arg(False, "quality report: decode an opened <answer> block constrained to 10 distinct "
+                                        "candidate titles (common.AnswerListConstraint); off = the model's own format")
     threads: int = arg(0, "torch CPU threads (0 = torch's default; 1 is fastest on small CPUs)")
     device: str = arg(str(common.default_device()), "torch device")
 
@@ -219,7 +221,7 @@ def recommender_quality(model, tok, samples: list[dict], candidates: list[list[i
     parse into 10 distinct candidate titles, and the hit rates of the re-ranked lists."""
     answers = common.recommend_with_llm(model, tok, items, titles, [s["context"] for s in samples], candidates,
                                         args.max_new_tokens, batch_size=args.gen_batch_size, max_turns=args.max_turns,
-                                        no_repeat_ngram=args.no_repeat_ngram)
+                                        no_repeat_ngram=args.no_repeat_ngram, constrain_answer=args.constrain_answer)
     n = max(len(answers), 1)
     return {
         "samples": len(answers),
@@ -297,7 +299,8 @@ def train_recommender(args: Args, run: common.RunPaths, items: list[dict], sampl
     print(f"[03] quality on {len(held_out)} valid samples (tuned, then base)")
     retriever_order = [c[:common.REC_TOP_N] for c in candidates["valid"]]
     quality = {"split": "valid", "candidates": k, "decoding": {"greedy": True, "max_new_tokens": args.max_new_tokens,
-                                                                "no_repeat_ngram": args.no_repeat_ngram},
+                                                                "no_repeat_ngram": args.no_repeat_ngram,
+                                                                "constrain_answer": args.constrain_answer},
                "retriever_order": common.score_rankings(retriever_order, held_out, ks=(1, 5, 10))["new"],
                "tuned": recommender_quality(model, tok, held_out, candidates["valid"],
                                                                               items, titles, args)}

@@ -77,6 +77,8 @@ class Args:
     load_in_4bit: bool = arg(False, "load the base in nf4 4-bit")
     max_new_tokens: int = arg(320, "generation budget of one recommender answer")
     no_repeat_ngram: int = arg(10, "forbid a recommender answer to repeat one of its own n-grams (greedy loop guard; 0 = off)")
+    constrain_answer: bool = arg(False, "decode an opened <answer> block constrained to 10 distinct candidate titles "
+                                        "(common.AnswerListConstraint); off = the model's own format")
     sim_max_new_tokens: int = arg(60, "generation budget of one simulator reply")
     gen_batch_size: int = arg(8, "prompts per generation batch")
     exclude_seen: bool = arg(True, "never rank items already mentioned in the dialogue")

@@ -1322,14 +1322,98 @@ class CompletionNoRepeatNGram:
             prefix = seq[len(seq) - n + 1:]
             banned = [seq[i + n - 1] for i in range(len(seq) - n + 1) if seq[i:i + n - 1] == prefix]
             if banned:
-                scores[b, banned] = float("-inf")
+                row = scores[b].clone()
+                row[banned] = float("-inf")
+                if torch.isfinite(row).any():  # never ban every token another processor left
+                    scores[b] = row
+        return scores
+
+
+class AnswerListConstraint:
+    """A logits processor that, once a completion has opened <answer>, lets it write only a list
+    the parser accepts: a newline, then n lines "i. <title>" naming n distinct candidates (titles
+    exactly as the prompt shows them), then </answer> and the end of the turn. What comes before
+    <answer> (the reasoning chain) is left free, and inside the list the model still picks which
+    candidate goes on each line: the constraint only removes the tokens no valid list can take.
+    This is constrained decoding in the way of GENRE's prefix trie (De Cao et al., 2021), with one
+    trie per line over the candidates not yet listed.
+
+    titles: per batch row, the candidates' titles; prompt_len: the padded prompt length, where
+    every row's completion starts; end_id: the end-of-turn token forced after </answer>.
+    input_ids: [B, prompt_len + generated so far], scores: [B, V] -> scores with -inf where banned.
+    A row whose <answer> tag shares a token with other text (so no list can start cleanly) stays free."""
+
+    OPEN, CLOSE = "<answer>", "</answer>"
+
+    def __init__(self, tokenizer, titles: Sequence[Sequence[str]], prompt_len: int, end_id: int, n: int | None = None):
+        self.tok, self.prompt_len, self.n = tokenizer, prompt_len, n or REC_TOP_N
+        self.titles = [list(dict.fromkeys(t)) for t in titles]
+        self.end_id = end_id
+        self.newline = _tokenize(tokenizer, "\n")
+        self.close = _tokenize(tokenizer, self.CLOSE) + [end_id]
+        self.start: list[int | None] = [None] * len(titles)  # completion index where the list begins
+        self.free: list[bool] = [False] * len(titles)  # rows the constraint gave up on
+        self.opens_with_newline = [True] * len(titles)
+        self._lines: dict[tuple[int, str], list[int]] = {}
+
+    def _line(self, number: int, title: str) -> list[int]:
+        key = (number, title)
+        if key not in self._lines:
+            self._lines[key] = _tokenize(self.tok, f"{number}. {title}\n")
+        return self._lines[key]
+
+    def allowed(self, row: int, written: list[int]) -> set[int]:
+        """Tokens that may follow `written`, the tokens of row `row` after its <answer> tag."""
+        used: set[str] = set()
+        stage, pos = (0 if self.opens_with_newline[row] else 1), 0
+        while True:
+            if stage == 0:
+                options = [(None, self.newline)]
+            elif stage <= self.n:
+                options = [(t, self._line(stage, t)) for t in self.titles[row] if t not in used]
+            else:
+                options = [(None, self.close)]
+            rest = written[pos:]
+            live = [(t, o) for t, o in options if o[:len(rest)] == rest[:len(o)]]
+            done = [(t, o) for t, o in live if len(o) <= len(rest)]
+            if done:  # a unit is complete (the units of a stage are prefix-free: each ends its line)
+                title, unit = done[0]
+                used.add(title)
+                pos += len(unit)
+                stage += 1
+                if stage > self.n + 1:
+                    return {self.end_id}
+                continue
+            return {o[len(rest)] for _, o in live} or {self.end_id}
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        completions = input_ids[:, self.prompt_len:].tolist()
+        for b, seq in enumerate(completions):
+            if self.free[b]:
+                continue
+            if self.start[b] is None:
+                tail = self.tok.decode(seq[-4:], skip_special_tokens=True)
+                if self.OPEN not in tail:
+                    continue
+                after = tail[tail.index(self.OPEN) + len(self.OPEN):]
+                if after.strip():
+                    self.free[b] = True
+                    continue
+                self.start[b], self.opens_with_newline[b] = len(seq), not after.endswith("\n")
+            keep = torch.tensor(sorted(self.allowed(b, seq[self.start[b]:])), device=scores.device)
+            kept = scores[b, keep]
+            if not torch.isfinite(kept).any():  # a sampling warper cut them all: choose among them evenly
+                kept = torch.zeros_like(kept)
+            scores[b] = float("-inf")
+            scores[b, keep] = kept
         return scores
 
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: list[list[dict] | str], max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, stop_strings: Sequence[str] | None = None,
-             batch_size: int = 8, return_tokens: bool = False, no_repeat_ngram: int = 0):
+             batch_size: int = 8, return_tokens: bool = False, no_repeat_ngram: int = 0,
+             answer_titles: Sequence[Sequence[str]] | None = None):
     """Complete chat prompts with the KV cache, `batch_size` prompts at a time, left padded.
 
     prompts: chat messages (rendered with the generation prompt) or raw strings (tokenized as
@@ -1339,6 +1423,8 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[dict] | str], max_n
     stop_strings: a row stops at the first of them; its text ends just before it and its
     completion ids end with the token that completed it.
     no_repeat_ngram: n > 0 forbids repeating an n-gram of the completion (CompletionNoRepeatNGram).
+    answer_titles: per prompt, the candidates' titles; given, an <answer> block can only hold a valid
+       list of them (AnswerListConstraint); None leaves decoding free.
     -> texts: list[str]; with return_tokens, (texts, prompt_ids, completion_ids), ids as
        list[list[int]] without padding; completion ids include the final EOS when one was made.
     Model is put in eval mode (no LoRA dropout) and restored afterwards. Seed torch to repeat a
@@ -1375,9 +1461,14 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[dict] | str], max_n
                 n = len(encoded[i])
                 input_ids[b, T - n:] = torch.tensor(encoded[i])
                 attention_mask[b, T - n:] = 1
-            guard = {"logits_processor": [CompletionNoRepeatNGram(no_repeat_ngram, T)]} if no_repeat_ngram else {}
+            processors = []
+            if answer_titles is not None:
+                end_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(eos)
+                processors.append(AnswerListConstraint(tokenizer, [answer_titles[i] for i in rows], T, end_id))
+            if no_repeat_ngram:
+                processors.append(CompletionNoRepeatNGram(no_repeat_ngram, T))
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **gen_kwargs,
-                                 **guard)
+                                 **({"logits_processor": processors} if processors else {}))
             for b, i in enumerate(rows):
                 ids = out[b, T:].tolist()
                 for k, t in enumerate(ids):  # finished rows are filled with pad after their end
@@ -1831,15 +1922,19 @@ def sample_truth(sample: dict) -> list[int]:
 def recommend_with_llm(model: nn.Module, tokenizer, items: Sequence[dict], titles: TitleIndex,
                        contexts: Sequence[Sequence[dict]], candidates: Sequence[Sequence[int]],
                        max_new_tokens: int = 320, temperature: float = 0.0, top_p: float = 1.0,
-                       batch_size: int = 8, max_turns: int = 4, no_repeat_ngram: int = 0) -> list[dict]:
+                       batch_size: int = 8, max_turns: int = 4, no_repeat_ngram: int = 0,
+                       constrain_answer: bool = False) -> list[dict]:
     """The recommender's answer for each (dialogue, K candidates): prompt, generate, parse, fill.
-    no_repeat_ngram: the completion loop guard of generate (0 = off; keep it off for RL rollouts,
-    whose log-probs must be those of the distribution that sampled them).
+    no_repeat_ngram: the completion loop guard of generate (0 = off); constrain_answer: an opened
+    <answer> block can only hold 10 distinct candidate titles (AnswerListConstraint). Keep both off
+    for RL rollouts, whose log-probs must be those of the distribution that sampled them.
     -> one {text, prompt_ids, completion_ids, parsed, ranked} per dialogue (ranked: 10 item ids)."""
     prompts = [recommender_messages(ctx, items, c, max_turns=max_turns) for ctx, c in zip(contexts, candidates)]
     texts, prompt_ids, completion_ids = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                                  temperature=temperature, top_p=top_p, batch_size=batch_size,
-                                                 return_tokens=True, no_repeat_ngram=no_repeat_ngram)
+                                                 return_tokens=True, no_repeat_ngram=no_repeat_ngram,
+                                                 answer_titles=([[items[i]["title"] for i in c] for c in candidates]
+                                                                if constrain_answer else None))
     out = []
     for text, p_ids, c_ids, c in zip(texts, prompt_ids, completion_ids, candidates):
         parsed = parse_recommendation(text, titles, c)
@@ -1927,12 +2022,13 @@ class Conversation:
                  simulator_weights: dict[str, torch.Tensor] | None, candidates: int = 20, show_top: int = 3,
                  max_turns: int = 4, simulator_max_turns: int = 8, rec_max_new_tokens: int = 320,
                  sim_max_new_tokens: int = 60, batch_size: int = 8, exclude_seen: bool = True,
-                 popularity: Sequence[float] | None = None, no_repeat_ngram: int = 0):
+                 popularity: Sequence[float] | None = None, no_repeat_ngram: int = 0, constrain_answer: bool = False):
         self.model, self.tok, self.items, self.retriever = model, tokenizer, items, retriever
         self.simulator_weights = simulator_weights
         self.k, self.show_top, self.max_turns, self.simulator_max_turns = candidates, show_top, max_turns, simulator_max_turns
         self.rec_max_new_tokens, self.sim_max_new_tokens = rec_max_new_tokens, sim_max_new_tokens
         self.batch_size, self.exclude_seen, self.no_repeat_ngram = batch_size, exclude_seen, no_repeat_ngram
+        self.constrain_answer = constrain_answer
         self.titles = TitleIndex(items, popularity)
 
     def recommend(self, episodes: Sequence[Episode], weights, temperature: float = 0.0, top_p: float = 1.0) -> None:
@@ -1950,7 +2046,7 @@ class Conversation:
                 answers = recommend_with_llm(self.model, self.tok, self.items, self.titles,
                                              [e.context for e in episodes], cands, self.rec_max_new_tokens,
                                              temperature, top_p, self.batch_size, self.max_turns,
-                                             self.no_repeat_ngram)
+                                             self.no_repeat_ngram, self.constrain_answer)
         for e, c, answer in zip(episodes, cands, answers):
             rank = min((answer["ranked"].index(t) + 1 for t in e.truth if t in answer["ranked"]), default=None)
             e.turns.append({"candidates": c, **answer, "rank": rank})
@@ -2008,7 +2104,8 @@ def load_conversation(run: RunPaths, folders: Sequence[str], items: Sequence[dic
     swappable weights, the fused retriever, and the Conversation that plays them (04 and 05).
     The base is args.model, else the one recommender_sft/ (else the first adapter) was trained
     on. args: model, load_in_4bit, device, candidates, show_top, max_new_tokens,
-    sim_max_new_tokens, gen_batch_size, exclude_seen, no_repeat_ngram (the recommender's loop guard). LoRA dropout is 0: the swapped adapters
+    sim_max_new_tokens, gen_batch_size, exclude_seen, no_repeat_ngram (the recommender's loop guard) and,
+    where args has it, constrain_answer (05's; 04 has none: its rollouts decode freely). LoRA dropout is 0: the swapped adapters
     are evaluated or trained as RL policies, where dropout would make old and new log-probs differ.
     -> (conversation, {folder: LoRA weights}); the model's live adapter is a fresh zero-B one."""
     configs = {}
@@ -2032,6 +2129,6 @@ def load_conversation(run: RunPaths, folders: Sequence[str], items: Sequence[dic
         model, tok, items, retriever, simulator_weights=None, candidates=args.candidates, show_top=args.show_top,
         rec_max_new_tokens=args.max_new_tokens, sim_max_new_tokens=args.sim_max_new_tokens,
         batch_size=args.gen_batch_size, exclude_seen=args.exclude_seen, popularity=popularity,
-        no_repeat_ngram=args.no_repeat_ngram)
+        no_repeat_ngram=args.no_repeat_ngram, constrain_answer=getattr(args, "constrain_answer", False))
     conversation.base_model = model_name  # written into the adapters 04 saves
     return conversation, weights

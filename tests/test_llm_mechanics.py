@@ -578,3 +578,72 @@ def test_token_logprobs_entropy_row_chunks_and_recomputed_head(tok, monkeypatch)
     expected = torch.distributions.Categorical(logits=logits[:, -6:-1].float() / 0.7).entropy()
     assert ent1.shape == (len(seqs), 5) and (ent1 > 0).all()
     assert torch.allclose(ent1, expected, atol=1e-4)
+
+
+# ---- constrained <answer> decoding ----------------------------------------------------------
+
+ANSWER_TITLES = ["Alien (1979)", "Aliens (1986)", "Se7en (1995)", "The Thing (1982)", "Up (2009)", "Her (2013)",
+                 "Joker (2019)", "Parasite (2019)", "Heat (1995)", "Airplane! (1980)", "Amélie (2001)",
+                 "The Lion King (1994)"]
+
+
+def open_answer_after(tok, free_steps: int):
+    """A forward hook on lm_head that makes the model write <answer> after `free_steps` free tokens
+    (the random tiny model never would), then leaves its logits alone."""
+    opening = tok("<answer>", add_special_tokens=False)["input_ids"]
+    calls = {"n": 0}
+
+    def hook(module, args, out):
+        step = calls["n"] - free_steps
+        if 0 <= step < len(opening):
+            out[:, -1, opening[step]] += 1000.0
+        calls["n"] += 1
+        return out
+
+    return hook
+
+
+@pytest.mark.parametrize("no_repeat_ngram", [0, 3])
+def test_constrained_answer_is_always_a_valid_list(tok, no_repeat_ngram):
+    model = tiny(tok)
+    titles = L.TitleIndex([{"title": t} for t in ANSWER_TITLES])
+    candidates = [list(range(12)), list(range(11, -1, -1))]  # the same titles, in two orders
+    prompts = PROMPTS[:2]
+
+    def run(constrained: bool):
+        handle = model.lm_head.register_forward_hook(open_answer_after(tok, free_steps=4))
+        try:
+            return L.generate(model, tok, prompts, max_new_tokens=200, return_tokens=True, batch_size=2,
+                              no_repeat_ngram=no_repeat_ngram,
+                              answer_titles=[[ANSWER_TITLES[i] for i in c] for c in candidates] if constrained else None)
+        finally:
+            handle.remove()
+
+    free_texts, _, free_ids = run(False)
+    texts, _, ids = run(True)
+    for free_text, text, c, free_c, cid in zip(free_texts, texts, candidates, free_ids, ids):
+        assert not L.parse_recommendation(free_text, titles, c)["valid"]  # the random model alone writes no list
+        parsed = L.parse_recommendation(text, titles, c)
+        assert parsed["valid"], text
+        assert len(set(parsed["ids"])) == 10 and set(parsed["ids"]) <= set(c)
+        # the chain before <answer> is the model's own, and the turn ends right after </answer>
+        assert cid[:7] == free_c[:7] and text.index("<answer>") == free_text.index("<answer>")
+        assert text.rstrip().endswith("</answer>") and cid[-1] == tok.eos_token_id
+        assert text[text.index("<answer>"):].startswith("<answer>\n1. ")
+
+
+def test_answer_constraint_allows_only_what_a_valid_list_can_take(tok):
+    constraint = L.AnswerListConstraint(tok, [["Alien (1979)", "Aliens (1986)", "Up (2009)"]], prompt_len=0,
+                                        end_id=tok.eos_token_id, n=2)
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert constraint.allowed(0, []) == set(enc("\n"))
+    line_starts = {enc(f"1. {t}\n")[0] for t in ("Alien (1979)", "Aliens (1986)", "Up (2009)")}
+    assert constraint.allowed(0, enc("\n")) == line_starts
+    first = enc("\n") + enc("1. Aliens (1986)\n")
+    second = {enc(f"2. {t}\n")[0] for t in ("Alien (1979)", "Up (2009)")}
+    assert constraint.allowed(0, first) == second
+    # after the 2nd line only </answer> and then the end of the turn are left
+    done = first + enc("2. Up (2009)\n")
+    close = enc("</answer>")
+    assert constraint.allowed(0, done) == {close[0]}
+    assert constraint.allowed(0, done + close) == {tok.eos_token_id}
