@@ -84,6 +84,9 @@ class Args:
     exclude_seen: bool = arg(True, "never rank items already mentioned in the dialogue")
     bootstrap: int = arg(1000, "bootstrap resamples for the 95% confidence intervals")
     seed: int = arg(0, "random seed (the --limit draw)")
+    merge: bool = arg(False, "keep the rows of an existing eval/results.json written with the same split, --limit, "
+                             "--turns, --candidates and --seed, and add (or replace) this run's rows; lets rows be "
+                             "evaluated later or by processes side by side")
     threads: int = arg(0, "torch CPU threads (0 = torch's default; 1 is fastest on small CPUs)")
     device: str = arg(str(common.default_device()), "torch device")
 
@@ -243,6 +246,31 @@ def plot_recall_by_turn(results: dict, path) -> None:
     plt.close(fig)
 
 
+# the settings two evaluations must share for their rows to sit in one table
+MERGE_KEYS = ("split", "limit", "turns", "candidates", "seed", "exclude_seen", "max_new_tokens", "constrain_answer",
+              "no_repeat_ngram")
+
+
+def merge_earlier(results: dict, path) -> dict:
+    """results plus the rows of the results.json at `path` that this run did not evaluate, rows in
+    ALL_ROWS order. Read at write time, so a process that finishes later keeps an earlier one's rows."""
+    earlier = common.read_json(path)
+    differ = {k: (earlier["args"].get(k), results["args"][k]) for k in MERGE_KEYS
+              if earlier["args"].get(k) != results["args"][k]}
+    if earlier["dataset"] != results["dataset"] or differ:
+        raise SystemExit(f"error: {path} was written with other settings {differ or earlier['dataset']} "
+                         "(earlier, now); drop --merge to overwrite it, or use another --run-dir")
+    merged = dict(results)
+    for key in ("rows", "multi_turn", "seconds"):
+        both = {**earlier.get(key, {}), **results[key]}
+        merged[key] = {name: both[name] for name in sorted(both, key=lambda n: ALL_ROWS.index(n) if n in ALL_ROWS else -1)}
+    for key in ("labels", "multi_turn_meta"):
+        if not results.get(key) and earlier.get(key):
+            merged[key] = earlier[key]
+    merged["merged_args"] = earlier.get("merged_args", []) + [earlier["args"]]
+    return merged
+
+
 def main(argv=None) -> dict:
     args = common.parse_args(Args, argv)
     args.run_dir = common.default_run_dir(args.dataset, args.run_dir)
@@ -312,6 +340,8 @@ def main(argv=None) -> dict:
         results["multi_turn_meta"] = {"samples": len(subset), "labels": first["turns"][0]["labels"]["new"],
                                       "candidates": args.candidates}
 
+    if args.merge and (out / "results.json").exists():
+        results = merge_earlier(results, out / "results.json")
     common.write_json(out / "results.json", results)
     table = markdown_tables(results)
     common.atomic_write_bytes(out / "results.md", table.encode())

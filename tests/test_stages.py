@@ -59,6 +59,17 @@ def test_retriever_then_eval_smoke(inspired_run):
     assert "retriever-fused" in table and f"single shot: {results['samples']} samples" in table
     assert results["samples"] == len(common.load_samples(common.RunPaths(inspired_run), "test"))
 
+    # --merge keeps the earlier rows and replaces the rerun one, in table order; other settings are refused
+    merged = evaluate.main(run + ["--rows", "popularity", "--bootstrap", "50", "--merge"])
+    assert list(merged["rows"]) == evaluate.SINGLE_SHOT_ROWS
+    assert merged["rows"]["retriever-fused"] == results["rows"]["retriever-fused"]
+    assert merged["rows"]["popularity"]["ci"] != results["rows"]["popularity"]["ci"]  # 50 resamples, not 200
+    assert len(merged["merged_args"]) == 1 and "retriever-fused" in (inspired_run / "eval" / "results.md").read_text()
+    with pytest.raises(SystemExit, match="other settings"):
+        evaluate.main(run + ["--rows", "popularity", "--merge", "--turns", "3"])
+    alone = evaluate.main(run + ["--rows", "popularity", "--bootstrap", "50"])
+    assert list(alone["rows"]) == ["popularity"]
+
 
 def test_popularity_ranking_excludes_items_already_in_the_dialogue(inspired_run):
     run = common.RunPaths(inspired_run)
