@@ -39,7 +39,7 @@ replies that name a true target it was neither shown nor told.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -84,9 +84,9 @@ class Args:
     exclude_seen: bool = arg(True, "never rank items already mentioned in the dialogue")
     bootstrap: int = arg(1000, "bootstrap resamples for the 95% confidence intervals")
     seed: int = arg(0, "random seed (the --limit draw)")
-    merge: bool = arg(False, "keep the rows of an existing eval/results.json written with the same split, --limit, "
-                             "--turns, --candidates and --seed, and add (or replace) this run's rows; lets rows be "
-                             "evaluated later or by processes side by side")
+    merge: bool = arg(False, "keep the rows of an existing eval/results.json written with the same settings (MERGE_KEYS: "
+                             "split, limit, turns, candidates, seed, exclusion, decoding) and add (or replace) this "
+                             "run's rows; lets rows be evaluated later or by processes side by side")
     threads: int = arg(0, "torch CPU threads (0 = torch's default; 1 is fastest on small CPUs)")
     device: str = arg(str(common.default_device()), "torch device")
 
@@ -255,8 +255,10 @@ def merge_earlier(results: dict, path) -> dict:
     """results plus the rows of the results.json at `path` that this run did not evaluate, rows in
     ALL_ROWS order. Read at write time, so a process that finishes later keeps an earlier one's rows."""
     earlier = common.read_json(path)
-    differ = {k: (earlier["args"].get(k), results["args"][k]) for k in MERGE_KEYS
-              if earlier["args"].get(k) != results["args"][k]}
+    # a file written before a flag existed ran with that flag's default
+    defaults = {f.name: f.default for f in fields(Args)}
+    then = {k: earlier["args"].get(k, defaults[k]) for k in MERGE_KEYS}
+    differ = {k: (then[k], results["args"][k]) for k in MERGE_KEYS if then[k] != results["args"][k]}
     if earlier["dataset"] != results["dataset"] or differ:
         raise SystemExit(f"error: {path} was written with other settings {differ or earlier['dataset']} "
                          "(earlier, now); drop --merge to overwrite it, or use another --run-dir")

@@ -67,6 +67,13 @@ def test_retriever_then_eval_smoke(inspired_run):
     assert len(merged["merged_args"]) == 1 and "retriever-fused" in (inspired_run / "eval" / "results.md").read_text()
     with pytest.raises(SystemExit, match="other settings"):
         evaluate.main(run + ["--rows", "popularity", "--merge", "--turns", "3"])
+    # a results.json from before a flag existed merges as if it had run with the flag's default
+    path = inspired_run / "eval" / "results.json"
+    older = json.loads(path.read_text())
+    del older["args"]["constrain_answer"]
+    path.write_text(json.dumps(older))
+    assert list(evaluate.main(run + ["--rows", "popularity", "--bootstrap", "50", "--merge"])["rows"]) == \
+        evaluate.SINGLE_SHOT_ROWS
     alone = evaluate.main(run + ["--rows", "popularity", "--bootstrap", "50"])
     assert list(alone["rows"]) == ["popularity"]
 
