@@ -8,7 +8,8 @@ Writes  <run-dir>/recommender_rl/ (or --out, e.g. recommender_rl_no_preference w
           adapter_config.json, adapter_model.safetensors   the policy's LoRA adapter (PEFT layout)
           rl_config.json         the arguments, the base model, the world size, seconds
           train_log.jsonl        one row per step (reward terms, return, hit@1/@10 by turn, KL, entropy,
-                                 zero-variance groups, tokens, seconds generating vs training; validation)
+                                 zero-variance groups, tokens, seconds generating vs training; validation),
+                                 and a row of step 0 with the SFT start's validation (--eval-start)
           checkpoint/checkpoint.pt  every --save-every steps and at the end; a rerun resumes from it
 
 One base LLM carries three adapters, swapped in place (common.lora_swapped, no second model copy):
@@ -89,6 +90,7 @@ class Args:
     exclude_seen: bool = arg(True, "never rank items already mentioned in the dialogue")
     max_train_samples: int = arg(0, "draw start states from the first N training samples only (0 = all)")
     eval_every: int = arg(0, "greedy validation episodes every N steps and at the end (0 = only at the end)")
+    eval_start: bool = arg(True, "greedy validation of the SFT start before step 1 too (the curves' step 0)")
     eval_samples: int = arg(16, "validation start states (seeded draw among samples with a new target; 0 = none)")
     save_every: int = arg(5, "checkpoint every N steps")
     stop_after: int = arg(0, "stop with a checkpoint once this step is reached (rerun to resume); 0 = run all")
@@ -388,7 +390,20 @@ def main(argv=None) -> dict:
     if main_process:
         common.write_jsonl(log_path, log_rows)  # drops rows logged after the checkpoint we resume from
 
-    # 4. The loop: rollouts with the simulator in the loop, rewards, group advantages, update.
+    def log_row(row: dict) -> None:
+        log_rows.append(row)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def validation(policy: dict) -> dict:
+        t = time.time()
+        return {**validate(conversation, held_out, policy, items, args), "seconds_validating": round(time.time() - t, 2)}
+
+    # 4. Where the curves start: the SFT adapter's greedy validation, as step 0.
+    if main_process and held_out and args.eval_start and step == 0 and not log_rows:
+        log_row({"step": 0, **validation(reference)})
+
+    # 5. The loop: rollouts with the simulator in the loop, rewards, group advantages, update.
     end = min(args.steps, args.stop_after) if args.stop_after else args.steps
     bar = tqdm(range(step, end), desc="RL", initial=step, total=end, disable=not main_process)
     for step in bar:
@@ -406,11 +421,9 @@ def main(argv=None) -> dict:
         last = step + 1 == end
         if main_process and held_out and ((args.eval_every and (step + 1) % args.eval_every == 0) or
                                           (last and end == args.steps)):
-            row.update(validate(conversation, held_out, common.get_lora_weights(model), items, args))
+            row.update(validation(common.get_lora_weights(model)))
         if main_process:
-            log_rows.append(row)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            log_row(row)
             bar.set_postfix(reward=f"{row['reward']:.3f}", hit10=f"{row['hit@10'][-1]:.2f}", kl=f"{row['kl']:.4f}")
             if (step + 1) % args.save_every == 0 or last:
                 common.save_checkpoint(ckpt_dir, step + 1, common.lora_state_dict(model), optimizer,
@@ -418,7 +431,7 @@ def main(argv=None) -> dict:
         if world > 1:
             dist.barrier()
 
-    # 5. The policy's adapter in PEFT layout (once all steps are done).
+    # 6. The policy's adapter in PEFT layout (once all steps are done).
     in_sync = True
     if world > 1:  # every process applied the same summed gradients: the copies must be equal
         checksum = torch.tensor([sum(p.double().sum().item() for p in common.lora_parameters(model))], dtype=torch.float64)
@@ -435,7 +448,8 @@ def main(argv=None) -> dict:
         config = {"args": asdict(args), "base_model": conversation.base_model, "world_size": world,
                   "processes_in_sync": in_sync, "seconds": round(time.time() - started, 1)}
         common.write_json(out_dir / "rl_config.json", config)
-        first, final = log_rows[0], log_rows[-1]
+        trained = [r for r in log_rows if r["step"] > 0]
+        first, final = trained[0], trained[-1]
         print(f"[04] reward {first['reward']:.3f} -> {final['reward']:.3f}, hit@10 at turn {args.turns} "
               f"{first['hit@10'][-1]:.3f} -> {final['hit@10'][-1]:.3f}; wrote {out_dir}/ in {config['seconds']} s")
         result["log"] = log_rows

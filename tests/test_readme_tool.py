@@ -22,8 +22,12 @@ def test_new_dataset_block_replaces_its_own_and_keeps_the_others(tmp_path):
     rl.mkdir()
     step = {"reward": 1.0, "format": 1.0, "recommend": 0.0, "preference": 0.0, "return": 1.9, "hit@10": [0.0, 0.25],
             "kl": 0.0, "entropy": 1.0, "zero_variance_fraction": 0.5, "seconds_generating": 10, "seconds_training": 5}
-    (rl / "train_log.jsonl").write_text("\n".join(json.dumps({"step": i + 1, **step, "reward": r})
-                                                  for i, r in enumerate([0.5, 0.7])))
+    valid = {"reward": 0.3, "format": 0.3, "recommend": 0.0, "preference": 0.0, "hit@1": [0.0, 0.0],
+             "hit@10": [0.1, 0.2], "episodes": 16, "parse_rate": 0.3}
+    rows = [{"step": 0, "valid": valid, "seconds_validating": 9.0}] + [
+        {"step": i + 1, **step, "reward": r} for i, r in enumerate([0.5, 0.7])]
+    rows[-1]["valid"] = {**valid, "parse_rate": 0.6, "hit@10": [0.25, 0.5]}
+    (rl / "train_log.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     sft = tmp_path / "runs" / "inspired" / "recommender_sft"
     sft.mkdir()
     (sft / "train_log.jsonl").write_text("\n".join(json.dumps({"step": i + 1, "loss": loss, **(
@@ -45,6 +49,9 @@ def test_new_dataset_block_replaces_its_own_and_keeps_the_others(tmp_path):
     assert "| `recommender_sft/` | 10 | 0.900, 0.500, 0.500, 0.500, 0.500 | 0.250 (10) |" in text
     assert "| `simulator/` | 1 | 3.000 | feedback 3.200 / target 1.500 (1) |" in text
     assert "| 2 | 0.700 |" in text and "first 1 steps 0.500, last 1 steps 0.700" in text
+    # the validation curve: the SFT start (step 0), then each validated step
+    assert "| 0 | 0.300 | 0.30 | 0.000 | 0.000 | 0.10, 0.20 |" in text
+    assert "| 2 | 0.300 | 0.60 | 0.000 | 0.000 | 0.25, 0.50 |" in text
 
 
 def test_bench_block_shows_the_latest_pair_per_device_and_the_cuda_history(tmp_path):

@@ -190,8 +190,10 @@ def test_killed_rl_run_resumes_to_identical_weights(inspired_tiny_adapters, tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], sft[k]) for k in a)  # RL moved the policy off the SFT adapter
     log = result["log"]
-    assert [r["step"] for r in log] == [1, 2] and log[0]["kl"] == 0.0
-    assert [r["step"] for r in common.read_jsonl(resumed / "recommender_rl" / "train_log.jsonl")] == [1, 2]
+    # step 0: the SFT start's validation (--eval-start); the killed run resumes without redoing it
+    assert [r["step"] for r in log] == [0, 1, 2] and log[1]["kl"] == 0.0
+    assert [r["step"] for r in common.read_jsonl(resumed / "recommender_rl" / "train_log.jsonl")] == [0, 1, 2]
+    assert set(log[0]) == {"step", "valid", "seconds_validating"} and log[0]["valid"]["episodes"] == 2
     for key in ("reward", "format", "recommend", "preference", "return", "hit@1", "hit@10", "kl", "entropy",
                 "zero_variance_fraction", "tokens_generated", "seconds_generating", "seconds_training"):
         assert key in log[-1]

@@ -62,7 +62,8 @@ def rl_curve_table(run_dir: Path) -> str:
     """Per-step training statistics of each RL run in `run_dir` (sampled episodes, so noisy)."""
     parts = []
     for folder in RL_FOLDERS:
-        rows = train_log(run_dir, folder)
+        logged = train_log(run_dir, folder)
+        rows = [r for r in logged if r["step"] > 0]  # step 0: the SFT start's validation only
         if not rows:
             continue
         config = json.loads((run_dir / folder / "rl_config.json").read_text())["args"] if (
@@ -82,12 +83,14 @@ def rl_curve_table(run_dir: Path) -> str:
             first = sum(r["reward"] for r in rows[:half]) / half
             second = sum(r["reward"] for r in rows[half:]) / (len(rows) - half)
             lines.append(f"\nMean reward, first {half} steps {first:.3f}, last {len(rows) - half} steps {second:.3f}.")
-        val = rows[-1].get("valid")
-        if val:
-            lines.append(f"Greedy validation after step {rows[-1]['step']} ({val['episodes']} held-out start states): "
-                         f"reward {val['reward']:.3f}, parse rate {val['parse_rate']:.2f}, recommend {val['recommend']:.3f}, "
-                         f"preference {val['preference']:.3f}, hit@10 by turn "
-                         + ", ".join(f"{h:.2f}" for h in val["hit@10"]) + ".")
+        validated = [r for r in logged if "valid" in r]
+        if validated:
+            lines += [f"\nGreedy validation ({validated[-1]['valid']['episodes']} held-out start states; step 0 = "
+                      "the SFT adapter):\n",
+                      "| after step | reward | parse rate | recommend | preference | hit@10 by turn |", "|" + "---|" * 6]
+            lines += [f"| {r['step']} | {r['valid']['reward']:.3f} | {r['valid']['parse_rate']:.2f} | "
+                      f"{r['valid']['recommend']:.3f} | {r['valid']['preference']:.3f} | "
+                      + ", ".join(f"{h:.2f}" for h in r["valid"]["hit@10"]) + " |" for r in validated]
         parts.append(head + "\n\n" + "\n".join(lines))
     return "\n\n".join(parts)
 
