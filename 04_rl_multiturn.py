@@ -330,7 +330,7 @@ def policy_update(model, rows: list[dict], reference: dict | None, optimizer, pa
 def validate(conversation: common.Conversation, samples: list[dict], policy: dict, items: list[dict], args) -> dict:
     """Greedy episodes of the current policy on held-out start states: reward terms, hit@1/@10 by
     turn (summarize) and the parse rate."""
-    episodes = conversation.play(common.start_episodes(samples), args.turns, policy)
+    episodes = conversation.play(common.start_episodes(samples), args.turns, policy, progress="validation")
     stats = summarize([{"terms": [turn_reward(t, e.truth, items, args) for e in episodes for t in e.turns],
                         "returns": [], "hits": [episode_hits(e, args.turns) for e in episodes],
                         "zero_variance_groups": 0, "groups": 0, "tokens_generated": 0}])

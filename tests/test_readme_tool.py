@@ -90,3 +90,29 @@ def test_lora_step_block_counts_base_parameters_in_old_and_new_lines(tmp_path):
                     + json.dumps({**common, "base_parameters": 1_000_000_000}))
     lines = tool.lora_step_block(path).splitlines()
     assert lines[2] == lines[3] == "| d | GPU | m | 1000M | 2 x 2 x 1280 | 1.04 | 4900 | 1.50 | 6.65 |"
+
+
+def test_rl_compare_block_sets_runs_side_by_side(tmp_path):
+    def rl_run(name, temperature, formats):
+        folder = tmp_path / name / "recommender_rl"
+        folder.mkdir(parents=True)
+        valid = {"reward": 0.3, "format": 0.3, "recommend": 0.01, "preference": 0.0, "hit@1": [0.0, 0.0],
+                 "hit@10": [0.125, 0.25], "episodes": 16, "parse_rate": 0.3}
+        rows = [{"step": 0, "valid": valid, "seconds_validating": 1.0}]
+        rows += [{"step": i + 1, "format": f, "reward": f + 0.5} for i, f in enumerate(formats)]
+        rows[-1]["valid"] = {**valid, "parse_rate": 0.75}
+        (folder / "train_log.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        (folder / "rl_config.json").write_text(json.dumps({"args": {
+            "temperature": temperature, "steps": len(formats), "prompts": 1, "group_size": 4, "turns": 2, "lr": 1e-4}}))
+        return str(tmp_path / name)
+
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\n#### inspired\n\nkept\n<!-- results:end -->\n<!-- rl_compare:start -->\n"
+                      "<!-- rl_compare:end -->\n<!-- bench:start -->\n<!-- bench:end -->\n<!-- lora_step:start -->\n<!-- lora_step:end -->\n")
+    tool.main(["--runs", str(tmp_path / "none"), "--readme", str(readme),
+               "--compare-rl", rl_run("hot", 1.0, [0.0, 0.5]), rl_run("cool", 0.7, [0.5, 1.0, 1.0, 0.5])])
+    text = readme.read_text()
+    assert "| `hot` | 1.0 | 2 x 1 x 4 x 2 | 0.0001 | 0.00 / 0.50 | 0.50 / 1.00 | 0 | 0.30 | 0.010 | 0.12, 0.25 |" in text
+    assert "| | | | | | | 2 | 0.75 | 0.010 | 0.12, 0.25 |" in text
+    assert "| `cool` | 0.7 | 4 x 1 x 4 x 2 | 0.0001 | 0.75 / 0.75 | 1.25 / 1.25 | 0 | 0.30 |" in text
+    assert "kept" in text

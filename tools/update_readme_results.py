@@ -8,8 +8,11 @@ Between <!-- bench:start --> and <!-- bench:end -->: the latest ours-vs-TRL pair
 CUDA of bench/results/rl_step_vs_trl.jsonl (bench/rl_step_vs_trl.py), and every CUDA pair in order.
 Between <!-- lora_step:start --> and <!-- lora_step:end -->: bench/results/lora_step.jsonl
 (bench/lora_step.py).
+Between <!-- rl_compare:start --> and <!-- rl_compare:end -->, with --compare-rl DIR...: the RL
+runs of those run directories side by side (settings, sampled training turns, greedy validation).
 
     python tools/update_readme_results.py [--runs runs] [--datasets inspired] [--command "..."]
+                                          [--compare-rl runs/a runs/b]
 """
 import argparse
 import datetime
@@ -93,6 +96,35 @@ def rl_curve_table(run_dir: Path) -> str:
                       + ", ".join(f"{h:.2f}" for h in r["valid"]["hit@10"]) + " |" for r in validated]
         parts.append(head + "\n\n" + "\n".join(lines))
     return "\n\n".join(parts)
+
+
+def rl_compare_table(run_dirs: list[Path]) -> str:
+    """One row per greedy validation of each run's recommender_rl/ (step 0 = the SFT start), with the
+    run's settings and its sampled training turns (mean format and reward over each half of the steps)."""
+    lines = ["| run | temperature | steps x start states x G x T | lr | sampled turns valid, 1st / 2nd half | "
+             "mean reward, 1st / 2nd half | validated after step | parse rate | recommend | hit@10 by turn |",
+             "|" + "---|" * 10]
+    for run_dir in run_dirs:
+        logged = train_log(run_dir, "recommender_rl")
+        if not logged:
+            raise SystemExit(f"--compare-rl: no {run_dir}/recommender_rl/train_log.jsonl")
+        config_path = run_dir / "recommender_rl" / "rl_config.json"
+        c = json.loads(config_path.read_text())["args"] if config_path.exists() else {}
+        trained = [r for r in logged if r["step"] > 0]
+        half = max(len(trained) // 2, 1)
+
+        def halves(key: str) -> str:
+            parts = [trained[:half], trained[half:]]
+            return " / ".join(f"{sum(r[key] for r in p) / len(p):.2f}" for p in parts if p)
+
+        settings = (f"| `{run_dir.name}` | {c.get('temperature', '?')} | {c.get('steps', len(trained))} x "
+                    f"{c.get('prompts', '?')} x {c.get('group_size', '?')} x {c.get('turns', '?')} | {c.get('lr', '?')} | "
+                    f"{halves('format')} | {halves('reward')} |")
+        for n, r in enumerate(r for r in logged if "valid" in r):
+            v = r["valid"]
+            lines.append((settings if n == 0 else "| | | | | | |") + f" {r['step']} | {v['parse_rate']:.2f} | "
+                         f"{v['recommend']:.3f} | " + ", ".join(f"{h:.2f}" for h in v["hit@10"]) + " |")
+    return "\n".join(lines)
 
 
 def dataset_block(results: Path, command: str, stamp: str) -> tuple[str, str]:
@@ -194,6 +226,8 @@ def main(argv=None) -> None:
     parser.add_argument("--datasets", nargs="*", default=None, help="only these datasets (default: all found)")
     parser.add_argument("--command", default="bash run_all.sh", help="the command that produced the runs")
     parser.add_argument("--readme", default=str(ROOT / "README.md"), help="the file to update")
+    parser.add_argument("--compare-rl", nargs="*", default=None,
+                        help="run directories whose recommender_rl/ to set side by side in the rl_compare block")
     args = parser.parse_args(argv)
     # only runs/<dataset>/: a side run directory (e.g. runs/inspired_sft100) must not replace its dataset's block
     found = [p for p in sorted(Path(args.runs).glob("*/eval/results.json"))
@@ -222,6 +256,8 @@ def main(argv=None) -> None:
         text = replace_between(text, "bench", bench_table)
     if lora_table:
         text = replace_between(text, "lora_step", lora_table)
+    if args.compare_rl:
+        text = replace_between(text, "rl_compare", rl_compare_table([Path(d) for d in args.compare_rl]))
     readme.write_text(text)
     print(f"updated {readme}: results of {sorted(new)} (kept {sorted(set(blocks) - set(new))})"
           + (", benchmark table" if bench_table else "") + (", LoRA step table" if lora_table else ""))
