@@ -109,10 +109,13 @@ def test_rl_compare_block_sets_runs_side_by_side(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("<!-- results:start -->\n#### inspired\n\nkept\n<!-- results:end -->\n<!-- rl_compare:start -->\n"
                       "<!-- rl_compare:end -->\n<!-- bench:start -->\n<!-- bench:end -->\n<!-- lora_step:start -->\n<!-- lora_step:end -->\n")
-    tool.main(["--runs", str(tmp_path / "none"), "--readme", str(readme),
+    (tmp_path / "runs" / "inspired").mkdir(parents=True)
+    (tmp_path / "runs" / "inspired" / "rollout_temperature.md").write_text("`cmd`\n\n| temperature |\n|---|\n| 0.7 |\n")
+    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme),
                "--compare-rl", rl_run("hot", 1.0, [0.0, 0.5]), rl_run("cool", 0.7, [0.5, 1.0, 1.0, 0.5])])
     text = readme.read_text()
     assert "| `hot` | 1.0 | 2 x 1 x 4 x 2 | 0.0001 | 0.00 / 0.50 | 0.50 / 1.00 | 0 | 0.30 | 0.010 | 0.12, 0.25 |" in text
     assert "| | | | | | | 2 | 0.75 | 0.010 | 0.12, 0.25 |" in text
     assert "| `cool` | 0.7 | 4 x 1 x 4 x 2 | 0.0001 | 0.75 / 0.75 | 1.25 / 1.25 | 0 | 0.30 |" in text
     assert "kept" in text
+    assert "Sampled first-turn answers of `inspired/recommender_sft/` by temperature: `cmd`\n\n| temperature |" in text

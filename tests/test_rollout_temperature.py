@@ -30,3 +30,5 @@ def test_runs_on_the_tiny_model(inspired_tiny_adapters, tmp_path, make_run, caps
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1.0 |") or line.startswith("| 0.5 |")]
     # a 4-token answer never parses: no valid answer, no group with mixed format
     assert len(rows) == 2 and all(r.split(" | ")[1:3] == ["0 of 4", "0 of 2"] for r in rows)
+    written = (run / "rollout_temperature.md").read_text()
+    assert written.startswith("`python tools/rollout_temperature.py --run-dir") and all(r in written for r in rows)

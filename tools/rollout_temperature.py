@@ -9,7 +9,8 @@ answer parses, the format term is 0 everywhere and RL cannot learn it.
         [--start-states 8] [--group-size 4] [--max-new-tokens 288] [--threads 1]
 
 Prints, per temperature: valid answers, groups with mixed format, groups whose reward varies
-(not zero-variance), mean recommend term, mean completion tokens, seconds.
+(not zero-variance), mean recommend term, mean completion tokens, seconds; and writes that table,
+with the command, to <run-dir>/rollout_temperature.md (update_readme_results.py copies it).
 """
 import argparse
 import importlib
@@ -59,12 +60,12 @@ def main(argv=None) -> None:
     conversation, weights = common.load_conversation(run, ["recommender_sft"], items, defaults)
     train = [s for s in common.load_samples(run, "train") if common.sample_truth(s)]
     starts = [train[i] for i in random.Random(args.seed).sample(range(len(train)), args.start_states)]
-    print(f"{args.run_dir}: {len(starts)} training start states x G {args.group_size}, first turn, "
-          f"{args.max_new_tokens} tokens, weights format {defaults.w_format} recommend {defaults.w_recommend} "
-          f"preference {defaults.w_preference}")
-    print("| temperature | valid answers | groups with mixed format | groups with varied reward | mean recommend "
-          "| mean tokens | seconds |")
-    print("|---|---|---|---|---|---|---|")
+    lines = [f"`python tools/rollout_temperature.py {' '.join(argv if argv is not None else sys.argv[1:])}`: "
+             f"{len(starts)} training start states x G {args.group_size}, first turn, {args.max_new_tokens} tokens, "
+             f"weights format {defaults.w_format} recommend {defaults.w_recommend} preference {defaults.w_preference}",
+             "", "| temperature | valid answers | groups with mixed format | groups with varied reward | mean recommend "
+             "| mean tokens | seconds |", "|---|---|---|---|---|---|---|"]
+    print("\n".join(lines))
     for temperature in args.temperatures:
         common.set_seed(args.seed)
         started = time.time()
@@ -73,10 +74,11 @@ def main(argv=None) -> None:
         rewards = [rl.turn_reward(e.turns[0], e.truth, items, defaults) for e in episodes]
         stats = group_stats(rewards, args.group_size)
         tokens = statistics.mean(len(e.turns[0]["completion_ids"]) for e in episodes)
-        print(f"| {temperature} | {stats['valid']} of {len(rewards)} | {stats['mixed']} of {stats['groups']} "
-              f"| {stats['varied']} of {stats['groups']} | {stats['recommend']:.3f} | {tokens:.0f} "
-              f"| {time.time() - started:.0f} |",
-              flush=True)
+        lines.append(f"| {temperature} | {stats['valid']} of {len(rewards)} | {stats['mixed']} of {stats['groups']} "
+                     f"| {stats['varied']} of {stats['groups']} | {stats['recommend']:.3f} | {tokens:.0f} "
+                     f"| {time.time() - started:.0f} |")
+        print(lines[-1], flush=True)
+    common.atomic_write_bytes(run.root / "rollout_temperature.md", ("\n".join(lines) + "\n").encode())
 
 
 if __name__ == "__main__":

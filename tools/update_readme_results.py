@@ -9,7 +9,8 @@ CUDA of bench/results/rl_step_vs_trl.jsonl (bench/rl_step_vs_trl.py), and every 
 Between <!-- lora_step:start --> and <!-- lora_step:end -->: bench/results/lora_step.jsonl
 (bench/lora_step.py).
 Between <!-- rl_compare:start --> and <!-- rl_compare:end -->, with --compare-rl DIR...: the RL
-runs of those run directories side by side (settings, sampled training turns, greedy validation).
+runs of those run directories side by side (settings, sampled training turns, greedy validation),
+then each runs/<dataset>/rollout_temperature.md (tools/rollout_temperature.py) found.
 
     python tools/update_readme_results.py [--runs runs] [--datasets inspired] [--command "..."]
                                           [--compare-rl runs/a runs/b]
@@ -257,7 +258,10 @@ def main(argv=None) -> None:
     if lora_table:
         text = replace_between(text, "lora_step", lora_table)
     if args.compare_rl:
-        text = replace_between(text, "rl_compare", rl_compare_table([Path(d) for d in args.compare_rl]))
+        sweeps = [f"Sampled first-turn answers of `{p.parent.name}/recommender_sft/` by temperature: "
+                  + p.read_text().strip() for p in sorted(Path(args.runs).glob("*/rollout_temperature.md"))]
+        text = replace_between(text, "rl_compare", "\n\n".join(
+            [rl_compare_table([Path(d) for d in args.compare_rl])] + sweeps))
     readme.write_text(text)
     print(f"updated {readme}: results of {sorted(new)} (kept {sorted(set(blocks) - set(new))})"
           + (", benchmark table" if bench_table else "") + (", LoRA step table" if lora_table else ""))
