@@ -176,7 +176,7 @@ def conversation_log(e: common.Episode, items: list[dict]) -> dict:
             "turns": [{"candidates": [items[i]["title"] for i in t["candidates"]], "answer": t["text"],
                        "valid": t["parsed"]["valid"], "list": [items[i]["title"] for i in t["ranked"]],
                        "rank_of_target": t["rank"], "said": t.get("said"), "reply": t.get("reply"),
-                       "leaks": t.get("leaks")} for t in e.turns]}
+                       "leaks": t.get("leaks"), "completion_tokens": len(t["completion_ids"])} for t in e.turns]}
 
 
 def markdown_tables(results: dict) -> str:

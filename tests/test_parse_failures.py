@@ -33,3 +33,22 @@ def test_each_failure_kind_is_counted(tmp_path, capsys):
     # 6 LLM answers (the empty one is a retriever turn): one of each kind
     assert "| sft | 6 | 1 (17%) | 1 (17%) | 1 (17%) | 1 (17%) | 1 (17%) | 1 (17%) |" in out
     assert "| retriever |" not in out
+    assert out.splitlines()[2].endswith("| n/a |")  # no recorded lengths: the budget column cannot be counted
+
+
+def test_unclosed_answers_at_the_token_budget_are_counted(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    titles = [f"Film {k} ({2000 + k})" for k in range(12)]
+    (run / "data" / "items.jsonl").write_text("\n".join(json.dumps({"item_id": i, "title": t}) for i, t in enumerate(titles)))
+    (run / "data" / "dialogues_train.jsonl").write_text("")
+    (run / "eval").mkdir()
+    (run / "eval" / "results.json").write_text(json.dumps({"args": {"max_new_tokens": 20}}))
+    turns = [{"candidates": titles, "answer": answer(titles[:10]), "completion_tokens": 12},
+             {"candidates": titles, "answer": answer(titles[:10], closed=False), "completion_tokens": 20},  # cut off
+             {"candidates": titles, "answer": answer(titles[:10], closed=False), "completion_tokens": 9}]  # stopped
+    (run / "eval" / "conversations_smtpo.jsonl").write_text(json.dumps({"dialog_id": "d1", "turns": turns}))
+    tool.main(["--run-dir", str(run)])
+    out = capsys.readouterr().out
+    assert "used the whole budget (20 tokens) |" in out.splitlines()[0]
+    assert "| smtpo | 3 | 1 (33%) | 2 (67%) |" in out and out.splitlines()[2].endswith("| 1 of 2 |")

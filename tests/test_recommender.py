@@ -277,5 +277,7 @@ def test_eval_multi_turn_rows_smoke(inspired_tiny_adapters, tmp_path, make_run):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     convs = [json.loads(line) for line in (eval_dir / "conversations_sft+simulator.jsonl").read_text().splitlines()]
     assert len(convs) == 3 and all(1 <= len(c["turns"]) <= 2 for c in convs)
+    # every answer's length is recorded (tools/parse_failures.py: did it use the whole budget?)
+    assert all(0 < t["completion_tokens"] <= 16 for c in convs for t in c["turns"])
     table = (eval_dir / "results.md").read_text()
     assert "multi-turn (T = 2" in table and "sft+simulator-feedback-only" in table

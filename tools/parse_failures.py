@@ -5,6 +5,9 @@ entries naming 10 distinct candidates. For every recommender turn of each
 eval/conversations_<row>.jsonl this re-parses the stored answer against the turn's own candidates
 and counts, per row with an LLM recommender: valid, no closed <answer> block, fewer or more than 10 entries, an entry that
 names no candidate, two entries naming the same candidate (an answer can have several kinds).
+Of the answers with no closed block, it counts those that used the whole generation budget
+(--max-new-tokens of eval/results.json) when the file records each answer's completion tokens
+(05 does since 2026-11-26; n/a for older files).
 
     python tools/parse_failures.py --run-dir runs/inspired [--examples 3]
 """
@@ -40,7 +43,12 @@ def failure_kinds(parsed: dict, n: int = common.REC_TOP_N) -> list[str]:
     return kinds
 
 
-def count_file(path: Path, titles: common.TitleIndex, id_of: dict[str, int], examples: int) -> tuple[Counter, int, list]:
+OUT_OF_TOKENS = "no closed <answer>: used the whole budget"
+
+
+def count_file(path: Path, titles: common.TitleIndex, id_of: dict[str, int], examples: int,
+               budget: int | None) -> tuple[Counter, int, list]:
+    """Counts of KINDS (and OUT_OF_TOKENS; "unmeasured" for unclosed answers of unknown length)."""
     counts, turns, shown = Counter(), 0, []
     for line_no, conv in common.numbered_jsonl(path):
         for turn in conv["turns"]:
@@ -54,6 +62,11 @@ def count_file(path: Path, titles: common.TitleIndex, id_of: dict[str, int], exa
             parsed = common.parse_recommendation(turn["answer"], titles, candidates)
             kinds = failure_kinds(parsed)
             counts.update(kinds)
+            if "no closed <answer>" in kinds:
+                if budget is None or "completion_tokens" not in turn:
+                    counts["unmeasured"] += 1
+                else:
+                    counts[OUT_OF_TOKENS] += turn["completion_tokens"] >= budget
             turns += 1
             if "valid" not in kinds and len(shown) < examples:
                 bad = [e for e, i in zip(parsed["entries"], parsed["ids"]) if i is None]
@@ -74,14 +87,19 @@ def main(argv=None) -> None:
     files = sorted(run.require("eval").glob("conversations_*.jsonl"))
     if not files:
         raise SystemExit(f"error: no {run.eval}/conversations_*.jsonl: run 05_eval.py --run-dir {args.run_dir} first")
-    print("| row | turns | " + " | ".join(KINDS) + " |\n|---|---|" + "---|" * len(KINDS))
+    results = run.eval / "results.json"
+    budget = common.read_json(results)["args"].get("max_new_tokens") if results.exists() else None
+    print("| row | turns | " + " | ".join(KINDS) + f" | {OUT_OF_TOKENS} ({budget} tokens) |\n|---|---|"
+          + "---|" * (len(KINDS) + 1))
     notes = []
     for path in files:
-        counts, turns, shown = count_file(path, titles, id_of, args.examples)
+        counts, turns, shown = count_file(path, titles, id_of, args.examples, budget)
         row = path.stem[len("conversations_"):]
         if not turns:
             continue
-        print(f"| {row} | {turns} | " + " | ".join(f"{counts[k]} ({counts[k] / max(turns, 1):.0%})" for k in KINDS) + " |")
+        out_of_tokens = "n/a" if counts["unmeasured"] else f"{counts[OUT_OF_TOKENS]} of {counts['no closed <answer>']}"
+        print(f"| {row} | {turns} | " + " | ".join(f"{counts[k]} ({counts[k] / max(turns, 1):.0%})" for k in KINDS)
+              + f" | {out_of_tokens} |")
         notes += [f"- {row}: {s}" for s in shown]
     if notes:
         print("\nFailed answers (first of each row):\n" + "\n".join(notes))
