@@ -14,16 +14,22 @@ def answer(lines, closed=True):
         "\n</answer>" if closed else "")
 
 
-def test_each_failure_kind_is_counted(tmp_path, capsys):
+def twelve_film_run(tmp_path):
+    """A run directory whose catalogue is 12 films, with an empty eval/. -> (run dir, titles)"""
     run = tmp_path / "run"
     (run / "data").mkdir(parents=True)
+    (run / "eval").mkdir()
     titles = [f"Film {k} ({2000 + k})" for k in range(12)]
     (run / "data" / "items.jsonl").write_text("\n".join(json.dumps({"item_id": i, "title": t}) for i, t in enumerate(titles)))
     (run / "data" / "dialogues_train.jsonl").write_text("")
+    return run, titles
+
+
+def test_each_failure_kind_is_counted(tmp_path, capsys):
+    run, titles = twelve_film_run(tmp_path)
     ten = titles[:10]
     turns = [answer(ten), answer(ten[:9]), answer(ten + titles[10:11]), answer(ten[:9] + ["Unknown Movie (1990)"]),
              answer(ten[:9] + ten[:1]), answer(ten, closed=False), ""]
-    (run / "eval").mkdir()
     conv = {"dialog_id": "d1", "turns": [{"candidates": titles, "answer": a} for a in turns]}
     (run / "eval" / "conversations_sft.jsonl").write_text(json.dumps(conv))
     (run / "eval" / "conversations_retriever.jsonl").write_text(json.dumps({"dialog_id": "d1", "turns": [
@@ -37,12 +43,7 @@ def test_each_failure_kind_is_counted(tmp_path, capsys):
 
 
 def test_unclosed_answers_at_the_token_budget_are_counted(tmp_path, capsys):
-    run = tmp_path / "run"
-    (run / "data").mkdir(parents=True)
-    titles = [f"Film {k} ({2000 + k})" for k in range(12)]
-    (run / "data" / "items.jsonl").write_text("\n".join(json.dumps({"item_id": i, "title": t}) for i, t in enumerate(titles)))
-    (run / "data" / "dialogues_train.jsonl").write_text("")
-    (run / "eval").mkdir()
+    run, titles = twelve_film_run(tmp_path)
     (run / "eval" / "results.json").write_text(json.dumps({"args": {"max_new_tokens": 20}}))
     turns = [{"candidates": titles, "answer": answer(titles[:10]), "completion_tokens": 12},
              {"candidates": titles, "answer": answer(titles[:10], closed=False), "completion_tokens": 20},  # cut off
