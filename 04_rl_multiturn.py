@@ -64,7 +64,7 @@ class Args:
     out: str = arg("recommender_rl", "output folder in the run directory (recommender_rl_no_preference for the ablation)")
     model: str = arg("", "base LLM (default: the one recommender_sft/ was trained on)")
     load_in_4bit: bool = arg(False, "load the base in nf4 4-bit (QLoRA): the policy trains on the 4-bit base")
-    steps: int = arg(20, "RL steps (one batch of episodes and --updates optimizer steps each)")
+    steps: int = arg(20, "RL steps (one batch of episodes and --updates optimizer steps each); 0 = only validate the SFT start")
     prompts: int = arg(2, "start states (training samples) per step and process")
     group_size: int = arg(4, "episodes G per start state; advantages are normalised within the group")
     turns: int = arg(3, "turns T per episode")
@@ -449,9 +449,12 @@ def main(argv=None) -> dict:
                   "processes_in_sync": in_sync, "seconds": round(time.time() - started, 1)}
         common.write_json(out_dir / "rl_config.json", config)
         trained = [r for r in log_rows if r["step"] > 0]
-        first, final = trained[0], trained[-1]
-        print(f"[04] reward {first['reward']:.3f} -> {final['reward']:.3f}, hit@10 at turn {args.turns} "
-              f"{first['hit@10'][-1]:.3f} -> {final['hit@10'][-1]:.3f}; wrote {out_dir}/ in {config['seconds']} s")
+        summary = ""
+        if trained:  # none with --steps 0: only the SFT start is validated (and written back as the adapter)
+            first, final = trained[0], trained[-1]
+            summary = (f"reward {first['reward']:.3f} -> {final['reward']:.3f}, hit@10 at turn {args.turns} "
+                       f"{first['hit@10'][-1]:.3f} -> {final['hit@10'][-1]:.3f}; ")
+        print(f"[04] {summary}wrote {out_dir}/ in {config['seconds']} s")
         result["log"] = log_rows
     if world > 1:
         dist.barrier()

@@ -200,6 +200,15 @@ def test_killed_rl_run_resumes_to_identical_weights(inspired_tiny_adapters, tmp_
     assert len(log[-1]["hit@10"]) == 2 and "valid" in log[-1] and log[-1]["episodes"] == 4
 
 
+def test_zero_steps_only_validate_the_sft_start(inspired_tiny_adapters, tmp_path, make_run):
+    run_dir = make_run(inspired_tiny_adapters, tmp_path / "start", RUN_PARTS)
+    log = rl.main(rl_args(run_dir, steps=0))["log"]
+    assert [r["step"] for r in log] == [0] and log[0]["valid"]["episodes"] == 2
+    a = load_file(run_dir / "recommender_rl" / "adapter_model.safetensors")
+    sft = load_file(run_dir / "recommender_sft" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], sft[k]) for k in a)  # no step, no change
+
+
 def test_two_processes_average_gradients_and_stay_in_sync(inspired_tiny_adapters, tmp_path, make_run):
     run_dir = make_run(inspired_tiny_adapters, tmp_path / "ddp", RUN_PARTS)
     with socket.socket() as s:
