@@ -89,7 +89,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: no {run.eval}/conversations_*.jsonl: run 05_eval.py --run-dir {args.run_dir} first")
     results = run.eval / "results.json"
     budget = common.read_json(results)["args"].get("max_new_tokens") if results.exists() else None
-    print("| row | turns | " + " | ".join(KINDS) + f" | {OUT_OF_TOKENS} ({budget} tokens) |\n|---|---|"
+    print("| row | turns | " + " | ".join(KINDS) + f" | {OUT_OF_TOKENS}{f' ({budget} tokens)' if budget else ''} |\n|---|---|"
           + "---|" * (len(KINDS) + 1))
     notes = []
     for path in files:

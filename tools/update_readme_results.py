@@ -62,6 +62,11 @@ def sft_curve_table(run_dir: Path, chunks: int = 5) -> str:
                       "|---|---|---|---|"] + lines)
 
 
+def by_turn(values: list[float]) -> str:
+    """[0.125, 0.25] -> "0.12, 0.25" (hit@10 by turn in every RL table)."""
+    return ", ".join(f"{v:.2f}" for v in values)
+
+
 def rl_curve_table(run_dir: Path) -> str:
     """Per-step training statistics of each RL run in `run_dir` (sampled episodes, so noisy)."""
     parts = []
@@ -78,7 +83,7 @@ def rl_curve_table(run_dir: Path) -> str:
         lines = ["| step | reward | format | recommend | preference | return | hit@10 by turn | KL | entropy | "
                  "zero-var groups | s gen / train |", "|" + "---|" * 11]
         for r in rows:
-            hits = ", ".join(f"{h:.2f}" for h in r["hit@10"])
+            hits = by_turn(r["hit@10"])
             lines.append(f"| {r['step']} | {r['reward']:.3f} | {r['format']:.2f} | {r['recommend']:.3f} | "
                          f"{r['preference']:.3f} | {r['return']:.3f} | {hits} | {r['kl']:.4f} | {r['entropy']:.2f} | "
                          f"{r['zero_variance_fraction']:.2f} | {r['seconds_generating']:.0f} / {r['seconds_training']:.0f} |")
@@ -94,7 +99,7 @@ def rl_curve_table(run_dir: Path) -> str:
                       "| after step | reward | parse rate | recommend | preference | hit@10 by turn |", "|" + "---|" * 6]
             lines += [f"| {r['step']} | {r['valid']['reward']:.3f} | {r['valid']['parse_rate']:.2f} | "
                       f"{r['valid']['recommend']:.3f} | {r['valid']['preference']:.3f} | "
-                      + ", ".join(f"{h:.2f}" for h in r["valid"]["hit@10"]) + " |" for r in validated]
+                      f"{by_turn(r['valid']['hit@10'])} |" for r in validated]
         parts.append(head + "\n\n" + "\n".join(lines))
     return "\n\n".join(parts)
 
@@ -124,7 +129,7 @@ def rl_compare_table(run_dirs: list[Path]) -> str:
         for n, r in enumerate(r for r in logged if "valid" in r):
             v = r["valid"]
             lines.append((settings if n == 0 else "| | | | | | |") + f" {r['step']} | {v['parse_rate']:.2f} | "
-                         f"{v['recommend']:.3f} | " + ", ".join(f"{h:.2f}" for h in v["hit@10"]) + " |")
+                         f"{v['recommend']:.3f} | {by_turn(v['hit@10'])} |")
     return "\n".join(lines)
 
 
