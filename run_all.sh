@@ -13,8 +13,9 @@
 # --jobs 2       run the datasets side by side, one torch thread each (fastest on 2 cores);
 #                each dataset's output then goes to <run directory>/pipeline.log
 # --rl-steps N   steps of 04's multi-turn GRPO, for SMTPO and for its no-preference-reward ablation
-#                (lr 1e-4, no activation checkpointing: about 4-5 min a step on one core at G 4 x T 2;
-#                04's own defaults are larger)
+#                (lr 1e-4, no activation checkpointing: about 4-5 min a step on one core at G 4 x T 2,
+#                plus about 7 min for each greedy validation of 16 start states, of the SFT start and at
+#                the end; 04's own defaults are larger)
 # --limit N      multi-turn evaluation on N test samples (seeded draw; 0 = all)
 # The step and sample flags override the budget's values; give them after --budget.
 set -euo pipefail
