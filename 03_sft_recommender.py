@@ -9,7 +9,7 @@ Writes  <run-dir>/retriever/
           train_log.jsonl          loss and validation recall per epoch and variant
         <run-dir>/recommender_sft/
           adapter_config.json, adapter_model.safetensors   the recommender's LoRA adapter (PEFT layout)
-          recommender_config.json  arguments, example counts (metadata chains, teacher chains kept)
+          recommender_config.json  arguments, example counts (metadata chains, teacher chains kept), SFT answer lengths
           train_log.jsonl          step, loss, lr, seconds (validation loss every --eval-every)
           quality.json             on valid: format-parse rate, hit rates, tuned vs the untuned base
           checkpoint/checkpoint.pt every --save-every steps; the same command again resumes from it
@@ -215,6 +215,16 @@ def teacher_chains(args: Args, samples: list[dict], candidates: list[list[int]],
     return kept, {"teacher": args.teacher, "asked": len(asked), "kept": len(kept)}
 
 
+def answer_lengths(examples: list[dict]) -> dict:
+    """Tokens of each SFT answer the model learns to write (labels not IGNORE_INDEX: the chain, the
+    list and the end-of-turn marker). Generation needs a --max-new-tokens of at least these, or a
+    model that writes its answers as trained is cut before `</answer>`. -> {median, p95, max}"""
+    lengths = sorted(sum(label != common.IGNORE_INDEX for label in e["labels"]) for e in examples)
+    if not lengths:
+        return {"median": 0, "p95": 0, "max": 0}
+    return {"median": lengths[len(lengths) // 2], "p95": lengths[int(0.95 * (len(lengths) - 1))], "max": lengths[-1]}
+
+
 def recommender_quality(model, tok, samples: list[dict], candidates: list[list[int]], items: list[dict],
                         titles: common.TitleIndex, args: Args) -> dict:
     """Greedy answers on held-out samples (the retriever's candidates, nothing injected): how many
@@ -270,6 +280,11 @@ def train_recommender(args: Args, run: common.RunPaths, items: list[dict], sampl
     truncated = sum(e["truncated"] for e in pools["recommend"])
     print(f"[03] recommender SFT: {len(pools['recommend'])} examples ({injected} with an injected target, "
           f"{len(chains)} teacher chains, {truncated} truncated to {args.max_len} tokens)")
+    lengths = answer_lengths(pools["recommend"])
+    print(f"[03] SFT answers: median {lengths['median']}, 95th percentile {lengths['p95']}, max {lengths['max']} tokens")
+    if lengths["p95"] > args.max_new_tokens:
+        print(f"[03] warning: --max-new-tokens {args.max_new_tokens} cuts more than 5% of the SFT answers before "
+              f"</answer>; the quality report's parse rate then measures the budget, not the model")
 
     # 7. LoRA SFT, resumable from recommender_sft/checkpoint/.
     common.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
@@ -309,7 +324,7 @@ def train_recommender(args: Args, run: common.RunPaths, items: list[dict], sampl
     quality["eval_loss"] = validation_loss()["eval_loss"]
     common.write_json(out_dir / "quality.json", quality)
     config = {"args": asdict(args), "examples": len(pools["recommend"]), "injected_targets": injected,
-              "truncated": truncated, "teacher": teacher_report}
+              "truncated": truncated, "answer_tokens": lengths, "teacher": teacher_report}
     common.write_json(out_dir / "recommender_config.json", config)
     for name in ("tuned", "base"):
         q = quality[name]

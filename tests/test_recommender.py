@@ -126,6 +126,13 @@ def test_recommender_example_learns_exactly_the_chain(inspired_with_retriever):
     assert longest < 1280
 
 
+def test_answer_lengths_count_the_learned_tokens_only():
+    ignore = common.IGNORE_INDEX
+    examples = [{"labels": [ignore] * 7 + [1] * n} for n in range(1, 101)]  # answers of 1..100 tokens
+    assert rec.answer_lengths(examples) == {"median": 51, "p95": 95, "max": 100}
+    assert rec.answer_lengths([]) == {"median": 0, "p95": 0, "max": 0}
+
+
 def test_training_candidates_inject_a_missed_target_at_a_random_slot():
     samples = [{"new_targets": [50], "targets": [50]}, {"new_targets": [3], "targets": [3]},
                {"new_targets": [], "targets": []}] * 20
@@ -157,6 +164,8 @@ def test_recommender_sft_smoke_writes_adapter_and_quality(inspired_with_retrieve
         assert q["samples"] == 4 and 0 <= q["parse_rate"] <= 1 and q["mean_completion_tokens"] > 0
     config = json.loads((folder / "recommender_config.json").read_text())
     assert config["examples"] > 0 and config["injected_targets"] > 0
+    lengths = config["answer_tokens"]  # five reasoning lines and ten titles: far more than 50 tokens
+    assert 50 < lengths["median"] <= lengths["p95"] <= lengths["max"]
     model, _ = common.tiny_causal_lm()
     assert common.load_lora(model, folder)["r"] == 16
 
