@@ -11,7 +11,8 @@ Writes  <run-dir>/retriever/
           adapter_config.json, adapter_model.safetensors   the recommender's LoRA adapter (PEFT layout)
           recommender_config.json  arguments, example counts (metadata chains, teacher chains kept), SFT answer lengths
           train_log.jsonl          step, loss, lr, seconds (validation loss every --eval-every)
-          quality.json             on valid: format-parse rate, hit rates, tuned vs the untuned base
+          quality.json             on valid: format-parse rate (95% Wilson interval), hit rates, tuned vs the
+                                   untuned base (`--init-adapter DIR --steps 0` only writes DIR's report)
           checkpoint/checkpoint.pt every --save-every steps; the same command again resumes from it
 
 Part 1, the retriever, keeps the recommender inside the item space: its Recall@K at the
@@ -78,7 +79,7 @@ class Args:
     inject_target: bool = arg(True, "training only: put a missed target in place of a random candidate")
     teacher: str = arg("", "distil reasoning chains from this LLM (kept when they parse and hit); '' = metadata chains")
     teacher_samples: int = arg(200, "training samples the teacher is asked about (generation is slow)")
-    steps: int = arg(150, "recommender SFT optimizer steps")
+    steps: int = arg(150, "recommender SFT optimizer steps (0 with --init-adapter: only that adapter's quality report)")
     batch_size: int = arg(2, "recommender SFT examples per micro-batch")
     grad_accum: int = arg(2, "micro-batches per optimizer step")
     lr: float = arg(3e-4, "recommender SFT peak AdamW learning rate")
@@ -233,9 +234,11 @@ def recommender_quality(model, tok, samples: list[dict], candidates: list[list[i
                                         args.max_new_tokens, batch_size=args.gen_batch_size, max_turns=args.max_turns,
                                         no_repeat_ngram=args.no_repeat_ngram, constrain_answer=args.constrain_answer)
     n = max(len(answers), 1)
+    valid = sum(a["parsed"]["valid"] for a in answers)
     return {
         "samples": len(answers),
-        "parse_rate": sum(a["parsed"]["valid"] for a in answers) / n,
+        "parse_rate": valid / n,
+        "parse_rate_ci": common.wilson_interval(valid, len(answers)),
         "answer_tag_rate": sum(a["parsed"]["has_answer"] for a in answers) / n,
         "mean_candidate_titles": sum(len({i for i in a["parsed"]["ids"] if i is not None}) for a in answers) / n,
         "mean_completion_tokens": sum(len(a["completion_ids"]) for a in answers) / n,
@@ -328,7 +331,8 @@ def train_recommender(args: Args, run: common.RunPaths, items: list[dict], sampl
     common.write_json(out_dir / "recommender_config.json", config)
     for name in ("tuned", "base"):
         q = quality[name]
-        print(f"[03] {name:5s}: parse rate {q['parse_rate']:.3f}  R@1 {q['reranked']['recall@1']:.3f}  "
+        low, high = q["parse_rate_ci"]
+        print(f"[03] {name:5s}: parse rate {q['parse_rate']:.3f} [{low:.2f}, {high:.2f}]  R@1 {q['reranked']['recall@1']:.3f}  "
               f"R@10 {q['reranked']['recall@10']:.3f}  (retriever order: R@1 {quality['retriever_order']['recall@1']:.3f})")
     return {"quality": quality, "config": config}
 

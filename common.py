@@ -490,6 +490,18 @@ def score_rankings(ranked: Sequence[Sequence[int]], samples: Sequence[dict], ks:
     return out
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> list[float]:
+    """95% (z = 1.96) Wilson score interval of a proportion such as a parse rate: unlike the
+    normal approximation it stays inside [0, 1] and is not [1, 1] when all n succeed. -> [low, high]"""
+    if n == 0:
+        return [0.0, 1.0]
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return [max(0.0, center - half), min(1.0, center + half)]
+
+
 # --------------------------------------------------------------------------------------
 # 6. Dual-view retriever
 # --------------------------------------------------------------------------------------

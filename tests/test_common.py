@@ -55,6 +55,16 @@ def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_more_samples():
     assert (hi2 - lo2) < (hi - lo)
 
 
+def test_wilson_interval_by_hand():
+    # 21 of 24: p = 0.875, z^2 / n = 0.16007; centre (0.875 + 0.08003) / 1.16007 = 0.82325,
+    # half-width 1.96 * sqrt(0.875 * 0.125 / 24 + 3.8416 / 2304) / 1.16007 = 0.13330
+    low, high = common.wilson_interval(21, 24)
+    assert low == pytest.approx(0.68995, abs=1e-4) and high == pytest.approx(0.95655, abs=1e-4)
+    assert common.wilson_interval(0, 10)[0] == 0.0 and common.wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert common.wilson_interval(10, 10)[0] < 1.0  # all n valid still leaves room below
+    assert common.wilson_interval(0, 0) == [0.0, 1.0]
+
+
 # ---------------------------------------------------------------- titles
 
 def test_title_matching_year_articles_fuzzy_and_candidates():

@@ -210,6 +210,16 @@ def test_init_adapter_continues_from_an_earlier_adapter(inspired_with_retriever,
               "--init-adapter", str(first / "recommender_sft")] + tiny)
     _, continued = common.read_lora(again / "recommender_sft")
     assert continued.keys() == trained.keys() and all(torch.equal(continued[k], trained[k]) for k in trained)
+    # --steps 0: no training step, only the earlier adapter's quality report
+    report_only = run_copy(inspired_with_retriever, tmp_path, "report_only")
+    rec.main(["--dataset", "inspired", "--run-dir", str(report_only), "--steps", "0",
+              "--init-adapter", str(first / "recommender_sft")] + tiny)
+    _, same = common.read_lora(report_only / "recommender_sft")
+    assert all(torch.equal(same[k], trained[k]) for k in trained)
+    assert (report_only / "recommender_sft" / "train_log.jsonl").read_text() == ""
+    quality = json.loads((report_only / "recommender_sft" / "quality.json").read_text())
+    low, high = quality["tuned"]["parse_rate_ci"]
+    assert 0 <= low <= quality["tuned"]["parse_rate"] <= high <= 1
 
 
 def test_teacher_chains_are_kept_only_when_they_parse_and_hit(inspired_with_retriever, tmp_path, monkeypatch):
