@@ -119,3 +119,37 @@ def test_rl_compare_block_sets_runs_side_by_side(tmp_path):
     assert "| `cool` | 0.7 | 4 x 1 x 4 x 2 | 0.0001 | 0.75 / 0.75 | 1.25 / 1.25 | 0 | 0.30 |" in text
     assert "kept" in text
     assert "Sampled first-turn answers of `inspired/recommender_sft/` by temperature: `cmd`\n\n| temperature |" in text
+
+
+def test_sft_quality_block_lists_each_adapter_report(tmp_path):
+    def sft_run(name, args, tuned, answer_tokens=None):
+        folder = tmp_path / name / "recommender_sft"
+        folder.mkdir(parents=True)
+        base = {"samples": tuned["samples"], "parse_rate": 0.0, "answer_tag_rate": 0.0}
+        quality = {"decoding": {"greedy": True, "max_new_tokens": 288, "no_repeat_ngram": 10},
+                   "retriever_order": {"recall@10": 0.1}, "tuned": tuned, "base": base, "eval_loss": 0.2812}
+        config = {"args": {"dataset": "inspired", "seed": 0, **args}}
+        if answer_tokens:
+            config["answer_tokens"] = answer_tokens
+        (folder / "quality.json").write_text(json.dumps(quality))
+        (folder / "recommender_config.json").write_text(json.dumps(config))
+        return str(tmp_path / name)
+
+    tuned = {"samples": 24, "parse_rate": 21 / 24, "answer_tag_rate": 1.0, "mean_completion_tokens": 198.4,
+             "reranked": {"recall@10": 0.1}}
+    old = sft_run("old", {"steps": 40}, tuned)  # no init_adapter, no interval, no answer lengths
+    report = sft_run("report", {"steps": 0, "init_adapter": "runs/x/recommender_sft"},
+                     {**tuned, "samples": 100, "parse_rate": 0.9, "parse_rate_ci": [0.8256, 0.9448]},
+                     {"median": 199, "p95": 222, "max": 258})
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\n#### inspired\n\nkept\n<!-- results:end -->\n<!-- sft_quality:start -->\n"
+                      "<!-- sft_quality:end -->\n<!-- bench:start -->\n<!-- bench:end -->\n<!-- lora_step:start -->\n"
+                      "<!-- lora_step:end -->\n")
+    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--sft-quality", old, report])
+    text = readme.read_text()
+    # 21 of 24: the interval is recomputed from the count (by hand in test_common.test_wilson_interval_by_hand)
+    assert ("| `old` | inspired | 40 steps, seed 0 | n/a | greedy, 288 tokens, no repeated 10-gram | 24 | "
+            "0.88 [0.69, 0.96] | 1.00 | 198 | 0.00 | 0.100 / 0.100 | 0.281 |") in text
+    assert ("| `report` | inspired | `runs/x/recommender_sft`, report only | 199 / 222 / 258 | greedy, 288 tokens, "
+            "no repeated 10-gram | 100 | 0.90 [0.83, 0.94] |") in text
+    assert "kept" in text

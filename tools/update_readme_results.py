@@ -11,18 +11,24 @@ Between <!-- lora_step:start --> and <!-- lora_step:end -->: bench/results/lora_
 Between <!-- rl_compare:start --> and <!-- rl_compare:end -->, with --compare-rl DIR...: the RL
 runs of those run directories side by side (settings, sampled training turns, greedy validation),
 then each runs/<dataset>/rollout_temperature.md (tools/rollout_temperature.py) found.
+Between <!-- sft_quality:start --> and <!-- sft_quality:end -->, with --sft-quality DIR...: the
+quality report of each DIR/recommender_sft/ (03's quality.json and recommender_config.json), one row each.
 
     python tools/update_readme_results.py [--runs runs] [--datasets inspired] [--command "..."]
-                                          [--compare-rl runs/a runs/b]
+                                          [--compare-rl runs/a runs/b] [--sft-quality runs/a runs/b]
 """
 import argparse
 import datetime
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402  (the parse rate's interval is computed in one place)
+
 RL_FOLDERS = ("recommender_rl", "recommender_rl_no_preference")
 SFT_FOLDERS = ("simulator", "simulator_feedback_only", "recommender_sft")
 _spec = importlib.util.spec_from_file_location("rl_step_vs_trl", ROOT / "bench" / "rl_step_vs_trl.py")
@@ -133,6 +139,41 @@ def rl_compare_table(run_dirs: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def sft_quality_table(run_dirs: list[Path]) -> str:
+    """One row per run directory: its recommender_sft/ adapter, how it was trained, and 03's greedy
+    answers on valid (parse rate with its 95% Wilson interval, next to the untuned base model's)."""
+    lines = ["| run | dataset | adapter | SFT answer tokens, median / p95 / max | decoding | valid samples | "
+             "parse rate [95% CI] | `<answer>` block closed | mean answer tokens | base parse rate | "
+             "R@10 re-ranked / retriever order | validation loss |", "|" + "---|" * 12]
+    for run_dir in run_dirs:
+        folder = run_dir / "recommender_sft"
+        if not (folder / "quality.json").exists():
+            raise SystemExit(f"--sft-quality: no {folder}/quality.json (run 03_sft_recommender.py)")
+        q = json.loads((folder / "quality.json").read_text())
+        config = json.loads((folder / "recommender_config.json").read_text())
+        a, tuned = config["args"], q["tuned"]
+        if a.get("init_adapter"):  # older runs did not have the flag
+            adapter = (f"`{a['init_adapter']}`, report only" if a["steps"] == 0
+                       else f"{a['steps']} steps from `{a['init_adapter']}`, seed {a['seed']}")
+        else:
+            adapter = f"{a['steps']} steps, seed {a['seed']}"
+        lengths = config.get("answer_tokens")  # older runs did not record them
+        lengths = f"{lengths['median']} / {lengths['p95']} / {lengths['max']}" if lengths else "n/a"
+        d = q["decoding"]
+        decoding = f"greedy, {d['max_new_tokens']} tokens" + (
+            f", no repeated {d['no_repeat_ngram']}-gram" if d.get("no_repeat_ngram") else "") + (
+            ", constrained list" if d.get("constrain_answer") else "")
+        # older reports have no interval: the count of valid answers gives it back
+        low, high = tuned.get("parse_rate_ci") or common.wilson_interval(round(tuned["parse_rate"] * tuned["samples"]),
+                                                                         tuned["samples"])
+        lines.append(f"| `{run_dir.name}` | {a['dataset']} | {adapter} | {lengths} | {decoding} | {tuned['samples']} | "
+                     f"{tuned['parse_rate']:.2f} [{low:.2f}, {high:.2f}] | {tuned['answer_tag_rate']:.2f} | "
+                     f"{tuned['mean_completion_tokens']:.0f} | {q['base']['parse_rate']:.2f} | "
+                     f"{tuned['reranked']['recall@10']:.3f} / {q['retriever_order']['recall@10']:.3f} | "
+                     f"{q['eval_loss']:.3f} |")
+    return "\n".join(lines)
+
+
 def dataset_block(results: Path, command: str, stamp: str) -> tuple[str, str]:
     meta = json.loads(results.read_text())
     run_dir = results.parents[1]
@@ -234,6 +275,8 @@ def main(argv=None) -> None:
     parser.add_argument("--readme", default=str(ROOT / "README.md"), help="the file to update")
     parser.add_argument("--compare-rl", nargs="*", default=None,
                         help="run directories whose recommender_rl/ to set side by side in the rl_compare block")
+    parser.add_argument("--sft-quality", nargs="*", default=None,
+                        help="run directories whose recommender_sft/quality.json to list in the sft_quality block")
     args = parser.parse_args(argv)
     # only runs/<dataset>/: a side run directory (e.g. runs/inspired_sft100) must not replace its dataset's block
     found = [p for p in sorted(Path(args.runs).glob("*/eval/results.json"))
@@ -267,6 +310,8 @@ def main(argv=None) -> None:
                   + p.read_text().strip() for p in sorted(Path(args.runs).glob("*/rollout_temperature.md"))]
         text = replace_between(text, "rl_compare", "\n\n".join(
             [rl_compare_table([Path(d) for d in args.compare_rl])] + sweeps))
+    if args.sft_quality:
+        text = replace_between(text, "sft_quality", sft_quality_table([Path(d) for d in args.sft_quality]))
     readme.write_text(text)
     print(f"updated {readme}: results of {sorted(new)} (kept {sorted(set(blocks) - set(new))})"
           + (", benchmark table" if bench_table else "") + (", LoRA step table" if lora_table else ""))
