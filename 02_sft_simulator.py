@@ -109,14 +109,16 @@ def simulator_quality(model, tok, samples: list[dict], items: list[dict], exampl
     accepted = accepted_items(samples)
     titles = common.TitleIndex(items)
     target_prompts = [task_messages("target", s, items, accepted, args.max_turns)[:-1] for s in samples]
-    outputs = common.generate(model, tok, target_prompts, max_new_tokens=48, batch_size=args.gen_batch_size)
+    outputs = common.generate(model, tok, target_prompts, max_new_tokens=48, batch_size=args.gen_batch_size,
+                              progress="target prediction")
     hits = []
     for s, text in zip(samples, outputs):
         truth = set(accepted.get(s["dialog_id"]) or s["targets"])
         hits.append(any(titles.match(t) in truth for t in common.parse_titles(text)))
     with_liked = [s for s in samples if s["liked"]]
     attr_prompts = [task_messages("attributes", s, items, accepted, args.max_turns)[:-1] for s in with_liked]
-    outputs_attr = common.generate(model, tok, attr_prompts, max_new_tokens=64, batch_size=args.gen_batch_size)
+    outputs_attr = common.generate(model, tok, attr_prompts, max_new_tokens=64, batch_size=args.gen_batch_size,
+                                   progress="attribute alignment")
     f1 = [common.set_f1(common.parse_attributes(text), common.parse_attributes(common.attribute_answer(items, s["liked"])))
           for s, text in zip(with_liked, outputs_attr)]
     return {

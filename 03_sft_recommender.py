@@ -206,7 +206,7 @@ def teacher_chains(args: Args, samples: list[dict], candidates: list[list[int]],
     prompts = [common.recommender_messages(samples[i]["context"], items, candidates[i], max_turns=args.max_turns)
                for i in asked]
     outputs = common.generate(teacher, teacher_tok, prompts, max_new_tokens=args.max_new_tokens,
-                              batch_size=args.gen_batch_size)
+                              batch_size=args.gen_batch_size, progress="teacher chains")
     kept = {}
     for i, text in zip(asked, outputs):
         parsed = common.parse_recommendation(text, titles, candidates[i])
@@ -227,12 +227,13 @@ def answer_lengths(examples: list[dict]) -> dict:
 
 
 def recommender_quality(model, tok, samples: list[dict], candidates: list[list[int]], items: list[dict],
-                        titles: common.TitleIndex, args: Args) -> dict:
+                        titles: common.TitleIndex, args: Args, name: str) -> dict:
     """Greedy answers on held-out samples (the retriever's candidates, nothing injected): how many
     parse into 10 distinct candidate titles, and the hit rates of the re-ranked lists."""
     answers = common.recommend_with_llm(model, tok, items, titles, [s["context"] for s in samples], candidates,
                                         args.max_new_tokens, batch_size=args.gen_batch_size, max_turns=args.max_turns,
-                                        no_repeat_ngram=args.no_repeat_ngram, constrain_answer=args.constrain_answer)
+                                        no_repeat_ngram=args.no_repeat_ngram, constrain_answer=args.constrain_answer,
+                                        progress=f"quality ({name})")
     n = max(len(answers), 1)
     valid = sum(a["parsed"]["valid"] for a in answers)
     return {
@@ -320,10 +321,9 @@ def train_recommender(args: Args, run: common.RunPaths, items: list[dict], sampl
                                                                 "no_repeat_ngram": args.no_repeat_ngram,
                                                                 "constrain_answer": args.constrain_answer},
                "retriever_order": common.score_rankings(retriever_order, held_out, ks=(1, 5, 10))["new"],
-               "tuned": recommender_quality(model, tok, held_out, candidates["valid"],
-                                                                              items, titles, args)}
+               "tuned": recommender_quality(model, tok, held_out, candidates["valid"], items, titles, args, "tuned")}
     with common.lora_disabled(model):
-        quality["base"] = recommender_quality(model, tok, held_out, candidates["valid"], items, titles, args)
+        quality["base"] = recommender_quality(model, tok, held_out, candidates["valid"], items, titles, args, "base")
     quality["eval_loss"] = validation_loss()["eval_loss"]
     common.write_json(out_dir / "quality.json", quality)
     config = {"args": asdict(args), "examples": len(pools["recommend"]), "injected_targets": injected,

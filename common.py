@@ -1425,7 +1425,7 @@ class AnswerListConstraint:
 def generate(model: nn.Module, tokenizer, prompts: list[list[dict] | str], max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, stop_strings: Sequence[str] | None = None,
              batch_size: int = 8, return_tokens: bool = False, no_repeat_ngram: int = 0,
-             answer_titles: Sequence[Sequence[str]] | None = None):
+             answer_titles: Sequence[Sequence[str]] | None = None, progress: str | None = None):
     """Complete chat prompts with the KV cache, `batch_size` prompts at a time, left padded.
 
     prompts: chat messages (rendered with the generation prompt) or raw strings (tokenized as
@@ -1439,6 +1439,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[dict] | str], max_n
        list of them (AnswerListConstraint); None leaves decoding free.
     -> texts: list[str]; with return_tokens, (texts, prompt_ids, completion_ids), ids as
        list[list[int]] without padding; completion ids include the final EOS when one was made.
+    progress: a progress bar over the batches with this description (None = no bar).
     Model is put in eval mode (no LoRA dropout) and restored afterwards. Seed torch to repeat a
     sampled run.
     """
@@ -1464,7 +1465,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[dict] | str], max_n
     was_training = model.training
     model.eval()
     try:
-        for s in range(0, len(order), batch_size):
+        for s in tqdm(range(0, len(order), batch_size), desc=progress, disable=progress is None, unit="batch"):
             rows = order[s:s + batch_size]
             T = max(len(encoded[i]) for i in rows)
             input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
@@ -1935,16 +1936,17 @@ def recommend_with_llm(model: nn.Module, tokenizer, items: Sequence[dict], title
                        contexts: Sequence[Sequence[dict]], candidates: Sequence[Sequence[int]],
                        max_new_tokens: int = 320, temperature: float = 0.0, top_p: float = 1.0,
                        batch_size: int = 8, max_turns: int = 4, no_repeat_ngram: int = 0,
-                       constrain_answer: bool = False) -> list[dict]:
+                       constrain_answer: bool = False, progress: str | None = None) -> list[dict]:
     """The recommender's answer for each (dialogue, K candidates): prompt, generate, parse, fill.
     no_repeat_ngram: the completion loop guard of generate (0 = off); constrain_answer: an opened
     <answer> block can only hold 10 distinct candidate titles (AnswerListConstraint). Keep both off
     for RL rollouts, whose log-probs must be those of the distribution that sampled them.
+    progress: a progress bar over the generation batches with this description (None = none).
     -> one {text, prompt_ids, completion_ids, parsed, ranked} per dialogue (ranked: 10 item ids)."""
     prompts = [recommender_messages(ctx, items, c, max_turns=max_turns) for ctx, c in zip(contexts, candidates)]
     texts, prompt_ids, completion_ids = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                                  temperature=temperature, top_p=top_p, batch_size=batch_size,
-                                                 return_tokens=True, no_repeat_ngram=no_repeat_ngram,
+                                                 return_tokens=True, no_repeat_ngram=no_repeat_ngram, progress=progress,
                                                  answer_titles=([[items[i]["title"] for i in c] for c in candidates]
                                                                 if constrain_answer else None))
     out = []
