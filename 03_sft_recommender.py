@@ -339,6 +339,9 @@ def train_recommender(args: Args, run: common.RunPaths, items: list[dict], sampl
 
 def main(argv=None) -> dict:
     args = common.parse_args(Args, argv)
+    if "recommender" in args.parts and args.steps == 0 and not args.init_adapter:
+        # 0 steps from zeros would write the untuned base as recommender_sft/, over a trained adapter
+        raise SystemExit("error: --steps 0 only reports on an earlier adapter: give it with --init-adapter DIR")
     args.run_dir = common.default_run_dir(args.dataset, args.run_dir)
     run = common.RunPaths(args.run_dir)
     if args.threads:

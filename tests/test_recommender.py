@@ -220,6 +220,9 @@ def test_init_adapter_continues_from_an_earlier_adapter(inspired_with_retriever,
     quality = json.loads((report_only / "recommender_sft" / "quality.json").read_text())
     low, high = quality["tuned"]["parse_rate_ci"]
     assert 0 <= low <= quality["tuned"]["parse_rate"] <= high <= 1
+    with pytest.raises(SystemExit, match="--init-adapter"):  # without an adapter, 0 steps would write the base
+        rec.main(["--dataset", "inspired", "--run-dir", str(report_only), "--steps", "0"] + tiny)
+    assert all(torch.equal(common.read_lora(report_only / "recommender_sft")[1][k], trained[k]) for k in trained)
 
 
 def test_teacher_chains_are_kept_only_when_they_parse_and_hit(inspired_with_retriever, tmp_path, monkeypatch):
