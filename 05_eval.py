@@ -14,7 +14,10 @@ Writes  <run-dir>/eval/
 Protocol (DESIGN section 7): each recommendation sample is scored against its `new_targets`
 (items not mentioned earlier in the dialogue: the headline) and against all its `targets`.
 One label per target item; Recall@k, NDCG@k and MRR@k each look at the first k of the list only.
-Confidence intervals resample samples (percentile bootstrap).
+Confidence intervals resample samples (percentile bootstrap). Whether the turns help is the change
+of each multi-turn row from turn 1 to turn T on the same conversations, with a paired bootstrap
+interval (common.paired_gain): the two turns' own intervals overlap even when the change is clear.
+Rows played in the same process as sft+simulator are also compared with it, sample by sample.
 
 Single-shot rows, on the whole split:
   popularity          items ranked by how many training dialogues mention them
@@ -61,6 +64,8 @@ MULTI_TURN_ROWS = {
 SINGLE_TURN_ROWS = ("base-zero-shot", "sft-single-turn")  # recommender rows without simulator turns
 ALL_ROWS = SINGLE_SHOT_ROWS + list(MULTI_TURN_ROWS)
 TURN_KS = (1, 5, 10)
+GAIN_METRICS = ("recall@1", "recall@10", "ndcg@10")  # new targets, turn 1 -> turn T, paired
+REFERENCE_ROW = "sft+simulator"  # the other multi-turn rows are also compared with it, sample by sample
 
 
 @dataclass
@@ -157,8 +162,11 @@ def score_episodes(episodes: list[common.Episode], turns: int, args: Args) -> di
                for t in range(1, turns + 1)]
     played = [[e.turns[t - 1] for e in episodes if len(e.turns) >= t] for t in range(1, turns + 1)]
     replies = [turn for e in episodes for turn in e.turns if "reply" in turn]
+    # did the turns help? the paired change from turn 1 to turn T on the same conversations
+    gain = {m: common.paired_gain([e.ranking_at(1) for e in episodes], [e.ranking_at(turns) for e in episodes], samples,
+                                  m, resamples=args.bootstrap, seed=args.seed) for m in GAIN_METRICS} if turns > 1 else None
     return {
-        "samples": len(episodes), "turns": by_turn,
+        "samples": len(episodes), "turns": by_turn, "gain_first_to_last": gain,
         "parse_rate_by_turn": [sum(x["parsed"]["valid"] for x in p) / len(p) if p else None for p in played],
         "success_by_turn": [sum(e.ranking_at(t)[0] in e.truth for e in episodes) / len(episodes)
                             for t in range(1, turns + 1)],
@@ -198,12 +206,16 @@ def markdown_tables(results: dict) -> str:
     if results["multi_turn"]:
         T = results["turns"]
         head = (f"| system | R@1 t1 | R@10 t1 [95% CI] | NDCG@10 t1 | R@1 t{T} | R@10 t{T} [95% CI] | NDCG@10 t{T} | "
-                f"parse rate t1 | leakage |")
-        lines = [head, "|" + "---|" * 9]
+                f"ΔR@10 t1→t{T} [paired 95% CI] (samples up / down) | parse rate t1 | leakage |")
+        lines = [head, "|" + "---|" * 10]
 
         def cell(turn: dict, metric: str, ci: bool = False) -> str:
             v = f"{turn['new'][metric]:.3f}"
             return v + (" [{:.3f}, {:.3f}]".format(*turn["ci"]["new"][metric]) if ci else "")
+
+        def gain_cell(r: dict) -> str:
+            g = (r.get("gain_first_to_last") or {}).get("recall@10")  # none: single turn, or written before it existed
+            return "n/a" if g is None else f"{g['gain']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}] ({g['up']} / {g['down']})"
 
         for name, r in results["multi_turn"].items():
             first, last = r["turns"][0], r["turns"][-1]
@@ -211,8 +223,17 @@ def markdown_tables(results: dict) -> str:
             leak = r["leakage_rate"]
             lines.append(f"| {name} | {cell(first, 'recall@1')} | {cell(first, 'recall@10', True)} | "
                          f"{cell(first, 'ndcg@10')} | {cell(last, 'recall@1')} | {cell(last, 'recall@10', True)} | "
-                         f"{cell(last, 'ndcg@10')} | {'n/a' if r['recommender'] == 'retriever' else f'{parse:.2f}'} | "
+                         f"{cell(last, 'ndcg@10')} | {gain_cell(r)} | "
+                         f"{'n/a' if r['recommender'] == 'retriever' else f'{parse:.2f}'} | "
                          f"{'n/a' if leak is None else f'{leak:.3f}'} |")
+        paired = {name: r["vs_reference"] for name, r in results["multi_turn"].items() if r.get("vs_reference")}
+        if paired:
+            def diff(g: dict) -> str:
+                return f"{g['gain']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}] ({g['up']} / {g['down']})"
+
+            lines.append("\nEach row minus " + REFERENCE_ROW + " on the same samples (R@10 new, paired 95% CI, samples "
+                         f"better / worse; rows played in one 05 process):\n\n| system | ΔR@10 t1 | ΔR@10 t{T} |\n|---|---|---|")
+            lines += [f"| {name} | {diff(v['turn 1'])} | {diff(v[f'turn {T}'])} |" for name, v in paired.items()]
         mt = results["multi_turn_meta"]
         out.append(f"{results['dataset']} {results['split']}, multi-turn (T = {T}, K = {mt['candidates']} candidates): "
                    f"{mt['samples']} samples with a new target ({mt['labels']} labels), "
@@ -338,6 +359,15 @@ def main(argv=None) -> dict:
             results["multi_turn"][row] = r
             print(f"[05] {row}: R@10 new turn 1 {r['turns'][0]['new']['recall@10']:.3f}, "
                   f"turn {args.turns} {r['turns'][-1]['new']['recall@10']:.3f} ({r['seconds']} s)")
+        # RL, the ablation, the retriever: better than the SFT recommender on the same conversations' samples?
+        if REFERENCE_ROW in multi:
+            reference = played[MULTI_TURN_ROWS[REFERENCE_ROW]]
+            for row in [r for r in multi if r not in (REFERENCE_ROW, "sft-single-turn")]:
+                own = played[MULTI_TURN_ROWS[row]]
+                results["multi_turn"][row]["vs_reference"] = {"reference": REFERENCE_ROW, **{
+                    f"turn {t}": common.paired_gain([e.ranking_at(t) for e in reference], [e.ranking_at(t) for e in own],
+                                                    subset, "recall@10", resamples=args.bootstrap, seed=args.seed)
+                    for t in sorted({1, args.turns})}}
         first = next(iter(results["multi_turn"].values()))
         results["multi_turn_meta"] = {"samples": len(subset), "labels": first["turns"][0]["labels"]["new"],
                                       "candidates": args.candidates}

@@ -490,6 +490,33 @@ def score_rankings(ranked: Sequence[Sequence[int]], samples: Sequence[dict], ks:
     return out
 
 
+def paired_gain(before: Sequence[Sequence[int]], after: Sequence[Sequence[int]], samples: Sequence[dict],
+                metric: str = "recall@10", key: str = "new_targets", resamples: int = 1000, seed: int = 0) -> dict:
+    """How much a label metric changes from one ranking of each sample to another (turn 1 -> turn T
+    of the same conversations), with a paired 95% percentile bootstrap: a resample draws samples
+    and keeps each sample's two rankings together, so the interval is that of the change itself,
+    far narrower than the two metrics' own intervals when most samples do not move.
+
+    before, after: one ranked item-id list per sample. Each sample adds its labels' metric sums, as
+    in MetricAccumulator: gain = (sum after - sum before) / labels.
+    -> {"gain": float, "ci": [lo, hi], "up": samples whose sum rose, "down": ... fell, "samples": n}"""
+    k = int(metric.split("@")[1])
+    diffs, counts = [], []
+    for b, a, s in zip(before, after, samples):
+        if not s[key]:
+            continue
+        diffs.append(sum(label_metrics(a, t, (k,))[metric] - label_metrics(b, t, (k,))[metric] for t in s[key]))
+        counts.append(len(s[key]))
+    diff, count = np.asarray(diffs, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    out = {"gain": float(diff.sum() / max(count.sum(), 1)), "ci": [0.0, 0.0], "up": int((diff > 1e-12).sum()),
+           "down": int((diff < -1e-12).sum()), "samples": len(diffs)}
+    if len(diffs) and resamples:
+        idx = np.random.default_rng(seed).integers(0, len(diffs), size=(resamples, len(diffs)))
+        boot = diff[idx].sum(1) / count[idx].sum(1)
+        out["ci"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+    return out
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> list[float]:
     """95% (z = 1.96) Wilson score interval of a proportion such as a parse rate: unlike the
     normal approximation it stays inside [0, 1] and is not [1, 1] when all n succeed. -> [low, high]"""

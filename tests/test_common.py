@@ -65,6 +65,24 @@ def test_wilson_interval_by_hand():
     assert common.wilson_interval(0, 0) == [0.0, 1.0]
 
 
+
+def test_paired_gain_by_hand():
+    others = list(range(100, 110))  # ten items that are never targets
+    samples = [{"new_targets": t, "targets": t} for t in ([5], [7, 8], [3], [])]
+    before = [[5, *others], others, [3, *others], others]
+    after = [[*others, 5], [7, 8, *others], [3, *others], others]
+    # sample 0 loses its hit (5 falls to rank 11): -1; sample 1 gains two: +2; sample 2 keeps it: 0;
+    # sample 3 has no label and does not count. (-1 + 2 + 0) / 4 labels = 0.25
+    g = common.paired_gain(before, after, samples, "recall@10", resamples=2000)
+    assert g["gain"] == pytest.approx(0.25) and (g["up"], g["down"], g["samples"]) == (1, 1, 3)
+    assert -1.0 <= g["ci"][0] <= 0.25 <= g["ci"][1] <= 1.0  # extremes: all draws sample 0 (-1/1), all sample 1 (2/2)
+    # unchanged rankings: the paired interval is exactly 0, though recall's own interval is wide
+    same = common.paired_gain(before, before, samples, "recall@10")
+    assert same == {"gain": 0.0, "ci": [0.0, 0.0], "up": 0, "down": 0, "samples": 3}
+    assert common.score_rankings(before, samples, ks=(10,), bootstrap=200)["ci"]["new"]["recall@10"][1] > 0.5
+    # NDCG@10: sample 1 gains 1 + 1/log2(3) = 1.6309, sample 0 loses 1 -> 0.6309 / 4
+    assert common.paired_gain(before, after, samples, "ndcg@10")["gain"] == pytest.approx(0.6309298 / 4)
+
 # ---------------------------------------------------------------- titles
 
 def test_title_matching_year_articles_fuzzy_and_candidates():

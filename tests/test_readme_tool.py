@@ -153,3 +153,25 @@ def test_sft_quality_block_lists_each_adapter_report(tmp_path):
     assert ("| `report` | inspired | `runs/x/recommender_sft`, report only | 199 / 222 / 258 | greedy, 288 tokens, "
             "no repeated 10-gram | 100 | 0.90 [0.83, 0.94] |") in text
     assert "kept" in text
+
+
+def test_side_eval_block_copies_each_table_under_its_command(tmp_path):
+    run_dir = tmp_path / "inspired_feedback"
+    (run_dir / "eval").mkdir(parents=True)
+    args = {f.name: f.default for f in tool.fields(tool.evaluate.Args)}
+    args.update(dataset="inspired", run_dir=str(run_dir), rows=["retriever+simulator"], limit=192, threads=1,
+                exclude_seen=False)
+    results = {"args": args, "multi_turn": {"retriever+simulator": {"seconds": 1512.0}}}
+    (run_dir / "eval" / "results.json").write_text(json.dumps(results))
+    (run_dir / "eval" / "results.md").write_text("| system |\n|---|\n| retriever+simulator |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\n#### inspired\n\nkept\n<!-- results:end -->\n<!-- side_eval:start -->\n"
+                      "old\n<!-- side_eval:end -->\n<!-- bench:start -->\n<!-- bench:end -->\n<!-- lora_step:start -->\n"
+                      "<!-- lora_step:end -->\n")
+    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--side-eval", str(run_dir)])
+    text = readme.read_text()
+    # only the flags that differ from 05's defaults, booleans as --flag / --no-flag
+    assert (f"`05_eval.py --dataset inspired --run-dir {run_dir} --rows retriever+simulator --limit 192 "
+            "--no-exclude-seen --threads 1` (") in text
+    assert "retriever+simulator 25.2 min):\n\n| system |\n|---|\n| retriever+simulator |" in text
+    assert "old" not in text and "kept" in text

@@ -292,7 +292,20 @@ def test_eval_multi_turn_rows_smoke(inspired_tiny_adapters, tmp_path, make_run):
             lo, hi = t["ci"]["new"]["recall@10"]
             assert lo <= t["new"]["recall@10"] <= hi
         assert r["leakage_rate"] is None or 0 <= r["leakage_rate"] <= 1
+        gain = r["gain_first_to_last"]
+        if name in evaluate.SINGLE_TURN_ROWS:
+            assert gain is None
+        else:  # the paired change is the difference of the two turns' recall (same labels)
+            for m in evaluate.GAIN_METRICS:
+                assert gain[m]["gain"] == pytest.approx(r["turns"][-1]["new"][m] - r["turns"][0]["new"][m])
+                assert gain[m]["ci"][0] <= gain[m]["gain"] <= gain[m]["ci"][1] and gain[m]["samples"] == 3
     single, multi = results["multi_turn"]["sft-single-turn"], results["multi_turn"]["sft+simulator"]
+    # each row against sft+simulator on the same samples: the paired difference of their recall
+    ablation = results["multi_turn"]["sft+simulator-feedback-only"]
+    for t, turn in ((1, 0), (2, 1)):
+        vs = ablation["vs_reference"][f"turn {t}"]
+        assert vs["gain"] == pytest.approx(ablation["turns"][turn]["new"]["recall@10"] - multi["turns"][turn]["new"]["recall@10"])
+    assert "vs_reference" not in multi and "vs_reference" not in single
     assert single["turns"][0]["new"] == multi["turns"][0]["new"] == single["turns"][1]["new"]
     eval_dir = run_dir / "eval"
     png = (eval_dir / "recall_by_turn.png").read_bytes()
@@ -303,3 +316,8 @@ def test_eval_multi_turn_rows_smoke(inspired_tiny_adapters, tmp_path, make_run):
     assert all(0 < t["completion_tokens"] <= 16 for c in convs for t in c["turns"])
     table = (eval_dir / "results.md").read_text()
     assert "multi-turn (T = 2" in table and "sft+simulator-feedback-only" in table
+    by_turn, paired = table.split("Each row minus")
+    cells = {line.split(" | ")[0][2:]: line.split(" | ") for line in by_turn.splitlines() if line.startswith("| ")}
+    gain_column = cells["system"].index("ΔR@10 t1→t2 [paired 95% CI] (samples up / down)")
+    assert cells["sft-single-turn"][gain_column] == "n/a" and cells["sft+simulator"][gain_column].endswith(")")
+    assert paired.startswith(" sft+simulator on the same samples") and "| retriever+simulator | " in paired

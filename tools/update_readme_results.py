@@ -13,9 +13,12 @@ runs of those run directories side by side (settings, sampled training turns, gr
 then each runs/<dataset>/rollout_temperature.md (tools/rollout_temperature.py) found.
 Between <!-- sft_quality:start --> and <!-- sft_quality:end -->, with --sft-quality DIR...: the
 quality report of each DIR/recommender_sft/ (03's quality.json and recommender_config.json), one row each.
+Between <!-- side_eval:start --> and <!-- side_eval:end -->, with --side-eval DIR...: each DIR/eval/results.md
+(05_eval.py in a side run directory, e.g. one row on more samples) under the command that wrote it.
 
     python tools/update_readme_results.py [--runs runs] [--datasets inspired] [--command "..."]
                                           [--compare-rl runs/a runs/b] [--sft-quality runs/a runs/b]
+                                          [--side-eval runs/a runs/b]
 """
 import argparse
 import datetime
@@ -23,6 +26,7 @@ import importlib.util
 import json
 import re
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +38,7 @@ SFT_FOLDERS = ("simulator", "simulator_feedback_only", "recommender_sft")
 _spec = importlib.util.spec_from_file_location("rl_step_vs_trl", ROOT / "bench" / "rl_step_vs_trl.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)  # its comparison_table: the benchmark's table is formatted in one place
+evaluate = importlib.import_module("05_eval")  # its Args: a results.json's command is given by the flags it changed
 
 
 def train_log(run_dir: Path, folder: str) -> list[dict]:
@@ -174,6 +179,38 @@ def sft_quality_table(run_dirs: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def eval_command(args: dict) -> str:
+    """The 05_eval.py command line that wrote a results.json: its flags that differ from 05's defaults."""
+    defaults = {f.name: f.default for f in fields(evaluate.Args)}
+    flags = []
+    for name, value in args.items():
+        if name in defaults and name != "dataset" and value == defaults[name]:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, list):
+            flags.append(" ".join([flag, *map(str, value)]))
+        else:
+            flags.append(f"{flag} {value}")
+    return "05_eval.py " + " ".join(flags)
+
+
+def side_eval_block(run_dirs: list[Path]) -> str:
+    """Each run directory's eval/results.md under the 05 command that wrote it, with its seconds per row."""
+    parts = []
+    for run_dir in run_dirs:
+        path = run_dir / "eval" / "results.json"
+        if not path.exists():
+            raise SystemExit(f"--side-eval: no {path} (run 05_eval.py --run-dir {run_dir})")
+        results = json.loads(path.read_text())
+        seconds = ", ".join(f"{name} {r['seconds'] / 60:.1f} min" for name, r in results["multi_turn"].items())
+        stamp = datetime.date.fromtimestamp(path.stat().st_mtime).isoformat()
+        parts.append(f"`{eval_command(results['args'])}` ({stamp}; {seconds or 'single-shot rows only'}):\n\n"
+                     + (path.parent / "results.md").read_text().strip())
+    return "\n\n".join(parts)
+
+
 def dataset_block(results: Path, command: str, stamp: str) -> tuple[str, str]:
     meta = json.loads(results.read_text())
     run_dir = results.parents[1]
@@ -277,6 +314,8 @@ def main(argv=None) -> None:
                         help="run directories whose recommender_rl/ to set side by side in the rl_compare block")
     parser.add_argument("--sft-quality", nargs="*", default=None,
                         help="run directories whose recommender_sft/quality.json to list in the sft_quality block")
+    parser.add_argument("--side-eval", nargs="*", default=None,
+                        help="run directories whose eval/results.md (05_eval.py) to copy into the side_eval block")
     args = parser.parse_args(argv)
     # only runs/<dataset>/: a side run directory (e.g. runs/inspired_sft100) must not replace its dataset's block
     found = [p for p in sorted(Path(args.runs).glob("*/eval/results.json"))
@@ -312,6 +351,8 @@ def main(argv=None) -> None:
             [rl_compare_table([Path(d) for d in args.compare_rl])] + sweeps))
     if args.sft_quality:
         text = replace_between(text, "sft_quality", sft_quality_table([Path(d) for d in args.sft_quality]))
+    if args.side_eval:
+        text = replace_between(text, "side_eval", side_eval_block([Path(d) for d in args.side_eval]))
     readme.write_text(text)
     print(f"updated {readme}: results of {sorted(new)} (kept {sorted(set(blocks) - set(new))})"
           + (", benchmark table" if bench_table else "") + (", LoRA step table" if lora_table else ""))
