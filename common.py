@@ -2072,11 +2072,13 @@ class Conversation:
         self.constrain_answer = constrain_answer
         self.titles = TitleIndex(items, popularity)
 
-    def recommend(self, episodes: Sequence[Episode], weights, temperature: float = 0.0, top_p: float = 1.0) -> None:
+    def recommend(self, episodes: Sequence[Episode], weights, temperature: float = 0.0, top_p: float = 1.0,
+                  progress: str | None = None) -> None:
         """Append a turn {candidates, text, prompt_ids, completion_ids, parsed, ranked, rank} to each
         episode: K candidates from the retriever, then the recommender's answer under `weights`
         (None: the base model; "retriever": no LLM, the retriever's top 10). rank: the 1-based
-        position of the best-placed true target in the list, or None."""
+        position of the best-placed true target in the list, or None. progress: a bar over the
+        generation batches with this description (None = none)."""
         cands = self.retriever.search([e.context for e in episodes], [e.sample["context_items"] for e in episodes],
                                       self.k, self.exclude_seen)
         if weights == "retriever":
@@ -2087,7 +2089,7 @@ class Conversation:
                 answers = recommend_with_llm(self.model, self.tok, self.items, self.titles,
                                              [e.context for e in episodes], cands, self.rec_max_new_tokens,
                                              temperature, top_p, self.batch_size, self.max_turns,
-                                             self.no_repeat_ngram, self.constrain_answer)
+                                             self.no_repeat_ngram, self.constrain_answer, progress)
         for e, c, answer in zip(episodes, cands, answers):
             rank = min((answer["ranked"].index(t) + 1 for t in e.truth if t in answer["ranked"]), default=None)
             e.turns.append({"candidates": c, **answer, "rank": rank})
@@ -2103,7 +2105,7 @@ class Conversation:
             said += " " + re.sub(r"#(\d+)", lambda m: numbered.get(m.group(1), m.group(0)), found.group(1).strip())
         return said
 
-    def reply(self, episodes: Sequence[Episode]) -> None:
+    def reply(self, episodes: Sequence[Episode], progress: str | None = None) -> None:
         """The simulator answers each episode's latest recommender turn; both turns join the
         dialogue. Adds to the turn: said, shown, reply, names_target (the reply names a true
         target) and leaks (it names one that was neither shown to it nor said in the dialogue)."""
@@ -2113,7 +2115,7 @@ class Conversation:
                    for e, s, ids in zip(episodes, said, shown)]
         with adapter(self.model, self.simulator_weights):
             replies = generate(self.model, self.tok, prompts, max_new_tokens=self.sim_max_new_tokens,
-                               batch_size=self.batch_size)
+                               batch_size=self.batch_size, progress=progress)
         for e, s, ids, r in zip(episodes, said, shown, replies):
             r = r.strip() or "(no reply)"
             history = " ".join(t["text"] for t in e.context) + " " + s
@@ -2125,17 +2127,20 @@ class Conversation:
     def play(self, episodes: Sequence[Episode], turns: int, weights, progress: str = "",
              temperature: float = 0.0, top_p: float = 1.0) -> list[Episode]:
         """Up to `turns` turns; a conversation stops once a true target is ranked first.
-        temperature, top_p: the recommender's decoding (0 = greedy, for evaluation; RL samples)."""
+        temperature, top_p: the recommender's decoding (0 = greedy, for evaluation; RL samples).
+        progress: a bar over the turns with this description, and one over each turn's generation batches."""
         bar = tqdm(range(1, turns + 1), desc=progress or "turns", disable=not progress)
         for t in bar:
             active = [e for e in episodes if not e.done]
             if not active:
                 break
-            self.recommend(active, weights, temperature, top_p)
+            # a turn of 100 conversations takes minutes on a CPU: show its batches too
+            inner = f"turn {t} recommender" if progress and weights != "retriever" else None
+            self.recommend(active, weights, temperature, top_p, progress=inner)
             if t < turns:
                 still = [e for e in active if not e.done]
                 if still:
-                    self.reply(still)
+                    self.reply(still, progress=f"turn {t} simulator" if progress else None)
             bar.set_postfix(active=len(active))
         return list(episodes)
 
