@@ -164,6 +164,7 @@ def test_side_eval_block_copies_each_table_under_its_command(tmp_path):
     results = {"args": args, "multi_turn": {"retriever+simulator": {"seconds": 1512.0}}}
     (run_dir / "eval" / "results.json").write_text(json.dumps(results))
     (run_dir / "eval" / "results.md").write_text("| system |\n|---|\n| retriever+simulator |\n")
+    (run_dir / "eval" / "feedback_effect_retriever+simulator.md").write_text("`python tools/feedback_effect.py`\n\n| turn |\n")
     readme = tmp_path / "README.md"
     readme.write_text("<!-- results:start -->\n#### inspired\n\nkept\n<!-- results:end -->\n<!-- side_eval:start -->\n"
                       "old\n<!-- side_eval:end -->\n<!-- bench:start -->\n<!-- bench:end -->\n<!-- lora_step:start -->\n"
@@ -174,4 +175,6 @@ def test_side_eval_block_copies_each_table_under_its_command(tmp_path):
     assert (f"`05_eval.py --dataset inspired --run-dir {run_dir} --rows retriever+simulator --limit 192 "
             "--no-exclude-seen --threads 1` (") in text
     assert "retriever+simulator 25.2 min):\n\n| system |\n|---|\n| retriever+simulator |" in text
+    assert ("What the feedback did to the retriever's query (retriever+simulator), by `python tools/feedback_effect.py`"
+            "\n\n| turn |") in text
     assert "old" not in text and "kept" in text

@@ -14,7 +14,8 @@ then each runs/<dataset>/rollout_temperature.md (tools/rollout_temperature.py) f
 Between <!-- sft_quality:start --> and <!-- sft_quality:end -->, with --sft-quality DIR...: the
 quality report of each DIR/recommender_sft/ (03's quality.json and recommender_config.json), one row each.
 Between <!-- side_eval:start --> and <!-- side_eval:end -->, with --side-eval DIR...: each DIR/eval/results.md
-(05_eval.py in a side run directory, e.g. one row on more samples) under the command that wrote it.
+(05_eval.py in a side run directory, e.g. one row on more samples) under the command that wrote it, and
+the DIR/eval/feedback_effect_<row>.md that tools/feedback_effect.py wrote there.
 
     python tools/update_readme_results.py [--runs runs] [--datasets inspired] [--command "..."]
                                           [--compare-rl runs/a runs/b] [--sft-quality runs/a runs/b]
@@ -208,6 +209,8 @@ def side_eval_block(run_dirs: list[Path]) -> str:
         stamp = datetime.date.fromtimestamp(path.stat().st_mtime).isoformat()
         parts.append(f"`{eval_command(results['args'])}` ({stamp}; {seconds or 'single-shot rows only'}):\n\n"
                      + (path.parent / "results.md").read_text().strip())
+        parts += [f"What the feedback did to the retriever's query ({p.stem.split('_', 2)[2]}), by "
+                  + p.read_text().strip() for p in sorted(path.parent.glob("feedback_effect_*.md"))]
     return "\n\n".join(parts)
 
 
