@@ -85,6 +85,9 @@ class Args:
     constrain_answer: bool = arg(False, "decode an opened <answer> block constrained to 10 distinct candidate titles "
                                         "(common.AnswerListConstraint); off = the model's own format")
     sim_max_new_tokens: int = arg(60, "generation budget of one simulator reply")
+    retriever_query: str = arg("latest-feedback", "what the retriever reads each turn: the real dialogue + the simulator's "
+                                                  "latest reply (DESIGN 1), or every simulated turn too (before 2026-11-26)",
+                               choices=list(common.RETRIEVER_QUERIES))
     gen_batch_size: int = arg(8, "prompts per generation batch")
     exclude_seen: bool = arg(True, "never rank items already mentioned in the dialogue")
     bootstrap: int = arg(1000, "bootstrap resamples for the 95% confidence intervals")
@@ -269,7 +272,9 @@ def plot_recall_by_turn(results: dict, path) -> None:
 
 # the settings two evaluations must share for their rows to sit in one table
 MERGE_KEYS = ("split", "limit", "turns", "candidates", "seed", "exclude_seen", "max_new_tokens", "constrain_answer",
-              "no_repeat_ngram")
+              "no_repeat_ngram", "retriever_query")
+# what a results.json written before a flag existed ran with, where that is not the flag's default
+BEFORE_FLAG = {"retriever_query": "whole-dialogue"}
 
 
 def merge_earlier(results: dict, path) -> dict:
@@ -277,7 +282,7 @@ def merge_earlier(results: dict, path) -> dict:
     ALL_ROWS order. Read at write time, so a process that finishes later keeps an earlier one's rows."""
     earlier = common.read_json(path)
     # a file written before a flag existed ran with that flag's default
-    defaults = {f.name: f.default for f in fields(Args)}
+    defaults = {**{f.name: f.default for f in fields(Args)}, **BEFORE_FLAG}
     then = {k: earlier["args"].get(k, defaults[k]) for k in MERGE_KEYS}
     differ = {k: (then[k], results["args"][k]) for k in MERGE_KEYS if then[k] != results["args"][k]}
     if earlier["dataset"] != results["dataset"] or differ:

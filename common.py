@@ -2048,6 +2048,9 @@ def names_title(text: str, title: str) -> bool:
     return f" {normalize_title(title)} " in words
 
 
+RETRIEVER_QUERIES = ("latest-feedback", "whole-dialogue")
+
+
 class Conversation:
     """The multi-turn protocol of DESIGN sections 1 and 7 on one base LLM that carries the
     recommender's and the simulator's adapters in turn (lora_swapped: no second model copy).
@@ -2057,20 +2060,35 @@ class Conversation:
     the retriever's own top 10 is the list); the simulator, which never sees the target, answers
     the top `show_top` movies as the seeker; both turns are appended to the dialogue. Items the
     recommender showed are not added to the items masked as already seen: masking them would
-    remove a target ranked 2-10 from the next turn's candidates."""
+    remove a target ranked 2-10 from the next turn's candidates.
+
+    retriever_query: what the retriever reads. "latest-feedback" (DESIGN section 1): the real
+    dialogue plus the simulator's latest reply. "whole-dialogue": every simulated turn too, as 04
+    and 05 did before 2026-11-26; the encoder keeps the last 256 tokens, so by turn 5 the simulated
+    turns filled most of its window (tools/feedback_effect.py)."""
 
     def __init__(self, model: nn.Module, tokenizer, items: Sequence[dict], retriever: "Retriever",
                  simulator_weights: dict[str, torch.Tensor] | None, candidates: int = 20, show_top: int = 3,
                  max_turns: int = 4, simulator_max_turns: int = 8, rec_max_new_tokens: int = 320,
                  sim_max_new_tokens: int = 60, batch_size: int = 8, exclude_seen: bool = True,
-                 popularity: Sequence[float] | None = None, no_repeat_ngram: int = 0, constrain_answer: bool = False):
+                 popularity: Sequence[float] | None = None, no_repeat_ngram: int = 0, constrain_answer: bool = False,
+                 retriever_query: str = "latest-feedback"):
+        if retriever_query not in RETRIEVER_QUERIES:
+            raise ValueError(f"retriever_query {retriever_query!r}: expected one of {RETRIEVER_QUERIES}")
         self.model, self.tok, self.items, self.retriever = model, tokenizer, items, retriever
         self.simulator_weights = simulator_weights
         self.k, self.show_top, self.max_turns, self.simulator_max_turns = candidates, show_top, max_turns, simulator_max_turns
         self.rec_max_new_tokens, self.sim_max_new_tokens = rec_max_new_tokens, sim_max_new_tokens
         self.batch_size, self.exclude_seen, self.no_repeat_ngram = batch_size, exclude_seen, no_repeat_ngram
-        self.constrain_answer = constrain_answer
+        self.constrain_answer, self.retriever_query = constrain_answer, retriever_query
         self.titles = TitleIndex(items, popularity)
+
+    def retriever_context(self, e: Episode) -> list[dict]:
+        """The turns the retriever encodes for episode e (see retriever_query)."""
+        if self.retriever_query == "whole-dialogue":
+            return e.context
+        simulated = e.context[len(e.sample["context"]):]  # (recommender, seeker) pairs appended by reply()
+        return list(e.sample["context"]) + simulated[-1:]
 
     def recommend(self, episodes: Sequence[Episode], weights, temperature: float = 0.0, top_p: float = 1.0,
                   progress: str | None = None) -> None:
@@ -2079,7 +2097,7 @@ class Conversation:
         (None: the base model; "retriever": no LLM, the retriever's top 10). rank: the 1-based
         position of the best-placed true target in the list, or None. progress: a bar over the
         generation batches with this description (None = none)."""
-        cands = self.retriever.search([e.context for e in episodes], [e.sample["context_items"] for e in episodes],
+        cands = self.retriever.search([self.retriever_context(e) for e in episodes], [e.sample["context_items"] for e in episodes],
                                       self.k, self.exclude_seen)
         if weights == "retriever":
             answers = [{"text": "", "prompt_ids": [], "completion_ids": [], "ranked": c[:REC_TOP_N],
@@ -2150,7 +2168,7 @@ def load_conversation(run: RunPaths, folders: Sequence[str], items: Sequence[dic
     swappable weights, the fused retriever, and the Conversation that plays them (04 and 05).
     The base is args.model, else the one recommender_sft/ (else the first adapter) was trained
     on. args: model, load_in_4bit, device, candidates, show_top, max_new_tokens,
-    sim_max_new_tokens, gen_batch_size, exclude_seen, no_repeat_ngram (the recommender's loop guard) and,
+    sim_max_new_tokens, gen_batch_size, exclude_seen, no_repeat_ngram (the recommender's loop guard), retriever_query and,
     where args has it, constrain_answer (05's; 04 has none: its rollouts decode freely). LoRA dropout is 0: the swapped adapters
     are evaluated or trained as RL policies, where dropout would make old and new log-probs differ.
     -> (conversation, {folder: LoRA weights}); the model's live adapter is a fresh zero-B one."""
@@ -2175,6 +2193,7 @@ def load_conversation(run: RunPaths, folders: Sequence[str], items: Sequence[dic
         model, tok, items, retriever, simulator_weights=None, candidates=args.candidates, show_top=args.show_top,
         rec_max_new_tokens=args.max_new_tokens, sim_max_new_tokens=args.sim_max_new_tokens,
         batch_size=args.gen_batch_size, exclude_seen=args.exclude_seen, popularity=popularity,
-        no_repeat_ngram=args.no_repeat_ngram, constrain_answer=getattr(args, "constrain_answer", False))
+        no_repeat_ngram=args.no_repeat_ngram, constrain_answer=getattr(args, "constrain_answer", False),
+        retriever_query=args.retriever_query)
     conversation.base_model = model_name  # written into the adapters 04 saves
     return conversation, weights

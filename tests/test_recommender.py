@@ -249,10 +249,11 @@ class FixedRetriever:
     """Returns the same candidates for every dialogue; records what it was asked."""
 
     def __init__(self, candidates):
-        self.candidates, self.calls = candidates, []
+        self.candidates, self.calls, self.texts = candidates, [], []
 
     def search(self, contexts, context_items, k, exclude_seen=True):
         self.calls.append([len(c) for c in contexts])
+        self.texts.append([[t["text"] for t in c] for c in contexts])
         return [list(self.candidates[:k]) for _ in contexts]
 
 
@@ -273,9 +274,17 @@ def test_conversation_stops_when_a_target_is_ranked_first_and_feeds_replies_back
     assert [("reply" in t) for t in missed.turns] == [True, True, False]
     assert len(missed.context) == 1 + 2 * 2 and missed.context[1]["role"] == "recommender"
     assert missed.context[1]["text"].startswith("I would recommend Liar Liar (1997), The Exorcist (1973) or")
-    assert retriever.calls == [[1, 1], [3], [5]]  # the retriever saw the growing dialogue, finished ones dropped
+    # the retriever read the real dialogue + the simulator's latest reply; finished conversations dropped
+    assert retriever.calls == [[1, 1], [2], [2]]
+    assert retriever.texts[2] == [["something funny", missed.turns[1]["reply"]]]
     assert hit.ranking_at(3) == hit.turns[0]["ranked"]  # a finished conversation keeps its list
     assert sample["context"] == [{"role": "seeker", "text": "something funny"}]  # the sample is not modified
+    # the older query: the whole dialogue, every simulated turn included
+    whole = FixedRetriever(list(range(20)))
+    conv = common.Conversation(model, tok, ITEMS, whole, simulator_weights=common.get_lora_weights(model),
+                               sim_max_new_tokens=6, batch_size=2, retriever_query="whole-dialogue")
+    conv.play(common.start_episodes([sample, miss]), turns=3, weights="retriever")
+    assert whole.calls == [[1, 1], [3], [5]]
 
 
 def test_eval_multi_turn_rows_smoke(inspired_tiny_adapters, tmp_path, make_run):

@@ -76,6 +76,15 @@ def test_retriever_then_eval_smoke(inspired_run):
         evaluate.SINGLE_SHOT_ROWS
     alone = evaluate.main(run + ["--rows", "popularity", "--bootstrap", "50"])
     assert list(alone["rows"]) == ["popularity"]
+    # ... except where the default changed: before --retriever-query, conversations read the whole dialogue
+    older = json.loads(path.read_text())
+    del older["args"]["retriever_query"]
+    path.write_text(json.dumps(older))
+    with pytest.raises(SystemExit, match="retriever_query"):
+        evaluate.main(run + ["--rows", "retriever-fused", "--bootstrap", "50", "--merge"])
+    again = evaluate.main(run + ["--rows", "retriever-fused", "--bootstrap", "50", "--merge", "--retriever-query",
+                                 "whole-dialogue"])
+    assert list(again["rows"]) == ["popularity", "retriever-fused"]
 
 
 def test_popularity_ranking_excludes_items_already_in_the_dialogue(inspired_run):
