@@ -5,7 +5,8 @@ Writes  <run-dir>/simulator/ (or --out, e.g. simulator_feedback_only for `--task
           adapter_config.json, adapter_model.safetensors   the LoRA adapter (PEFT layout)
           simulator_config.json    the arguments, the task mix, how many examples each task had
           train_log.jsonl          step, loss, lr, seconds (and validation loss every --eval-every)
-          quality.json             held-out quality of the tuned simulator and of the untuned base
+          quality.json             held-out quality of the tuned simulator and of the untuned base: target hit
+                                   rate, attribute F1, reply loss, replies that copy the recommender's turn
           checkpoint/checkpoint.pt every --save-every steps; a rerun resumes from it
 
 The simulator plays the seeker. It learns three tasks, each with its own instruction
@@ -41,7 +42,8 @@ class Args:
     lora_r: int = arg(16, "LoRA rank")
     lora_alpha: float = arg(32.0, "LoRA alpha (scale alpha / r)")
     lora_dropout: float = arg(0.05, "dropout on the LoRA input")
-    steps: int = arg(300, "optimizer steps")
+    steps: int = arg(300, "optimizer steps (0 with --init-adapter: only that adapter's quality report)")
+    init_adapter: str = arg("", "start the LoRA from this adapter folder (e.g. an earlier simulator/) instead of zeros")
     batch_size: int = arg(4, "examples per micro-batch")
     grad_accum: int = arg(1, "micro-batches per optimizer step")
     lr: float = arg(2e-4, "peak AdamW learning rate")
@@ -56,6 +58,7 @@ class Args:
     quality_split: str = arg("test", "held-out split for quality.json", choices=["valid", "test"])
     max_eval_samples: int = arg(100, "samples of the held-out split for validation loss and quality")
     gen_batch_size: int = arg(8, "prompts per generation batch")
+    reply_tokens: int = arg(60, "quality report: generation budget of a feedback reply (05's --sim-max-new-tokens)")
     max_train_samples: int = arg(0, "use only the first N training samples (smoke tests); 0 = all")
     seed: int = arg(0, "random seed")
     threads: int = arg(0, "torch CPU threads (0 = torch's default; 1 is fastest on small CPUs)")
@@ -105,7 +108,8 @@ def build_examples(samples: list[dict], items: list[dict], tok, tasks: list[str]
 
 
 def simulator_quality(model, tok, samples: list[dict], items: list[dict], examples: dict, args: Args) -> dict:
-    """Target-prediction hit rate and attribute F1 (greedy generation), reply loss (teacher forced)."""
+    """Target-prediction hit rate and attribute F1 (greedy generation), reply loss (teacher forced),
+    and how often a generated reply copies the recommender's turn (common.copies_turn)."""
     accepted = accepted_items(samples)
     titles = common.TitleIndex(items)
     target_prompts = [task_messages("target", s, items, accepted, args.max_turns)[:-1] for s in samples]
@@ -121,12 +125,19 @@ def simulator_quality(model, tok, samples: list[dict], items: list[dict], exampl
                                    progress="attribute alignment")
     f1 = [common.set_f1(common.parse_attributes(text), common.parse_attributes(common.attribute_answer(items, s["liked"])))
           for s, text in zip(with_liked, outputs_attr)]
+    with_reply = [s for s in samples if s["seeker_reply"].strip()]
+    reply_prompts = [task_messages("feedback", s, items, accepted, args.max_turns)[:-1] for s in with_reply]
+    replies = common.generate(model, tok, reply_prompts, max_new_tokens=args.reply_tokens, batch_size=args.gen_batch_size,
+                              progress="feedback replies")
+    copies = [common.copies_turn(r, s["response"]) for s, r in zip(with_reply, replies)]
     return {
         "target_hit_rate": sum(hits) / max(len(hits), 1), "target_samples": len(hits),
+        "reply_copy_rate": sum(copies) / max(len(copies), 1), "reply_copy_samples": len(copies),
         "attribute_f1": sum(f1) / max(len(f1), 1), "attribute_samples": len(f1),
         "reply_loss": common.mean_token_loss(model, examples["feedback"], tok.pad_token_id, args.batch_size, args.device),
         "reply_samples": len(examples["feedback"]),
-        "examples": [{"target_output": o, "attribute_output": a} for o, a in zip(outputs[:3], outputs_attr[:3])],
+        "examples": [{"target_output": o, "attribute_output": a, "reply": r}
+                     for o, a, r in zip(outputs[:3], outputs_attr[:3], replies[:3])],
     }
 
 
@@ -137,6 +148,9 @@ def main(argv=None) -> dict:
     out_dir = run.root / args.out
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.steps == 0 and not args.init_adapter:
+        # 0 steps from zeros would write the untuned base as the simulator, over a trained adapter
+        raise SystemExit("error: --steps 0 only reports on an earlier adapter: give it with --init-adapter DIR")
     if len(args.task_mix) != 3 or min(args.task_mix) < 0 or sum(args.task_mix) <= 0:
         raise SystemExit("error: --task-mix takes three non-negative weights (feedback attributes target), not all 0")
     weights = {t: w for t, w in zip(common.SIM_TASKS, args.task_mix) if w > 0}
@@ -153,6 +167,9 @@ def main(argv=None) -> dict:
     # 2. The base LLM with a fresh LoRA adapter.
     model, tok = common.load_llm(args.model, args.load_in_4bit, args.device)
     common.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+    if args.init_adapter:
+        common.load_lora(model, args.init_adapter)
+        print(f"[02] LoRA initialised from {args.init_adapter}")
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
 
@@ -167,7 +184,8 @@ def main(argv=None) -> dict:
     # 4. SFT of the LoRA weights on the mixed, shuffled tasks (AdamW, linear warm-up and decay);
     #    resumes from out_dir/checkpoint/ when a checkpoint of the same settings is there.
     same_run = {k: getattr(args, k) for k in ("model", "task_mix", "lora_r", "lora_alpha", "batch_size", "grad_accum",
-                                               "max_len", "max_turns", "max_train_samples", "seed", "steps", "lr")}
+                                               "max_len", "max_turns", "max_train_samples", "seed", "steps", "lr",
+                                               "init_adapter")}
 
     def validation_loss() -> dict:
         return {"eval_loss": {t: round(common.mean_token_loss(model, eval_examples[t], tok.pad_token_id,
@@ -184,7 +202,9 @@ def main(argv=None) -> dict:
     model.eval()
     common.save_lora(model, out_dir, {"base_model_name_or_path": args.model})
     print(f"[02] quality on {len(eval_samples)} {args.quality_split} samples (tuned, then base)")
+    real = [common.copies_turn(s["seeker_reply"], s["response"]) for s in eval_samples if s["seeker_reply"].strip()]
     quality = {"split": args.quality_split, "samples": len(eval_samples),
+               "real_seeker_copy_rate": sum(real) / max(len(real), 1),  # the data's own replies: the reference
                "tuned": simulator_quality(model, tok, eval_samples, items, eval_examples, args)}
     with common.lora_disabled(model):
         quality["base"] = simulator_quality(model, tok, eval_samples, items, eval_examples, args)
@@ -195,7 +215,8 @@ def main(argv=None) -> dict:
     for name in ("tuned", "base"):
         q = quality[name]
         print(f"[02] {name:5s}: target hit {q['target_hit_rate']:.3f}  attribute F1 {q['attribute_f1']:.3f}  "
-              f"reply loss {q['reply_loss']:.3f}")
+              f"reply loss {q['reply_loss']:.3f}  replies copying the recommender {q['reply_copy_rate']:.2f} "
+              f"(real seekers {quality['real_seeker_copy_rate']:.2f})")
     print(f"[02] wrote {out_dir}/ in {config['seconds']} s")
     return {"quality": quality, "config": config}
 

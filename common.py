@@ -1803,6 +1803,17 @@ def parse_titles(text: str) -> list[str]:
     return [p for p in parts if p]
 
 
+def copies_turn(reply: str, turn: str, share: float = 0.8) -> bool:
+    """Whether a seeker reply is made of the recommender's words instead of answering them: at
+    least `share` of the reply's words (lower case, punctuation dropped) occur in the turn. A small
+    simulator's usual failure: "I would recommend Joker (2019)." back to the recommender, which
+    carries no preference. A real seeker's "Yes, I have seen Joker, it was great" to "Have you seen
+    Joker (2019)?" shares 3 of 8 words."""
+    words = lambda text: re.sub(r"[^a-z0-9]+", " ", unicodedata.normalize("NFKD", text).lower()).split()  # noqa: E731
+    said, r = set(words(turn)), words(reply)
+    return bool(r) and sum(w in said for w in r) >= share * len(r)
+
+
 def set_f1(predicted: set, true: set) -> float:
     """F1 of two sets (1.0 when both are empty)."""
     if not predicted and not true:

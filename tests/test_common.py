@@ -66,6 +66,15 @@ def test_wilson_interval_by_hand():
 
 
 
+def test_copies_turn_counts_the_recommenders_words_in_a_reply():
+    said = "I would recommend Knives Out (2019), Joker (2019) or Get Out (2017)."
+    assert common.copies_turn("I would recommend Joker (2019)", said)  # 5 of 5 words
+    assert common.copies_turn("No, I would recommend Joker (2019).", said)  # 5 of 6 = 0.83
+    assert not common.copies_turn("I would recommend John Wick (2014)", said)  # 3 of 6
+    assert not common.copies_turn("Yes, I have seen Joker, it was great", "Have you seen Joker (2019)?")  # 3 of 8
+    assert not common.copies_turn("", said)
+
+
 def test_paired_gain_by_hand():
     others = list(range(100, 110))  # ten items that are never targets
     samples = [{"new_targets": t, "targets": t} for t in ([5], [7, 8], [3], [])]

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import common
 
@@ -95,6 +96,11 @@ def test_smoke_run_writes_adapter_log_and_quality(inspired_data, tmp_path, run_c
         q = quality[name]
         assert 0 <= q["target_hit_rate"] <= 1 and 0 <= q["attribute_f1"] <= 1 and q["reply_loss"] > 0
         assert q["target_samples"] == 6
+        assert 0 <= q["reply_copy_rate"] <= 1 and q["reply_copy_samples"] > 0 and "reply" in q["examples"][0]
+    # the data's own replies are the reference: counted on the same held-out samples
+    held_out = [s for s in common.load_samples(common.RunPaths(run_dir), "test")[:6] if s["seeker_reply"].strip()]
+    assert quality["real_seeker_copy_rate"] == pytest.approx(
+        sum(common.copies_turn(s["seeker_reply"], s["response"]) for s in held_out) / len(held_out))
     assert quality["tuned"]["reply_loss"] != quality["base"]["reply_loss"]  # the adapter changed something
     config = json.loads((folder / "simulator_config.json").read_text())
     assert config["task_mix"] == {"feedback": 1.0, "attributes": 1.0, "target": 1.0}
@@ -104,12 +110,24 @@ def test_smoke_run_writes_adapter_log_and_quality(inspired_data, tmp_path, run_c
     assert common.load_lora(model, folder)["r"] == 16
     assert out["quality"] == quality
 
+    # --steps 0 --init-adapter: only that adapter's quality report, the adapter itself unchanged
+    report = sim.main(["--run-dir", str(run_dir), "--steps", "0", "--init-adapter", str(folder), "--out", "report"] + TINY)
+    assert load_file(run_dir / "report" / "adapter_model.safetensors").keys() == load_file(
+        folder / "adapter_model.safetensors").keys()
+    assert all(torch.equal(load_file(run_dir / "report" / "adapter_model.safetensors")[k], v)
+               for k, v in load_file(folder / "adapter_model.safetensors").items())
+    assert report["quality"]["tuned"]["reply_loss"] == pytest.approx(quality["tuned"]["reply_loss"], rel=1e-4)
+    assert (run_dir / "report" / "train_log.jsonl").read_text() == ""
+    with pytest.raises(SystemExit, match="--init-adapter"):
+        sim.main(["--run-dir", str(run_dir), "--steps", "0"] + TINY)
+
 
 def test_feedback_only_mix_builds_feedback_examples_only(inspired_data, tmp_path, run_copy, monkeypatch):
     built = []
     original = sim.task_messages
     monkeypatch.setattr(sim, "task_messages", lambda task, *a, **k: built.append(task) or original(task, *a, **k))
-    monkeypatch.setattr(sim, "simulator_quality", lambda *a, **k: {"target_hit_rate": 0, "attribute_f1": 0, "reply_loss": 1})
+    monkeypatch.setattr(sim, "simulator_quality", lambda *a, **k: {"target_hit_rate": 0, "attribute_f1": 0, "reply_loss": 1,
+                                                                  "reply_copy_rate": 0})
     run_dir = run_copy(inspired_data, tmp_path, "feedback_only")
     built.clear()
     out = sim.main(["--run-dir", str(run_dir), "--steps", "1", "--task-mix", "1", "0", "0"] + TINY)

@@ -8,7 +8,8 @@ This counts, by turn:
 - the share of the encoded window that is the real dialogue (mean), and how many queries hold
   none of it;
 - of the simulator replies that fed the turn: how many name a title it was shown, and how many
-  copy the recommender's own sentence ("I would recommend ...") instead of answering it;
+  copy the recommender's own sentence ("I would recommend ...") instead of answering it
+  (common.copies_turn);
 - how many of the turn's top 10 were already in turn 1's top 10 (mean).
 
     python tools/feedback_effect.py --run-dir runs/inspired_feedback [--row retriever+simulator]
@@ -21,12 +22,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
-
-
-def copies_recommender(reply: str, said: str) -> bool:
-    """The reply repeats the recommender's turn instead of answering it as the seeker."""
-    reply = reply.strip().lower()
-    return reply.startswith("i would recommend") or (len(reply) > 10 and reply in said.lower())
 
 
 def turn_rows(conversations: list[dict], samples: dict, tokenizer, max_length: int) -> list[dict]:
@@ -51,7 +46,7 @@ def turn_rows(conversations: list[dict], samples: dict, tokenizer, max_length: i
                 last = c["turns"][t - 2]
                 replies += 1
                 named += any(common.names_title(last["reply"], title) for title in last["list"][:3])
-                copied += copies_recommender(last["reply"], last["said"])
+                copied += common.copies_turn(last["reply"], last["said"])
             overlap.append(len(set(c["turns"][t - 1]["list"]) & set(c["turns"][0]["list"])))
         rows.append({"turn": t, "conversations": n, "real_share": sum(shares) / n, "no_real_dialogue": none_left,
                      "replies": replies, "reply_names_shown": named, "reply_copies_recommender": copied,
