@@ -178,3 +178,32 @@ def test_side_eval_block_copies_each_table_under_its_command(tmp_path):
     assert ("What the feedback did to the retriever's query (retriever+simulator), by `python tools/feedback_effect.py`"
             "\n\n| turn |") in text
     assert "old" not in text and "kept" in text
+
+
+def test_sim_quality_block_lists_each_simulator_report(tmp_path):
+    def simulator(run, folder, args, tuned_extra, real=None):
+        path = tmp_path / run / folder
+        path.mkdir(parents=True)
+        tuned = {"target_hit_rate": 0.52, "attribute_f1": 0.3259, "reply_loss": 2.9069, **tuned_extra}
+        base = {"target_hit_rate": 0.06, "attribute_f1": 0.0126, "reply_loss": 3.3417, **tuned_extra}
+        quality = {"split": "test", "samples": 100, "tuned": tuned, "base": base}
+        if real is not None:
+            quality["real_seeker_copy_rate"] = real
+        (path / "quality.json").write_text(json.dumps(quality))
+        (path / "simulator_config.json").write_text(json.dumps({"args": {
+            "steps": 50, "batch_size": 4, "grad_accum": 1, "task_mix": [1.0, 1.0, 1.0], **args}}))
+        return str(path)
+
+    old = simulator("redial", "simulator", {}, {})  # written before replies were generated
+    new = simulator("redial_simq", "simulator", {"steps": 0, "init_adapter": "runs/redial/simulator"},
+                    {"reply_copy_rate": 0.8}, real=0.04)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\n#### inspired\n\nkept\n<!-- results:end -->\n<!-- sim_quality:start -->\n"
+                      "<!-- sim_quality:end -->\n<!-- bench:start -->\n<!-- bench:end -->\n<!-- lora_step:start -->\n"
+                      "<!-- lora_step:end -->\n")
+    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--sim-quality", old, new])
+    text = readme.read_text()
+    assert ("| `redial/simulator` | 50 steps of 4 x 1, task mix [1.0, 1.0, 1.0] | 100 test | 0.52 / 0.06 | "
+            "0.326 / 0.013 | 2.907 / 3.342 | n/a |") in text
+    assert "| `redial_simq/simulator` | `runs/redial/simulator`, report only | 100 test |" in text
+    assert "| 0.80 / 0.80 / 0.04 |" in text

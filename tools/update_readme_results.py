@@ -13,13 +13,15 @@ runs of those run directories side by side (settings, sampled training turns, gr
 then each runs/<dataset>/rollout_temperature.md (tools/rollout_temperature.py) found.
 Between <!-- sft_quality:start --> and <!-- sft_quality:end -->, with --sft-quality DIR...: the
 quality report of each DIR/recommender_sft/ (03's quality.json and recommender_config.json), one row each.
+Between <!-- sim_quality:start --> and <!-- sim_quality:end -->, with --sim-quality FOLDER...: 02's quality
+report of each simulator folder, tuned against the base, one row each.
 Between <!-- side_eval:start --> and <!-- side_eval:end -->, with --side-eval DIR...: each DIR/eval/results.md
 (05_eval.py in a side run directory, e.g. one row on more samples) under the command that wrote it, and
 the DIR/eval/feedback_effect_<row>.md that tools/feedback_effect.py wrote there.
 
     python tools/update_readme_results.py [--runs runs] [--datasets inspired] [--command "..."]
                                           [--compare-rl runs/a runs/b] [--sft-quality runs/a runs/b]
-                                          [--side-eval runs/a runs/b]
+                                          [--side-eval runs/a runs/b] [--sim-quality runs/a/simulator]
 """
 import argparse
 import datetime
@@ -180,6 +182,27 @@ def sft_quality_table(run_dirs: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def sim_quality_table(folders: list[Path]) -> str:
+    """One row per simulator folder: 02's quality report, tuned against the untuned base."""
+    lines = ["| simulator | adapter | held-out samples | target hit rate, tuned / base | attribute F1, tuned / base | "
+             "reply loss, tuned / base | replies copying the recommender's turn, tuned / base / real seekers |",
+             "|" + "---|" * 7]
+    for folder in folders:
+        if not (folder / "quality.json").exists():
+            raise SystemExit(f"--sim-quality: no {folder}/quality.json (run 02_sft_simulator.py)")
+        q = json.loads((folder / "quality.json").read_text())
+        a = json.loads((folder / "simulator_config.json").read_text())["args"]
+        adapter = (f"`{a['init_adapter']}`, report only" if a.get("init_adapter") and a["steps"] == 0
+                   else f"{a['steps']} steps of {a['batch_size']} x {a['grad_accum']}, task mix {a['task_mix']}")
+        t, b = q["tuned"], q["base"]
+        copies = (f"{t['reply_copy_rate']:.2f} / {b['reply_copy_rate']:.2f} / {q['real_seeker_copy_rate']:.2f}"
+                  if "reply_copy_rate" in t else "n/a")  # reports before 2026-11-26 did not count them
+        lines.append(f"| `{folder.parent.name}/{folder.name}` | {adapter} | {q['samples']} {q['split']} | "
+                     f"{t['target_hit_rate']:.2f} / {b['target_hit_rate']:.2f} | {t['attribute_f1']:.3f} / "
+                     f"{b['attribute_f1']:.3f} | {t['reply_loss']:.3f} / {b['reply_loss']:.3f} | {copies} |")
+    return "\n".join(lines)
+
+
 def eval_command(args: dict) -> str:
     """The 05_eval.py command line that wrote a results.json: its flags that differ from 05's defaults."""
     defaults = {f.name: f.default for f in fields(evaluate.Args)}
@@ -317,6 +340,8 @@ def main(argv=None) -> None:
                         help="run directories whose recommender_rl/ to set side by side in the rl_compare block")
     parser.add_argument("--sft-quality", nargs="*", default=None,
                         help="run directories whose recommender_sft/quality.json to list in the sft_quality block")
+    parser.add_argument("--sim-quality", nargs="*", default=None,
+                        help="simulator folders (e.g. runs/inspired/simulator) whose quality.json to list in the sim_quality block")
     parser.add_argument("--side-eval", nargs="*", default=None,
                         help="run directories whose eval/results.md (05_eval.py) to copy into the side_eval block")
     args = parser.parse_args(argv)
@@ -354,6 +379,8 @@ def main(argv=None) -> None:
             [rl_compare_table([Path(d) for d in args.compare_rl])] + sweeps))
     if args.sft_quality:
         text = replace_between(text, "sft_quality", sft_quality_table([Path(d) for d in args.sft_quality]))
+    if args.sim_quality:
+        text = replace_between(text, "sim_quality", sim_quality_table([Path(d) for d in args.sim_quality]))
     if args.side_eval:
         text = replace_between(text, "side_eval", side_eval_block([Path(d) for d in args.side_eval]))
     readme.write_text(text)
