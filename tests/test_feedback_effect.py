@@ -37,3 +37,7 @@ def test_real_dialogue_share_reply_kinds_and_overlap_by_hand():
     assert (third["reply_names_shown"], third["reply_copies_recommender"]) == (1, 0)
     assert third["overlap_with_turn_1"] == 8
     assert "| 2 | 1 | 0.40 | 0 | 1 | 1 | 1 | 9.0 |" in tool.markdown(rows, "cmd")
+    # with the latest reply only, turn 3 reads 9 + 7 words ("User: I loved Yentl (2002) and more"): all 9 real ones kept
+    latest = tool.turn_rows([{"dialog_id": "d1", "turn": 3, "turns": turns}], samples, words, max_length=20,
+                            query="latest-feedback")
+    assert latest[2]["real_share"] == 9 / 16 and latest[2]["no_real_dialogue"] == 0

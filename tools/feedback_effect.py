@@ -1,9 +1,10 @@
 """What the simulator's feedback does to the retriever's query, from 05's conversation files.
 
 Over the turns of eval/conversations_<row>.jsonl, the retriever's semantic view encodes the
-dialogue so far: the sample's real turns, then each simulated pair ("I would recommend A, B or
-C." and the simulator's reply). The sentence encoder keeps only its last --max-length tokens
-(common.encode_texts, truncated from the left), so simulated turns push the real dialogue out.
+sample's real turns and, with 05's --retriever-query whole-dialogue (before 2026-11-26), each
+simulated pair ("I would recommend A, B or C." and the simulator's reply), or with
+latest-feedback only the latest reply. The sentence encoder keeps only its last --max-length
+tokens (common.encode_texts, truncated from the left), so simulated turns push the real dialogue out.
 This counts, by turn:
 - the share of the encoded window that is the real dialogue (mean), and how many queries hold
   none of it;
@@ -24,8 +25,10 @@ sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 
 
-def turn_rows(conversations: list[dict], samples: dict, tokenizer, max_length: int) -> list[dict]:
-    """One summary per turn: real-dialogue share of the query window, reply kinds, list overlap."""
+def turn_rows(conversations: list[dict], samples: dict, tokenizer, max_length: int,
+              query: str = "whole-dialogue") -> list[dict]:
+    """One summary per turn: real-dialogue share of the query window, reply kinds, list overlap.
+    query: the conversations' --retriever-query (common.Conversation.retriever_context)."""
     turns = max(len(c["turns"]) for c in conversations)
     rows = []
     for t in range(1, turns + 1):
@@ -37,6 +40,8 @@ def turn_rows(conversations: list[dict], samples: dict, tokenizer, max_length: i
             real = samples[c["dialog_id"], c["turn"]]["context"]
             simulated = [x for turn in c["turns"][:t - 1] for x in ({"role": "recommender", "text": turn["said"]},
                                                                       {"role": "seeker", "text": turn["reply"]})]
+            if query == "latest-feedback":
+                simulated = simulated[-1:]
             whole = len(tokenizer(common.dialogue_text(real + simulated))["input_ids"])
             fed = len(tokenizer(common.dialogue_text(simulated))["input_ids"]) if simulated else 0
             kept_real = max(0, min(whole, max_length) - fed)  # the window keeps the last max_length tokens
@@ -54,8 +59,8 @@ def turn_rows(conversations: list[dict], samples: dict, tokenizer, max_length: i
     return rows
 
 
-def markdown(rows: list[dict], command: str) -> str:
-    lines = [f"`{command}`", "", "| turn | conversations | real dialogue's share of the encoded query | queries with "
+def markdown(rows: list[dict], command: str, query: str = "whole-dialogue") -> str:
+    lines = [f"`{command}` (retriever query: {query})", "", "| turn | conversations | real dialogue's share of the encoded query | queries with "
              "none of it | replies feeding the turn | naming a title shown | copying the recommender's sentence | "
              "top 10 shared with turn 1 |", "|" + "---|" * 8]
     for r in rows:
@@ -81,8 +86,11 @@ def main(argv=None) -> list[dict]:
 
     encoder = common.read_json(run.root / "retriever" / "report.json")["args"]["encoder"]  # what 03 built on
     tokenizer = AutoTokenizer.from_pretrained(common.resolve_encoder(encoder))
-    rows = turn_rows(common.read_jsonl(path), samples, tokenizer, args.max_length)
-    table = markdown(rows, f"python tools/feedback_effect.py --run-dir {args.run_dir} --row {args.row}")
+    # results.json written before --retriever-query existed: those conversations read the whole dialogue
+    query = results["args"].get("retriever_query", "whole-dialogue")
+    rows = turn_rows(common.read_jsonl(path), samples, tokenizer, args.max_length, query)
+    table = markdown(rows, f"python tools/feedback_effect.py --run-dir {args.run_dir} --row {args.row}",
+                     query)
     common.atomic_write_bytes(run.root / "eval" / f"feedback_effect_{args.row}.md", (table + "\n").encode())
     print(table)
     return rows
