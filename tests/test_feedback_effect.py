@@ -41,3 +41,7 @@ def test_real_dialogue_share_reply_kinds_and_overlap_by_hand():
     latest = tool.turn_rows([{"dialog_id": "d1", "turn": 3, "turns": turns}], samples, words, max_length=20,
                             query="latest-feedback")
     assert latest[2]["real_share"] == 9 / 16 and latest[2]["no_real_dialogue"] == 0
+    # a sample at the start of its dialogue has no real turn, so it cannot lose one
+    samples[("d2", 0)] = {"context": []}
+    empty = tool.turn_rows([{"dialog_id": "d2", "turn": 0, "turns": turns}], samples, words, max_length=20)
+    assert empty[1]["real_share"] == 0.0 and empty[1]["no_real_dialogue"] == 0

@@ -7,7 +7,7 @@ latest-feedback only the latest reply. The sentence encoder keeps only its last 
 tokens (common.encode_texts, truncated from the left), so simulated turns push the real dialogue out.
 This counts, by turn:
 - the share of the encoded window that is the real dialogue (mean), and how many queries hold
-  none of it;
+  none of it (of the samples that have real turns);
 - of the simulator replies that fed the turn: how many name a title it was shown, and how many
   copy the recommender's own sentence ("I would recommend ...") instead of answering it
   (common.copies_turn);
@@ -45,8 +45,8 @@ def turn_rows(conversations: list[dict], samples: dict, tokenizer, max_length: i
             whole = len(tokenizer(common.dialogue_text(real + simulated))["input_ids"])
             fed = len(tokenizer(common.dialogue_text(simulated))["input_ids"]) if simulated else 0
             kept_real = max(0, min(whole, max_length) - fed)  # the window keeps the last max_length tokens
-            shares.append(kept_real / min(whole, max_length))
-            none_left += kept_real == 0
+            shares.append(kept_real / max(min(whole, max_length), 1))
+            none_left += kept_real == 0 and bool(real)  # a sample at the dialogue's start has no real turn to lose
             if t > 1:
                 last = c["turns"][t - 2]
                 replies += 1
