@@ -207,7 +207,8 @@ def eval_command(args: dict) -> str:
     """The 05_eval.py command line that wrote a results.json: its flags that differ from 05's defaults."""
     defaults = {f.name: f.default for f in fields(evaluate.Args)}
     flags = []
-    for name, value in args.items():
+    # a flag added later, whose default differs from what older runs did, is written out for them
+    for name, value in {**args, **{k: v for k, v in evaluate.BEFORE_FLAG.items() if k not in args}}.items():
         if name in defaults and name != "dataset" and value == defaults[name]:
             continue
         flag = "--" + name.replace("_", "-")
