@@ -78,6 +78,9 @@ class Args:
     retriever_query: str = arg("latest-feedback", "what the retriever reads each turn: the real dialogue + the simulator's "
                                                   "latest reply (DESIGN 1), or every simulated turn too (before 2026-11-26)",
                                choices=list(common.RETRIEVER_QUERIES))
+    recommender_turn: str = arg("list", "how the simulator hears the recommender's top movies: 'I would recommend A, B "
+                                        "or C.' or 'Have you seen A? You might also like B or C.'",
+                                choices=list(common.RECOMMENDER_TURNS))
     gen_batch_size: int = arg(8, "prompts per generation batch")
     w_format: float = arg(1.0, "reward weight of format (the answer parses into 10 distinct candidates)")
     w_recommend: float = arg(1.0, "reward weight of recommend (1/log2(1+rank) of a true target)")
@@ -378,7 +381,7 @@ def main(argv=None) -> dict:
     same_run = {k: getattr(args, k) for k in ("model", "load_in_4bit", "prompts", "group_size", "turns", "candidates",
                                                "temperature", "top_p", "max_new_tokens", "w_format", "w_recommend",
                                                "w_preference", "gamma", "lr", "updates", "clip_eps", "kl_coef",
-                                               "max_train_samples", "seed", "steps", "retriever_query")}
+                                               "max_train_samples", "seed", "steps", "retriever_query", "recommender_turn")}
     same_run["world_size"] = world
     ckpt_dir, log_path = out_dir / "checkpoint", out_dir / "train_log.jsonl"
     step, log_rows = 0, []

@@ -2060,6 +2060,9 @@ def names_title(text: str, title: str) -> bool:
 
 
 RETRIEVER_QUERIES = ("latest-feedback", "whole-dialogue")
+# how the recommender's turn reads to the simulator: a list sentence, or a question as the data's
+# recommenders ask ("Have you seen Psycho (1960)?"); the simulator copies most list sentences back
+RECOMMENDER_TURNS = ("list", "question")
 
 
 class Conversation:
@@ -2083,9 +2086,12 @@ class Conversation:
                  max_turns: int = 4, simulator_max_turns: int = 8, rec_max_new_tokens: int = 320,
                  sim_max_new_tokens: int = 60, batch_size: int = 8, exclude_seen: bool = True,
                  popularity: Sequence[float] | None = None, no_repeat_ngram: int = 0, constrain_answer: bool = False,
-                 retriever_query: str = "latest-feedback"):
+                 retriever_query: str = "latest-feedback", recommender_turn: str = "list"):
         if retriever_query not in RETRIEVER_QUERIES:
             raise ValueError(f"retriever_query {retriever_query!r}: expected one of {RETRIEVER_QUERIES}")
+        if recommender_turn not in RECOMMENDER_TURNS:
+            raise ValueError(f"recommender_turn {recommender_turn!r}: expected one of {RECOMMENDER_TURNS}")
+        self.recommender_turn = recommender_turn
         self.model, self.tok, self.items, self.retriever = model, tokenizer, items, retriever
         self.simulator_weights = simulator_weights
         self.k, self.show_top, self.max_turns, self.simulator_max_turns = candidates, show_top, max_turns, simulator_max_turns
@@ -2125,9 +2131,15 @@ class Conversation:
             e.done = rank == 1
 
     def recommender_says(self, turn: dict) -> str:
-        """The recommender's turn as the seeker hears it: the top movies and the chain's explanation."""
+        """The recommender's turn as the seeker hears it: the top movies (recommender_turn "list":
+        "I would recommend A, B or C."; "question": "Have you seen A? You might also like B or C.")
+        and the chain's explanation."""
         shown = [self.items[i]["title"] for i in turn["ranked"][:self.show_top]]
-        said = "I would recommend " + (", ".join(shown[:-1]) + " or " + shown[-1] if len(shown) > 1 else shown[0]) + "."
+        either = lambda titles: ", ".join(titles[:-1]) + " or " + titles[-1] if len(titles) > 1 else titles[0]  # noqa: E731
+        if self.recommender_turn == "question":
+            said = f"Have you seen {shown[0]}?" + (f" You might also like {either(shown[1:])}." if len(shown) > 1 else "")
+        else:
+            said = "I would recommend " + either(shown) + "."
         found = re.search(r"^\s*Explanation:(.*)$", turn["text"], re.M)
         if found:
             numbered = {str(n): self.items[c]["title"] for n, c in enumerate(turn["candidates"], 1)}
@@ -2179,7 +2191,7 @@ def load_conversation(run: RunPaths, folders: Sequence[str], items: Sequence[dic
     swappable weights, the fused retriever, and the Conversation that plays them (04 and 05).
     The base is args.model, else the one recommender_sft/ (else the first adapter) was trained
     on. args: model, load_in_4bit, device, candidates, show_top, max_new_tokens,
-    sim_max_new_tokens, gen_batch_size, exclude_seen, no_repeat_ngram (the recommender's loop guard), retriever_query and,
+    sim_max_new_tokens, gen_batch_size, exclude_seen, no_repeat_ngram (the recommender's loop guard), retriever_query, recommender_turn and,
     where args has it, constrain_answer (05's; 04 has none: its rollouts decode freely). LoRA dropout is 0: the swapped adapters
     are evaluated or trained as RL policies, where dropout would make old and new log-probs differ.
     -> (conversation, {folder: LoRA weights}); the model's live adapter is a fresh zero-B one."""
@@ -2205,6 +2217,6 @@ def load_conversation(run: RunPaths, folders: Sequence[str], items: Sequence[dic
         rec_max_new_tokens=args.max_new_tokens, sim_max_new_tokens=args.sim_max_new_tokens,
         batch_size=args.gen_batch_size, exclude_seen=args.exclude_seen, popularity=popularity,
         no_repeat_ngram=args.no_repeat_ngram, constrain_answer=getattr(args, "constrain_answer", False),
-        retriever_query=args.retriever_query)
+        retriever_query=args.retriever_query, recommender_turn=args.recommender_turn)
     conversation.base_model = model_name  # written into the adapters 04 saves
     return conversation, weights

@@ -285,6 +285,11 @@ def test_conversation_stops_when_a_target_is_ranked_first_and_feeds_replies_back
                                sim_max_new_tokens=6, batch_size=2, retriever_query="whole-dialogue")
     conv.play(common.start_episodes([sample, miss]), turns=3, weights="retriever")
     assert whole.calls == [[1, 1], [3], [5]]
+    # the question form of the recommender's turn
+    conv = common.Conversation(model, tok, ITEMS, FixedRetriever(list(range(20))), simulator_weights=common.get_lora_weights(model),
+                               sim_max_new_tokens=6, batch_size=2, recommender_turn="question")
+    asked = conv.play(common.start_episodes([miss]), turns=2, weights="retriever")[0]
+    assert asked.context[1]["text"].startswith("Have you seen Liar Liar (1997)? You might also like The Exorcist (1973) or ")
 
 
 def test_eval_multi_turn_rows_smoke(inspired_tiny_adapters, tmp_path, make_run):
