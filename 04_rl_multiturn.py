@@ -78,8 +78,8 @@ class Args:
     retriever_query: str = arg("latest-feedback", "what the retriever reads each turn: the real dialogue + the simulator's "
                                                   "latest reply (DESIGN 1), or every simulated turn too (before 2026-11-26)",
                                choices=list(common.RETRIEVER_QUERIES))
-    recommender_turn: str = arg("list", "how the simulator hears the recommender's top movies: 'I would recommend A, B "
-                                        "or C.' or 'Have you seen A? You might also like B or C.'",
+    recommender_turn: str = arg("question", "how the simulator hears the recommender's top movies: 'Have you seen A? You "
+                                            "might also like B or C.' or 'I would recommend A, B or C.' (before 2026-11-26)",
                                 choices=list(common.RECOMMENDER_TURNS))
     gen_batch_size: int = arg(8, "prompts per generation batch")
     w_format: float = arg(1.0, "reward weight of format (the answer parses into 10 distinct candidates)")

@@ -88,8 +88,8 @@ class Args:
     retriever_query: str = arg("latest-feedback", "what the retriever reads each turn: the real dialogue + the simulator's "
                                                   "latest reply (DESIGN 1), or every simulated turn too (before 2026-11-26)",
                                choices=list(common.RETRIEVER_QUERIES))
-    recommender_turn: str = arg("list", "how the simulator hears the recommender's top movies: 'I would recommend A, B "
-                                        "or C.' or 'Have you seen A? You might also like B or C.'",
+    recommender_turn: str = arg("question", "how the simulator hears the recommender's top movies: 'Have you seen A? You "
+                                            "might also like B or C.' or 'I would recommend A, B or C.' (before 2026-11-26)",
                                 choices=list(common.RECOMMENDER_TURNS))
     gen_batch_size: int = arg(8, "prompts per generation batch")
     exclude_seen: bool = arg(True, "never rank items already mentioned in the dialogue")
@@ -277,7 +277,7 @@ def plot_recall_by_turn(results: dict, path) -> None:
 MERGE_KEYS = ("split", "limit", "turns", "candidates", "seed", "exclude_seen", "max_new_tokens", "constrain_answer",
               "no_repeat_ngram", "retriever_query", "recommender_turn")
 # what a results.json written before a flag existed ran with, where that is not the flag's default
-BEFORE_FLAG = {"retriever_query": "whole-dialogue"}
+BEFORE_FLAG = {"retriever_query": "whole-dialogue", "recommender_turn": "list"}
 
 
 def merge_earlier(results: dict, path) -> dict:

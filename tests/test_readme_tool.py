@@ -178,8 +178,8 @@ def test_side_eval_block_copies_each_table_under_its_command(tmp_path):
     assert ("What the feedback did to the retriever's query (retriever+simulator), by `python tools/feedback_effect.py`"
             "\n\n| turn |") in text
     assert "old" not in text and "kept" in text
-    del args["retriever_query"]  # a results.json from before the flag: its conversations read the whole dialogue
-    assert tool.eval_command(args).endswith("--threads 1 --retriever-query whole-dialogue")
+    del args["retriever_query"], args["recommender_turn"]  # a results.json from before the flags: what it did then
+    assert tool.eval_command(args).endswith("--threads 1 --retriever-query whole-dialogue --recommender-turn list")
 
 
 def test_sim_quality_block_lists_each_simulator_report(tmp_path):

@@ -273,7 +273,7 @@ def test_conversation_stops_when_a_target_is_ranked_first_and_feeds_replies_back
     # the simulator answered turns 1 and 2 (not the last); each answer joined the dialogue
     assert [("reply" in t) for t in missed.turns] == [True, True, False]
     assert len(missed.context) == 1 + 2 * 2 and missed.context[1]["role"] == "recommender"
-    assert missed.context[1]["text"].startswith("I would recommend Liar Liar (1997), The Exorcist (1973) or")
+    assert missed.context[1]["text"].startswith("Have you seen Liar Liar (1997)? You might also like The Exorcist (1973) or ")
     # the retriever read the real dialogue + the simulator's latest reply; finished conversations dropped
     assert retriever.calls == [[1, 1], [2], [2]]
     assert retriever.texts[2] == [["something funny", missed.turns[1]["reply"]]]
@@ -285,11 +285,11 @@ def test_conversation_stops_when_a_target_is_ranked_first_and_feeds_replies_back
                                sim_max_new_tokens=6, batch_size=2, retriever_query="whole-dialogue")
     conv.play(common.start_episodes([sample, miss]), turns=3, weights="retriever")
     assert whole.calls == [[1, 1], [3], [5]]
-    # the question form of the recommender's turn
+    # the list form of the recommender's turn (before 2026-11-26)
     conv = common.Conversation(model, tok, ITEMS, FixedRetriever(list(range(20))), simulator_weights=common.get_lora_weights(model),
-                               sim_max_new_tokens=6, batch_size=2, recommender_turn="question")
-    asked = conv.play(common.start_episodes([miss]), turns=2, weights="retriever")[0]
-    assert asked.context[1]["text"].startswith("Have you seen Liar Liar (1997)? You might also like The Exorcist (1973) or ")
+                               sim_max_new_tokens=6, batch_size=2, recommender_turn="list")
+    listed = conv.play(common.start_episodes([miss]), turns=2, weights="retriever")[0]
+    assert listed.context[1]["text"].startswith("I would recommend Liar Liar (1997), The Exorcist (1973) or")
 
 
 def test_eval_multi_turn_rows_smoke(inspired_tiny_adapters, tmp_path, make_run):

@@ -78,12 +78,12 @@ def test_retriever_then_eval_smoke(inspired_run):
     assert list(alone["rows"]) == ["popularity"]
     # ... except where the default changed: before --retriever-query, conversations read the whole dialogue
     older = json.loads(path.read_text())
-    del older["args"]["retriever_query"]
+    del older["args"]["retriever_query"], older["args"]["recommender_turn"]
     path.write_text(json.dumps(older))
     with pytest.raises(SystemExit, match="retriever_query"):
         evaluate.main(run + ["--rows", "retriever-fused", "--bootstrap", "50", "--merge"])
     again = evaluate.main(run + ["--rows", "retriever-fused", "--bootstrap", "50", "--merge", "--retriever-query",
-                                 "whole-dialogue"])
+                                 "whole-dialogue", "--recommender-turn", "list"])
     assert list(again["rows"]) == ["popularity", "retriever-fused"]
 
 
