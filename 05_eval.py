@@ -219,8 +219,8 @@ def markdown_tables(results: dict) -> str:
             v = f"{turn['new'][metric]:.3f}"
             return v + (" [{:.3f}, {:.3f}]".format(*turn["ci"]["new"][metric]) if ci else "")
 
-        def gain_cell(r: dict) -> str:
-            g = (r.get("gain_first_to_last") or {}).get("recall@10")  # none: single turn, or written before it existed
+        def change(g: dict | None) -> str:
+            """A paired_gain as '+0.004 [-0.013, +0.021] (3 / 2)'; None (single turn, or an older file): n/a."""
             return "n/a" if g is None else f"{g['gain']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}] ({g['up']} / {g['down']})"
 
         for name, r in results["multi_turn"].items():
@@ -229,17 +229,14 @@ def markdown_tables(results: dict) -> str:
             leak = r["leakage_rate"]
             lines.append(f"| {name} | {cell(first, 'recall@1')} | {cell(first, 'recall@10', True)} | "
                          f"{cell(first, 'ndcg@10')} | {cell(last, 'recall@1')} | {cell(last, 'recall@10', True)} | "
-                         f"{cell(last, 'ndcg@10')} | {gain_cell(r)} | "
+                         f"{cell(last, 'ndcg@10')} | {change((r.get('gain_first_to_last') or {}).get('recall@10'))} | "
                          f"{'n/a' if r['recommender'] == 'retriever' else f'{parse:.2f}'} | "
                          f"{'n/a' if leak is None else f'{leak:.3f}'} |")
         paired = {name: r["vs_reference"] for name, r in results["multi_turn"].items() if r.get("vs_reference")}
         if paired:
-            def diff(g: dict) -> str:
-                return f"{g['gain']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}] ({g['up']} / {g['down']})"
-
             lines.append("\nEach row minus " + REFERENCE_ROW + " on the same samples (R@10 new, paired 95% CI, samples "
                          f"better / worse; rows played in one 05 process):\n\n| system | ΔR@10 t1 | ΔR@10 t{T} |\n|---|---|---|")
-            lines += [f"| {name} | {diff(v['turn 1'])} | {diff(v[f'turn {T}'])} |" for name, v in paired.items()]
+            lines += [f"| {name} | {change(v['turn 1'])} | {change(v[f'turn {T}'])} |" for name, v in paired.items()]
         mt = results["multi_turn_meta"]
         out.append(f"{results['dataset']} {results['split']}, multi-turn (T = {T}, K = {mt['candidates']} candidates): "
                    f"{mt['samples']} samples with a new target ({mt['labels']} labels), "

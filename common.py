@@ -2066,6 +2066,15 @@ RETRIEVER_QUERIES = ("latest-feedback", "whole-dialogue")
 RECOMMENDER_TURNS = ("question", "list")
 
 
+def retriever_context(real: Sequence[dict], context: Sequence[dict], query: str) -> list[dict]:
+    """The turns the retriever encodes in a conversation: `context` is the sample's `real` turns
+    followed by the (recommender, seeker) pairs Conversation.reply appended; query "whole-dialogue"
+    keeps them all, "latest-feedback" only the last seeker reply (see Conversation)."""
+    if query == "whole-dialogue":
+        return list(context)
+    return list(real) + list(context[len(real):])[-1:]
+
+
 class Conversation:
     """The multi-turn protocol of DESIGN sections 1 and 7 on one base LLM that carries the
     recommender's and the simulator's adapters in turn (lora_swapped: no second model copy).
@@ -2101,13 +2110,6 @@ class Conversation:
         self.constrain_answer, self.retriever_query = constrain_answer, retriever_query
         self.titles = TitleIndex(items, popularity)
 
-    def retriever_context(self, e: Episode) -> list[dict]:
-        """The turns the retriever encodes for episode e (see retriever_query)."""
-        if self.retriever_query == "whole-dialogue":
-            return e.context
-        simulated = e.context[len(e.sample["context"]):]  # (recommender, seeker) pairs appended by reply()
-        return list(e.sample["context"]) + simulated[-1:]
-
     def recommend(self, episodes: Sequence[Episode], weights, temperature: float = 0.0, top_p: float = 1.0,
                   progress: str | None = None) -> None:
         """Append a turn {candidates, text, prompt_ids, completion_ids, parsed, ranked, rank} to each
@@ -2115,7 +2117,8 @@ class Conversation:
         (None: the base model; "retriever": no LLM, the retriever's top 10). rank: the 1-based
         position of the best-placed true target in the list, or None. progress: a bar over the
         generation batches with this description (None = none)."""
-        cands = self.retriever.search([self.retriever_context(e) for e in episodes], [e.sample["context_items"] for e in episodes],
+        cands = self.retriever.search([retriever_context(e.sample["context"], e.context, self.retriever_query)
+                                       for e in episodes], [e.sample["context_items"] for e in episodes],
                                       self.k, self.exclude_seen)
         if weights == "retriever":
             answers = [{"text": "", "prompt_ids": [], "completion_ids": [], "ranked": c[:REC_TOP_N],

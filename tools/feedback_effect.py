@@ -2,20 +2,20 @@
 
 Over the turns of eval/conversations_<row>.jsonl, the retriever's semantic view encodes the
 sample's real turns and, with 05's --retriever-query whole-dialogue (before 2026-11-26), each
-simulated pair ("I would recommend A, B or C." and the simulator's reply), or with
-latest-feedback only the latest reply. The sentence encoder keeps only its last --max-length
+simulated pair (the recommender's turn and the simulator's reply), or with latest-feedback only
+the latest reply. The sentence encoder keeps only its last --max-length
 tokens (common.encode_texts, truncated from the left), so simulated turns push the real dialogue out.
 This counts, by turn:
 - the share of the encoded window that is the real dialogue (mean), and how many queries hold
   none of it (of the samples that have real turns);
 - of the simulator replies that fed the turn: how many name a title it was shown, and how many
-  copy the recommender's own sentence ("I would recommend ...") instead of answering it
-  (common.copies_turn);
+  copy the recommender's own sentence instead of answering it (common.copies_turn);
 - how many of the turn's top 10 were already in turn 1's top 10 (mean).
 
     python tools/feedback_effect.py --run-dir runs/inspired_feedback [--row retriever+simulator]
 """
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -24,11 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 
+evaluate = importlib.import_module("05_eval")  # BEFORE_FLAG: the settings of files older than a flag
+
 
 def turn_rows(conversations: list[dict], samples: dict, tokenizer, max_length: int,
               query: str = "whole-dialogue") -> list[dict]:
     """One summary per turn: real-dialogue share of the query window, reply kinds, list overlap.
-    query: the conversations' --retriever-query (common.Conversation.retriever_context)."""
+    query: the conversations' --retriever-query (common.retriever_context)."""
     turns = max(len(c["turns"]) for c in conversations)
     rows = []
     for t in range(1, turns + 1):
@@ -38,10 +40,9 @@ def turn_rows(conversations: list[dict], samples: dict, tokenizer, max_length: i
                 continue  # the conversation stopped: a target was ranked first
             n += 1
             real = samples[c["dialog_id"], c["turn"]]["context"]
-            simulated = [x for turn in c["turns"][:t - 1] for x in ({"role": "recommender", "text": turn["said"]},
-                                                                      {"role": "seeker", "text": turn["reply"]})]
-            if query == "latest-feedback":
-                simulated = simulated[-1:]
+            played = [x for turn in c["turns"][:t - 1] for x in ({"role": "recommender", "text": turn["said"]},
+                                                                   {"role": "seeker", "text": turn["reply"]})]
+            simulated = common.retriever_context(real, real + played, query)[len(real):]  # what the query added
             whole = len(tokenizer(common.dialogue_text(real + simulated))["input_ids"])
             fed = len(tokenizer(common.dialogue_text(simulated))["input_ids"]) if simulated else 0
             kept_real = max(0, min(whole, max_length) - fed)  # the window keeps the last max_length tokens
@@ -86,8 +87,8 @@ def main(argv=None) -> list[dict]:
 
     encoder = common.read_json(run.root / "retriever" / "report.json")["args"]["encoder"]  # what 03 built on
     tokenizer = AutoTokenizer.from_pretrained(common.resolve_encoder(encoder))
-    # results.json written before --retriever-query existed: those conversations read the whole dialogue
-    query = results["args"].get("retriever_query", "whole-dialogue")
+    # results.json written before --retriever-query existed: what those conversations did
+    query = results["args"].get("retriever_query", evaluate.BEFORE_FLAG["retriever_query"])
     rows = turn_rows(common.read_jsonl(path), samples, tokenizer, args.max_length, query)
     table = markdown(rows, f"python tools/feedback_effect.py --run-dir {args.run_dir} --row {args.row}",
                      query)
