@@ -25,7 +25,9 @@ Part 2, the recommender (DESIGN section 5): the prompt is the dialogue, the seek
 feedback and the retriever's K numbered candidates with short attributes
 (common.recommender_messages); the target is a five-line reasoning chain (Preference, Matching,
 Scores, Ranking, Explanation) and then `<answer>` with 10 numbered candidate titles, built from
-metadata by common.reasoning_chain with the true target ranked first. A training sample whose
+metadata by common.reasoning_chain with the true target ranked first (--cite-candidates: each
+title after its candidate number, "1. #4 Knives Out (2019)", which makes writing it a copy of
+the prompt's candidate line). A training sample whose
 target the retriever missed gets it put in place of a random candidate (--inject-target): the
 recommender must learn to rank, and without this 4 in 5 ReDial samples would teach it nothing
 about the target. `--teacher MODEL` instead distils chains from another LLM, keeping only those
@@ -77,6 +79,7 @@ class Args:
     init_adapter: str = arg("", "start the LoRA from this adapter folder (e.g. an earlier recommender_sft/ whose "
                                 "budget was too small) instead of zeros; '' = a fresh adapter")
     inject_target: bool = arg(True, "training only: put a missed target in place of a random candidate")
+    cite_candidates: bool = arg(False, "SFT answer lines give each title's candidate number: '1. #4 Knives Out (2019)'")
     teacher: str = arg("", "distil reasoning chains from this LLM (kept when they parse and hit); '' = metadata chains")
     teacher_samples: int = arg(200, "training samples the teacher is asked about (generation is slow)")
     steps: int = arg(150, "recommender SFT optimizer steps (0 with --init-adapter: only that adapter's quality report)")
@@ -274,7 +277,7 @@ def train_recommender(args: Args, run: common.RunPaths, items: list[dict], sampl
     def example(s: dict, cands: list[int], chain: str | None) -> dict:
         if chain is None:
             chain, _ = common.reasoning_chain(items, vocab, s["context"], cands, common.sample_truth(s), s["liked"],
-                                              s["context_items"])
+                                              s["context_items"], cite_candidates=args.cite_candidates)
         messages = common.recommender_messages(s["context"], items, cands, answer=chain, max_turns=args.max_turns)
         return common.build_chat_example(tok, messages, args.max_len)
 

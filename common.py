@@ -1370,8 +1370,9 @@ class CompletionNoRepeatNGram:
 
 class AnswerListConstraint:
     """A logits processor that, once a completion has opened <answer>, lets it write only a list
-    the parser accepts: a newline, then n lines "i. <title>" naming n distinct candidates (titles
-    exactly as the prompt shows them), then </answer> and the end of the turn. What comes before
+    the parser accepts: a newline, then n lines "i. <title>" or "i. #<candidate number> <title>"
+    naming n distinct candidates (titles exactly as the prompt shows them, the number the title's
+    own), then </answer> and the end of the turn. What comes before
     <answer> (the reasoning chain) is left free, and inside the list the model still picks which
     candidate goes on each line: the constraint only removes the tokens no valid list can take.
     This is constrained decoding in the way of GENRE's prefix trie (De Cao et al., 2021), with one
@@ -1387,6 +1388,7 @@ class AnswerListConstraint:
     def __init__(self, tokenizer, titles: Sequence[Sequence[str]], prompt_len: int, end_id: int, n: int | None = None):
         self.tok, self.prompt_len, self.n = tokenizer, prompt_len, n or REC_TOP_N
         self.titles = [list(dict.fromkeys(t)) for t in titles]
+        self.numbers = [{t: k for k, t in reversed(list(enumerate(row, 1)))} for row in titles]  # first wins
         self.end_id = end_id
         self.newline = _tokenize(tokenizer, "\n")
         self.close = _tokenize(tokenizer, self.CLOSE) + [end_id]
@@ -1395,10 +1397,10 @@ class AnswerListConstraint:
         self.opens_with_newline = [True] * len(titles)
         self._lines: dict[tuple[int, str], list[int]] = {}
 
-    def _line(self, number: int, title: str) -> list[int]:
-        key = (number, title)
+    def _line(self, number: int, title: str, cited: int | None = None) -> list[int]:
+        key = (number, title, cited)
         if key not in self._lines:
-            self._lines[key] = _tokenize(self.tok, f"{number}. {title}\n")
+            self._lines[key] = _tokenize(self.tok, f"{number}. " + (f"#{cited} " if cited else "") + f"{title}\n")
         return self._lines[key]
 
     def allowed(self, row: int, written: list[int]) -> set[int]:
@@ -1409,7 +1411,8 @@ class AnswerListConstraint:
             if stage == 0:
                 options = [(None, self.newline)]
             elif stage <= self.n:
-                options = [(t, self._line(stage, t)) for t in self.titles[row] if t not in used]
+                options = [(t, self._line(stage, t, cited)) for t in self.titles[row] if t not in used
+                           for cited in (None, self.numbers[row][t])]
             else:
                 options = [(None, self.close)]
             rest = written[pos:]
@@ -1912,7 +1915,7 @@ def recommender_messages(context: Sequence[dict], items: Sequence[dict], candida
 
 def reasoning_chain(items: Sequence[dict], vocab: AttributeVocab, context: Sequence[dict], candidate_ids: Sequence[int],
                     targets: Sequence[int], liked: Sequence[int] = (), context_items: Sequence[int] = (),
-                    max_preferences: int = 3) -> tuple[str, list[int]]:
+                    max_preferences: int = 3, cite_candidates: bool = False) -> tuple[str, list[int]]:
     """The SFT target built from metadata (DESIGN section 5) and the ranking it encodes.
 
     Preference: attributes the seeker states, then those of liked movies already in the dialogue
@@ -1920,6 +1923,9 @@ def reasoning_chain(items: Sequence[dict], vocab: AttributeVocab, context: Seque
     named the hidden target's attributes taught the model to invent names, and greedy decoding
     then looped on them. Scores: how many preferred attributes each candidate has. Ranking:
     targets among the candidates first, then by score, ties in the retriever's order.
+    cite_candidates: each answer line also gives the candidate's number ("1. #4 Knives Out (2019)"),
+    so that writing the title is a copy of the prompt's line "4. Knives Out (2019): ..." rather
+    than a lookup of the Ranking line's fourth candidate, which a small model gets wrong.
     -> (text ending in <answer>1. title ... 10. title</answer>, ranked ids)"""
     seeker_text = " ".join(t["text"] for t in context if t["role"] == "seeker")
     mentioned = set(context_items)
@@ -1943,8 +1949,20 @@ def reasoning_chain(items: Sequence[dict], vocab: AttributeVocab, context: Seque
         f"Explanation: #{number[ranked[0]]} fits best"
         + (f", with {' and '.join(matched[ranked[0]][:2])}." if matched[ranked[0]] else " among the candidates."),
     ]
-    answer = "\n".join(f"{n}. {items[c]['title']}" for n, c in enumerate(ranked, 1))
+    cite = {c: f"#{number[c]} " if cite_candidates else "" for c in ranked}
+    answer = "\n".join(f"{n}. {cite[c]}{items[c]['title']}" for n, c in enumerate(ranked, 1))
     return "\n".join(lines) + f"\n<answer>\n{answer}\n</answer>", ranked
+
+
+_CITED = re.compile(r"^#\d+\s+(.+)$")
+
+
+def _match_entry(entry: str, titles: TitleIndex, candidate_ids: Sequence[int]) -> int | None:
+    """The candidate an answer line names: its title, after a cited number "#4 " if it has one
+    (then the whole line, for a title that itself starts like "#9 ...")."""
+    cited = _CITED.match(entry)
+    found = titles.match(cited.group(1), candidate_ids) if cited else None
+    return found if found is not None else titles.match(entry, candidate_ids)
 
 
 def parse_recommendation(text: str, titles: TitleIndex, candidate_ids: Sequence[int], n: int = REC_TOP_N) -> dict:
@@ -1952,12 +1970,14 @@ def parse_recommendation(text: str, titles: TitleIndex, candidate_ids: Sequence[
         "has_answer": both <answer> tags present, "entries": the list's lines (numbering dropped),
         "ids": each entry's candidate item id or None (matched only among the candidates),
         "valid": tags present and exactly n entries naming n distinct candidates (the format reward),
-        "preference": the attributes claimed on the Preference line (lower case)}"""
+        "preference": the attributes claimed on the Preference line (lower case)}
+    A line may cite the candidate's number before the title ("1. #4 Knives Out (2019)",
+    reasoning_chain's cite_candidates); the title decides which candidate it names."""
     found = _ANSWER.search(text)
     body = found.group(1) if found else ""
     entries = [re.sub(r"^\s*(?:[-*]|#?\d+[.):])\s*", "", ln).strip() for ln in body.splitlines()]
     entries = [e for e in entries if e]
-    ids = [titles.match(e, candidate_ids) for e in entries]
+    ids = [_match_entry(e, titles, candidate_ids) for e in entries]
     has_answer = bool(found) and "</answer>" in text[found.start():]
     valid = has_answer and len(entries) == n and None not in ids and len(set(ids)) == n
     pref = _PREFERENCE.search(text)

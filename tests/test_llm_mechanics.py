@@ -647,3 +647,9 @@ def test_answer_constraint_allows_only_what_a_valid_list_can_take(tok):
     close = enc("</answer>")
     assert constraint.allowed(0, done) == {close[0]}
     assert constraint.allowed(0, done + close) == {tok.eos_token_id}
+    # a line may cite the title's own candidate number (03 --cite-candidates), and only its own
+    cited = enc("1. #2 Aliens (1986)\n")
+    assert all(cited[i] in constraint.allowed(0, enc("\n") + cited[:i]) for i in range(len(cited)))
+    assert constraint.allowed(0, enc("\n") + cited) == second
+    wrong = enc("1. #1 Aliens (1986)\n")
+    assert any(wrong[i] not in constraint.allowed(0, enc("\n") + wrong[:i]) for i in range(len(wrong)))

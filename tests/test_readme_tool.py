@@ -141,17 +141,20 @@ def test_sft_quality_block_lists_each_adapter_report(tmp_path):
     report = sft_run("report", {"steps": 0, "init_adapter": "runs/x/recommender_sft"},
                      {**tuned, "samples": 100, "parse_rate": 0.9, "parse_rate_ci": [0.8256, 0.9448]},
                      {"median": 199, "p95": 222, "max": 258})
+    cited = sft_run("cited", {"steps": 30, "init_adapter": "runs/x/recommender_sft", "cite_candidates": True},
+                    {**tuned, "samples": 100, "parse_rate": 0.9, "parse_rate_ci": [0.8256, 0.9448]})
     readme = tmp_path / "README.md"
     readme.write_text("<!-- results:start -->\n#### inspired\n\nkept\n<!-- results:end -->\n<!-- sft_quality:start -->\n"
                       "<!-- sft_quality:end -->\n<!-- bench:start -->\n<!-- bench:end -->\n<!-- lora_step:start -->\n"
                       "<!-- lora_step:end -->\n")
-    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--sft-quality", old, report])
+    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--sft-quality", old, report, cited])
     text = readme.read_text()
     # 21 of 24: the interval is recomputed from the count (by hand in test_common.test_wilson_interval_by_hand)
     assert ("| `old` | inspired | 40 steps, seed 0 | n/a | greedy, 288 tokens, no repeated 10-gram | 24 | "
             "0.88 [0.69, 0.96] | 1.00 | 198 | 0.00 | 0.100 / 0.100 | 0.281 |") in text
     assert ("| `report` | inspired | `runs/x/recommender_sft`, report only | 199 / 222 / 258 | greedy, 288 tokens, "
             "no repeated 10-gram | 100 | 0.90 [0.83, 0.94] |") in text
+    assert "| `cited` | inspired | 30 steps from `runs/x/recommender_sft`, seed 0, titles cited by candidate number |" in text
     assert "kept" in text
 
 

@@ -73,6 +73,26 @@ def test_reasoning_chain_puts_the_target_first_and_parses_back():
     assert common.fill_ranking(parsed["ids"], CANDIDATES) == ranked
 
 
+def test_cited_chain_gives_each_title_its_candidate_number_and_parses_back():
+    vocab, titles = common.AttributeVocab(ITEMS), common.TitleIndex(ITEMS)
+    context = [{"role": "seeker", "text": "I want something funny"}]
+    candidates = [5, 3, 0, 2] + [i for i in range(20) if i not in (5, 3, 0, 2)]  # Heat is candidate #2
+    plain, ranked = common.reasoning_chain(ITEMS, vocab, context, candidates, targets=[3])
+    cited, cited_ranked = common.reasoning_chain(ITEMS, vocab, context, candidates, targets=[3], cite_candidates=True)
+    assert cited_ranked == ranked and cited.split("<answer>")[0] == plain.split("<answer>")[0]
+    answer = cited.split("<answer>\n")[1].splitlines()
+    assert answer[0] == "1. #2 Heat (1995)" and answer[1] == "2. #3 Liar Liar (1997)"
+    for line, item in zip(answer, ranked):
+        assert line.split(" ", 2)[1] == f"#{candidates.index(item) + 1}"
+    parsed = common.parse_recommendation(cited, titles, candidates)
+    assert parsed["valid"] and parsed["ids"] == ranked
+    # the title decides when the cited number disagrees; a title that starts with "#9" still matches
+    odd = ITEMS + [{"title": "#9 Lives (2016)", "genres": [], "directors": [], "stars": []}]
+    lines = ["#1 Heat (1995)", "#9 Lives (2016)"] + [f"#{k} {odd[i]['title']}" for k, i in enumerate(range(4, 12), 3)]
+    parsed = common.parse_recommendation(numbered(lines), common.TitleIndex(odd), list(range(21)))
+    assert parsed["valid"] and parsed["ids"][:3] == [3, 20, 4]
+
+
 def numbered(titles):
     return "<answer>\n" + "\n".join(f"{n}. {t}" for n, t in enumerate(titles, 1)) + "\n</answer>"
 

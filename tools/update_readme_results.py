@@ -165,6 +165,8 @@ def sft_quality_table(run_dirs: list[Path]) -> str:
                        else f"{a['steps']} steps from `{a['init_adapter']}`, seed {a['seed']}")
         else:
             adapter = f"{a['steps']} steps, seed {a['seed']}"
+        if a.get("cite_candidates") and a["steps"]:
+            adapter += ", titles cited by candidate number"
         lengths = config.get("answer_tokens")  # older runs did not record them
         lengths = f"{lengths['median']} / {lengths['p95']} / {lengths['max']}" if lengths else "n/a"
         d = q["decoding"]
