@@ -53,3 +53,20 @@ def test_unclosed_answers_at_the_token_budget_are_counted(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "used the whole budget (20 tokens) |" in out.splitlines()[0]
     assert "| smtpo | 3 | 1 (33%) | 2 (67%) |" in out and out.splitlines()[2].endswith("| 1 of 2 |")
+
+
+def test_lists_are_checked_against_their_own_ranking_line(tmp_path, capsys):
+    run, titles = twelve_film_run(tmp_path)
+    chain = lambda order: "Ranking: " + ", ".join(f"#{k}" for k in order) + "\n"  # noqa: E731
+    in_order, swapped = list(range(1, 11)), [2, 1] + list(range(3, 11))
+    turns = [chain(in_order) + answer(titles[:10]),  # retriever order, followed
+             chain(in_order) + answer([titles[1], titles[0]] + titles[2:10]),  # retriever order, not followed
+             chain(swapped) + answer([titles[1], titles[0]] + titles[2:10]),  # its own order, followed
+             chain([2, 1, 3, 4, 5, 6, 7, 8, 9, 14]) + answer(titles[:10]),  # a number beyond the 12 candidates
+             answer(titles[:10])]  # no Ranking line
+    (run / "eval" / "conversations_sft.jsonl").write_text(json.dumps(
+        {"dialog_id": "d1", "turns": [{"candidates": titles, "answer": a} for a in turns]}))
+    tool.main(["--run-dir", str(run)])
+    row = capsys.readouterr().out.splitlines()[2].split(" | ")
+    assert row[1] == "5" and row[2] == "5 (100%)"  # all valid
+    assert row[2 + len(tool.KINDS):4 + len(tool.KINDS)] == ["2 (40%)", "2 (40%)"]

@@ -7,12 +7,15 @@ and counts, per row with an LLM recommender: valid, no closed <answer> block, fe
 names no candidate, two entries naming the same candidate (an answer can have several kinds).
 Of the answers with no closed block, it counts those that used the whole generation budget
 (--max-new-tokens of eval/results.json) when the file records each answer's completion tokens
-(05 does since 2026-11-26; n/a for older files).
+(05 does since 2026-11-26; n/a for older files). Two more counts show whether the list comes
+from the chain: answers whose Ranking line is the retriever's order (#1, #2, ..., #10), and
+answers whose list names exactly the candidates their own Ranking line gives, in its order.
 
     python tools/parse_failures.py --run-dir runs/inspired [--examples 3]
 """
 import argparse
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -44,6 +47,21 @@ def failure_kinds(parsed: dict, n: int = common.REC_TOP_N) -> list[str]:
 
 
 OUT_OF_TOKENS = "no closed <answer>: used the whole budget"
+CHAIN = ("Ranking line #1 ... #10", "list follows its Ranking line")
+_RANKING = re.compile(r"^\s*Ranking:(.*)$", re.M)
+
+
+def chain_kinds(text: str, parsed: dict, candidates: list[int], n: int = common.REC_TOP_N) -> list[str]:
+    """The CHAIN counts an answer falls in: its Ranking line names candidates #1..#n in order;
+    its list's entries are the candidates its Ranking line names, in that order."""
+    found = _RANKING.search(text)
+    numbers = [int(k) for k in re.findall(r"#(\d+)", found.group(1))] if found else []
+    if not numbers or not all(1 <= k <= len(candidates) for k in numbers):
+        return []
+    kinds = [CHAIN[0]] if numbers == list(range(1, n + 1)) else []
+    if parsed["ids"] == [candidates[k - 1] for k in numbers]:
+        kinds.append(CHAIN[1])
+    return kinds
 
 
 def count_file(path: Path, titles: common.TitleIndex, id_of: dict[str, int], examples: int,
@@ -61,7 +79,7 @@ def count_file(path: Path, titles: common.TitleIndex, id_of: dict[str, int], exa
                                  "was this file written from another run directory?")
             parsed = common.parse_recommendation(turn["answer"], titles, candidates)
             kinds = failure_kinds(parsed)
-            counts.update(kinds)
+            counts.update(kinds + chain_kinds(turn["answer"], parsed, candidates))
             if "no closed <answer>" in kinds:
                 if budget is None or "completion_tokens" not in turn:
                     counts["unmeasured"] += 1
@@ -89,8 +107,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: no {run.eval}/conversations_*.jsonl: run 05_eval.py --run-dir {args.run_dir} first")
     results = run.eval / "results.json"
     budget = common.read_json(results)["args"].get("max_new_tokens") if results.exists() else None
-    print("| row | turns | " + " | ".join(KINDS) + f" | {OUT_OF_TOKENS}{f' ({budget} tokens)' if budget else ''} |\n|---|---|"
-          + "---|" * (len(KINDS) + 1))
+    print("| row | turns | " + " | ".join(KINDS + CHAIN) + f" | {OUT_OF_TOKENS}{f' ({budget} tokens)' if budget else ''} |"
+          "\n|---|---|" + "---|" * (len(KINDS + CHAIN) + 1))
     notes = []
     for path in files:
         counts, turns, shown = count_file(path, titles, id_of, args.examples, budget)
@@ -98,7 +116,7 @@ def main(argv=None) -> None:
         if not turns:
             continue
         out_of_tokens = "n/a" if counts["unmeasured"] else f"{counts[OUT_OF_TOKENS]} of {counts['no closed <answer>']}"
-        print(f"| {row} | {turns} | " + " | ".join(f"{counts[k]} ({counts[k] / max(turns, 1):.0%})" for k in KINDS)
+        print(f"| {row} | {turns} | " + " | ".join(f"{counts[k]} ({counts[k] / max(turns, 1):.0%})" for k in KINDS + CHAIN)
               + f" | {out_of_tokens} |")
         notes += [f"- {row}: {s}" for s in shown]
     if notes:
