@@ -18,10 +18,13 @@ report of each simulator folder, tuned against the base, one row each.
 Between <!-- side_eval:start --> and <!-- side_eval:end -->, with --side-eval DIR...: each DIR/eval/results.md
 (05_eval.py in a side run directory, e.g. one row on more samples) under the command that wrote it, and
 the DIR/eval/feedback_effect_<row>.md that tools/feedback_effect.py wrote there.
+Between <!-- rl_eval:start --> and <!-- rl_eval:end -->, with --rl-eval DIR...: the same, for side runs
+that set SMTPO against SFT on the same test conversations.
 
     python tools/update_readme_results.py [--runs runs] [--datasets inspired] [--command "..."]
                                           [--compare-rl runs/a runs/b] [--sft-quality runs/a runs/b]
                                           [--side-eval runs/a runs/b] [--sim-quality runs/a/simulator]
+                                          [--rl-eval runs/a]
 """
 import argparse
 import datetime
@@ -347,6 +350,8 @@ def main(argv=None) -> None:
                         help="simulator folders (e.g. runs/inspired/simulator) whose quality.json to list in the sim_quality block")
     parser.add_argument("--side-eval", nargs="*", default=None,
                         help="run directories whose eval/results.md (05_eval.py) to copy into the side_eval block")
+    parser.add_argument("--rl-eval", nargs="*", default=None,
+                        help="run directories whose eval/results.md (05_eval.py, SMTPO against SFT) to copy into the rl_eval block")
     args = parser.parse_args(argv)
     # only runs/<dataset>/: a side run directory (e.g. runs/inspired_sft100) must not replace its dataset's block
     found = [p for p in sorted(Path(args.runs).glob("*/eval/results.json"))
@@ -386,6 +391,8 @@ def main(argv=None) -> None:
         text = replace_between(text, "sim_quality", sim_quality_table([Path(d) for d in args.sim_quality]))
     if args.side_eval:
         text = replace_between(text, "side_eval", side_eval_block([Path(d) for d in args.side_eval]))
+    if args.rl_eval:
+        text = replace_between(text, "rl_eval", side_eval_block([Path(d) for d in args.rl_eval]))
     readme.write_text(text)
     print(f"updated {readme}: results of {sorted(new)} (kept {sorted(set(blocks) - set(new))})"
           + (", benchmark table" if bench_table else "") + (", LoRA step table" if lora_table else ""))
