@@ -185,7 +185,9 @@ def test_side_eval_block_copies_each_table_under_its_command(tmp_path):
     readme.write_text(text.replace("<!-- bench:start -->", "<!-- rl_eval:start -->\n<!-- rl_eval:end -->\n<!-- bench:start -->"))
     tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--rl-eval", str(run_dir)])
     rl_block = readme.read_text().split("<!-- rl_eval:start -->")[1].split("<!-- rl_eval:end -->")[0]
-    assert "retriever+simulator 25.2 min):\n\n| system |" in rl_block and readme.read_text().startswith(text[:200])
+    side_block = lambda t: t.split("<!-- side_eval:start -->")[1].split("<!-- side_eval:end -->")[0]  # noqa: E731
+    assert "retriever+simulator 25.2 min):\n\n| system |" in rl_block
+    assert side_block(readme.read_text()) == side_block(text)
     del args["retriever_query"], args["recommender_turn"]  # a results.json from before the flags: what it did then
     assert tool.eval_command(args).endswith("--threads 1 --retriever-query whole-dialogue --recommender-turn list")
 

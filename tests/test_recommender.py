@@ -355,3 +355,18 @@ def test_eval_multi_turn_rows_smoke(inspired_tiny_adapters, tmp_path, make_run):
     gain_column = cells["system"].index("ΔR@10 t1→t2 [paired 95% CI] (samples up / down)")
     assert cells["sft-single-turn"][gain_column] == "n/a" and cells["sft+simulator"][gain_column].endswith(")")
     assert paired.startswith(" sft+simulator on the same samples") and "| retriever+simulator | " in paired
+
+
+def test_cite_candidates_reaches_the_sft_targets(inspired_with_retriever, tmp_path, run_copy):
+    """03 --cite-candidates writes "#k " before each of the ten answer titles of every SFT target:
+    the same examples (same seed) get a few tokens longer per line."""
+    tiny = rec_tiny(max_eval_samples=1, max_new_tokens=4)
+    lengths = {}
+    for cite in ("--no-cite-candidates", "--cite-candidates"):
+        run_dir = run_copy(inspired_with_retriever, tmp_path, cite.strip("-"))
+        rec.main(["--dataset", "inspired", "--run-dir", str(run_dir), "--steps", "1", "--lr", "0", cite] + tiny)
+        config = json.loads((run_dir / "recommender_sft" / "recommender_config.json").read_text())
+        assert config["args"]["cite_candidates"] == (cite == "--cite-candidates")
+        lengths[cite] = config["answer_tokens"]
+    plain, cited = lengths["--no-cite-candidates"], lengths["--cite-candidates"]
+    assert cited["median"] >= plain["median"] + 10 * 2 and cited["max"] > plain["max"]  # "#k " is 2+ tokens a line
