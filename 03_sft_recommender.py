@@ -4,8 +4,12 @@ Reads   <run-dir>/data/            (01_prep_data.py): items, dialogues, recommen
 Writes  <run-dir>/retriever/
           features.pt              frozen sentence-encoder vectors of items and dialogue contexts
           fused/retriever.pt       the dual-view retriever (semantic + collaborative, cross-attention)
+          fused/folds/             --retriever-folds N cross-fitted copies: fold<f>/retriever.pt trained
+                                   without the training dialogues of fold f; folds.json {dialog_id: fold}
           semantic/, collaborative/  single-view ablations trained the same way
-          report.json              Recall@K (K = candidate-set size) and more on valid and test
+          report.json              Recall@K (K = candidate-set size) and more on valid and test; where
+                                   the target sits in the K candidates of training samples (full retriever,
+                                   out of fold) and of valid samples
           train_log.jsonl          loss and validation recall per epoch and variant
         <run-dir>/recommender_sft/
           adapter_config.json, adapter_model.safetensors   the recommender's LoRA adapter (PEFT layout)
@@ -19,7 +23,10 @@ Part 1, the retriever, keeps the recommender inside the item space: its Recall@K
 candidate-set size bounds every later stage, since the LLM only re-ranks what it recalls.
 Training is softmax cross-entropy over the whole catalogue, one term per new target item of a
 training sample, with the items already mentioned in the dialogue masked out (they are not new
-recommendations). The best epoch by validation Recall@K is kept.
+recommendations). The best epoch by validation Recall@K is kept. A retriever ranks the dialogues
+it trained on far better than new ones, so it also trains --retriever-folds copies, each without
+one fold of the training dialogues: the SFT examples here and 04's training episodes get a
+training dialogue's candidates from the copy that never saw it, as a test dialogue gets them.
 
 Part 2, the recommender (DESIGN section 5): the prompt is the dialogue, the seeker's latest
 feedback and the retriever's K numbered candidates with short attributes
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 
@@ -65,6 +73,9 @@ class Args:
     retriever_weight_decay: float = arg(0.1, "retriever AdamW weight decay")
     train_on: str = arg("new", "targets that make training examples", choices=["new", "all"])
     exclude_seen: bool = arg(True, "never recall items already mentioned in the dialogue")
+    retriever_folds: int = arg(5, "cross-fitting: N more fused retrievers, each without 1/N of the training dialogues, "
+                                  "recall the candidates of training samples (SFT, 04's episodes); 0 = the full "
+                                  "retriever's, which trained on them")
     max_samples: int = arg(0, "use only the first N samples of each split (smoke tests); 0 = all")
     encode_batch_size: int = arg(64, "sentence-encoder batch size")
     seed: int = arg(0, "random seed")
@@ -136,21 +147,26 @@ def training_pairs(samples: list[dict], train_on: str) -> tuple[list[int], list[
 
 
 def train_retriever(args: Args, variant: str, features: dict, samples: dict[str, list[dict]],
-                    collab_init: torch.Tensor, log) -> tuple[common.DualViewRetriever, dict]:
-    """Train one retriever variant; returns the best-by-validation model and its report."""
+                    collab_init: torch.Tensor, log, held_out: set[str] = frozenset(),
+                    name: str = "") -> tuple[common.DualViewRetriever, dict]:
+    """Train one retriever variant, without the training samples of the dialogues in held_out (a
+    cross-fitting fold); returns the best-by-validation model and its report (name: its log label)."""
     common.set_seed(args.seed)
     views = common.RETRIEVER_VIEWS if variant == "fused" else (variant,)
     net = common.DualViewRetriever(features["items"], collab_init, views, args.dim, args.heads, args.dropout).to(args.device)
     opt = torch.optim.AdamW(net.parameters(), lr=args.retriever_lr, weight_decay=args.retriever_weight_decay)
     rows, targets = training_pairs(samples["train"], args.train_on)
+    keep = [n for n, r in enumerate(rows) if samples["train"][r]["dialog_id"] not in held_out]
+    rows, targets = [rows[n] for n in keep], [targets[n] for n in keep]
     if not rows:
-        raise SystemExit(f"error: no training labels ({args.train_on} targets) in samples_train.jsonl")
+        raise SystemExit(f"error: no training labels ({args.train_on} targets) in samples_train.jsonl"
+                         + (f" outside fold {name}: use fewer --retriever-folds" if held_out else ""))
     ctx_sem = features["train"].to(args.device)
     ctx_items = common.pad_item_lists([s["context_items"] for s in samples["train"]]).to(args.device)
     rows_t, targets_t = torch.tensor(rows), torch.tensor(targets, device=args.device)
     k = args.candidates
     best_recall, best_state, best_epoch, stale = -1.0, None, 0, 0
-    bar = tqdm(range(1, args.epochs + 1), desc=f"retriever[{variant}]")
+    bar = tqdm(range(1, args.epochs + 1), desc=f"retriever[{name or variant}]")
     for epoch in bar:
         net.train()
         perm = torch.randperm(len(rows_t))
@@ -167,7 +183,7 @@ def train_retriever(args: Args, variant: str, features: dict, samples: dict[str,
         ranked = common.rank_items(net, features["valid"], [s["context_items"] for s in samples["valid"]], k,
                                    args.exclude_seen, device=args.device)
         recall = common.score_rankings(ranked, samples["valid"], ks=(k,))["new"][f"recall@{k}"]
-        log({"variant": variant, "epoch": epoch, "loss": total / len(perm), f"valid_new_recall@{k}": recall})
+        log({"variant": name or variant, "epoch": epoch, "loss": total / len(perm), f"valid_new_recall@{k}": recall})
         bar.set_postfix(loss=f"{total / len(perm):.3f}", **{f"R@{k}": f"{recall:.3f}"})
         if recall > best_recall:
             best_recall, best_epoch, stale = recall, epoch, 0
@@ -183,6 +199,54 @@ def train_retriever(args: Args, variant: str, features: dict, samples: dict[str,
                                    max(common.METRIC_KS), args.exclude_seen, device=args.device)
         report[split] = common.score_rankings(ranked, samples[split])
     return net.cpu(), report
+
+
+def dialogue_items(dialogue: dict) -> list[int]:
+    """Every item mentioned in a dialogue (the co-occurrence the collaborative view starts from)."""
+    return [i for t in dialogue["turns"] for i in t["items"]]
+
+
+def train_fold_retrievers(args: Args, run: common.RunPaths, features: dict, samples: dict[str, list[dict]],
+                          train_dialogues: list[dict], log) -> dict:
+    """Cross-fitting: --retriever-folds fused retrievers, the one of fold f trained (its
+    co-occurrence start included) without the training dialogues of fold f, into
+    retriever/fused/folds/fold<f>/; folds.json, written last, maps each training dialogue to its fold."""
+    folder = run.retriever / "fused" / "folds"
+    fold_of = common.dialogue_folds([d["dialog_id"] for d in train_dialogues], args.retriever_folds, args.seed)
+    reports = []
+    for fold in range(args.retriever_folds):
+        held_out = {d for d, f in fold_of.items() if f == fold}
+        item_sets = [dialogue_items(d) for d in train_dialogues if d["dialog_id"] not in held_out]
+        collab_init = common.cooccurrence_embeddings(item_sets, len(features["items"]), args.dim, seed=args.seed)
+        net, report = train_retriever(args, "fused", features, samples, collab_init, log, held_out, f"fused/fold{fold}")
+        net.save(folder / f"fold{fold}", extra={"encoder": args.encoder, "variant": "fused", "fold": fold,
+                                                "candidates": args.candidates, "exclude_seen": args.exclude_seen})
+        reports.append({"held_out_dialogues": len(held_out), "training_labels": report["training_labels"],
+                        "best_epoch": report["best_epoch"],
+                        f"valid_new_recall@{args.candidates}": report["valid"]["new"][f"recall@{args.candidates}"]})
+    common.write_json(folder / "folds.json", {"folds": args.retriever_folds, "seed": args.seed, "dialogues": fold_of})
+    return {"folds": args.retriever_folds, "per_fold": reports}
+
+
+def target_positions(ranked: list[list[int]], samples: list[dict]) -> dict:
+    """Where a true target sits in each sample's K candidates (samples with a target):
+    {"samples", "first": fraction ranked 1st, "top10": in the top 10, "candidates": among all K}."""
+    ranks = [min((c.index(t) + 1 for t in common.sample_truth(s) if t in c), default=None)
+             for c, s in zip(ranked, samples) if common.sample_truth(s)]
+    n = max(len(ranks), 1)
+    return {"samples": len(ranks), "first": sum(r == 1 for r in ranks if r) / n,
+            "top10": sum(r <= common.REC_TOP_N for r in ranks if r) / n, "candidates": sum(r is not None for r in ranks) / n}
+
+
+def recall_candidates(net: common.DualViewRetriever, folds: tuple[dict, list], ctx_sem: torch.Tensor,
+                      rows: list[dict], args: Args) -> list[list[int]]:
+    """The K candidates [len(rows)][K] of samples (ctx_sem: their encoded dialogues): a training
+    dialogue's from its fold's retriever, folds = common.load_fold_retrievers(...) (({}, []): none);
+    any other dialogue's from the full retriever `net`."""
+    fold_of, fold_nets = folds
+    return common.rank_items_cross_fitted(net, fold_nets, [fold_of.get(s["dialog_id"]) for s in rows],
+                                          ctx_sem[:len(rows)], [s["context_items"] for s in rows], args.candidates,
+                                          args.exclude_seen, device=args.device)
 
 
 def training_candidates(candidates: list[list[int]], samples: list[dict], inject: bool, seed: int) -> tuple[list[list[int]], int]:
@@ -260,13 +324,19 @@ def train_recommender(args: Args, run: common.RunPaths, items: list[dict], sampl
     vocab = common.AttributeVocab(items)
     train, held_out = samples["train"], samples["valid"][:args.max_eval_samples]
 
-    # 5. Candidates: the fused retriever's top-K for every training and held-out sample.
-    candidates = {split: common.rank_items(net, features[split][:len(rows)], [s["context_items"] for s in rows], k,
-                                           args.exclude_seen, device=args.device)
+    # 6. Candidates: the fused retriever's top-K for every training and held-out sample; a training
+    #    sample's from the cross-fitted copy that never saw its dialogue, as a test sample's would be.
+    folds = common.load_fold_retrievers(run.retriever / "fused", args.device)
+    candidates = {split: recall_candidates(net, folds, features[split], rows, args)
                   for split, rows in (("train", train), ("valid", held_out))}
+    source = f"out of fold ({len(folds[1])} cross-fitted retrievers)" if folds[1] else "the full retriever (in sample)"
+    if not folds[1]:
+        print(f"[03] warning: {run.retriever / 'fused' / 'folds'} is missing (--retriever-folds 0, or a retriever from "
+              "before 2026-11-27): training samples get candidates from the retriever that trained on them, which "
+              "ranks their targets far higher than a test sample's. Rerun `--parts retriever` to cross-fit it.")
     train_cands, injected = training_candidates(candidates["train"], train, args.inject_target, args.seed)
 
-    # 6. SFT targets: metadata reasoning chains (true target first), or teacher chains that hit.
+    # 7. SFT targets: metadata reasoning chains (true target first), or teacher chains that hit.
     chains = {}
     teacher_report = None
     if args.teacher:
@@ -293,7 +363,7 @@ def train_recommender(args: Args, run: common.RunPaths, items: list[dict], sampl
         print(f"[03] warning: --max-new-tokens {args.max_new_tokens} cuts more than 5% of the SFT answers before "
               f"</answer>; the quality report's parse rate then measures the budget, not the model")
 
-    # 7. LoRA SFT, resumable from recommender_sft/checkpoint/.
+    # 8. LoRA SFT, resumable from recommender_sft/checkpoint/.
     common.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
     if args.init_adapter:
         # continuing an SFT with a new step budget: a checkpoint cannot (its schedule is tied to --steps)
@@ -316,7 +386,7 @@ def train_recommender(args: Args, run: common.RunPaths, items: list[dict], sampl
         print(f"[03] stopped at step {args.stop_after} of {args.steps}; rerun without --stop-after to resume")
         return {"stopped_at": args.stop_after}
 
-    # 8. The adapter, and its answers on held-out samples next to the untuned base model's.
+    # 9. The adapter, and its answers on held-out samples next to the untuned base model's.
     common.save_lora(model, out_dir, {"base_model_name_or_path": args.model})
     print(f"[03] quality on {len(held_out)} valid samples (tuned, then base)")
     retriever_order = [c[:common.REC_TOP_N] for c in candidates["valid"]]
@@ -329,7 +399,8 @@ def train_recommender(args: Args, run: common.RunPaths, items: list[dict], sampl
         quality["base"] = recommender_quality(model, tok, held_out, candidates["valid"], items, titles, args, "base")
     quality["eval_loss"] = validation_loss()["eval_loss"]
     common.write_json(out_dir / "quality.json", quality)
-    config = {"args": asdict(args), "examples": len(pools["recommend"]), "injected_targets": injected,
+    config = {"args": asdict(args), "train_candidates": source, "examples": len(pools["recommend"]),
+              "injected_targets": injected,
               "truncated": truncated, "answer_tokens": lengths, "teacher": teacher_report}
     common.write_json(out_dir / "recommender_config.json", config)
     for name in ("tuned", "base"):
@@ -365,10 +436,13 @@ def main(argv=None) -> dict:
     report = {"args": asdict(args), "candidates": args.candidates, "num_items": len(items), "variants": {}}
     if "retriever" in args.parts:
         # 3. Collaborative view: item embeddings initialised from co-occurrence in training dialogues.
-        item_sets = [[i for t in d["turns"] for i in t["items"]] for d in train_dialogues]
+        item_sets = [dialogue_items(d) for d in train_dialogues]
         collab_init = common.cooccurrence_embeddings(item_sets, len(items), args.dim, seed=args.seed)
 
-        # 4. Train the fused retriever and the single-view ablations, keep the best epoch of each.
+        # 4. Train the fused retriever and the single-view ablations, keep the best epoch of each;
+        #    then the fused retriever's cross-fitted copies (any earlier ones belong to an older net).
+        if "fused" in args.variants:
+            shutil.rmtree(run.retriever / "fused" / "folds", ignore_errors=True)
         log_path = run.retriever / "train_log.jsonl"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_file = open(log_path, "w")
@@ -385,13 +459,31 @@ def main(argv=None) -> dict:
             k = args.candidates
             print(f"[03] retriever[{variant}] test Recall@{k} new={variant_report['test']['new'][f'recall@{k}']:.3f} "
                   f"all={variant_report['test']['all'][f'recall@{k}']:.3f} (best epoch {variant_report['best_epoch']})")
+        if args.retriever_folds and "fused" in args.variants:
+            report["cross_fitting"] = train_fold_retrievers(args, run, features, samples, train_dialogues, log)
         log_file.close()
+        if "fused" in args.variants:
+            # 5. Where the target sits among the K candidates: training samples ranked by the retriever
+            #    that trained on them, then out of fold, against valid samples.
+            fused = common.DualViewRetriever.load(run.retriever / "fused").to(args.device)
+            folds = common.load_fold_retrievers(run.retriever / "fused", args.device)
+            positions = {"train, full retriever": target_positions(
+                recall_candidates(fused, ({}, []), features["train"], samples["train"], args), samples["train"])}
+            if folds[1]:
+                positions["train, out of fold"] = target_positions(
+                    recall_candidates(fused, folds, features["train"], samples["train"], args), samples["train"])
+            positions["valid"] = target_positions(
+                recall_candidates(fused, folds, features["valid"], samples["valid"], args), samples["valid"])
+            report["candidate_targets"] = positions
+            for where, p in positions.items():
+                print(f"[03] target among the {args.candidates} candidates, {where}: first {p['first']:.2f}, "
+                      f"top 10 {p['top10']:.2f}, anywhere {p['candidates']:.2f} ({p['samples']} samples)")
         report["seconds"] = round(time.time() - started, 1)
         common.write_json(run.retriever / "report.json", report)
         print(f"[03] wrote {run.retriever}/ in {report['seconds']} s")
 
     if "recommender" in args.parts:
-        # 5-8. The reasoning recommender, fine-tuned on the fused retriever's candidates.
+        # 6-9. The reasoning recommender, fine-tuned on the fused retriever's candidates.
         net = common.DualViewRetriever.load(run.require("retriever", "fused/retriever.pt") / "fused").to(args.device)
         report["recommender"] = train_recommender(args, run, items, samples, net, features)
         print(f"[03] wrote {run.recommender_sft}/ in {round(time.time() - started, 1)} s")

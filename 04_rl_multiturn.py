@@ -6,7 +6,8 @@ Reads   <run-dir>/data/             (01_prep_data.py)       items, training and 
         <run-dir>/recommender_sft/  (03_sft_recommender.py) the SFT adapter: the policy's start and the reference
 Writes  <run-dir>/recommender_rl/ (or --out, e.g. recommender_rl_no_preference with --w-preference 0)
           adapter_config.json, adapter_model.safetensors   the policy's LoRA adapter (PEFT layout)
-          rl_config.json         the arguments, the base model, the world size, seconds
+          rl_config.json         the arguments, the base model, the world size, where training candidates
+                                 come from (out of fold: 03's cross-fitted retrievers), seconds
           train_log.jsonl        one row per step (reward terms, return, hit@1/@10 by turn, KL, entropy,
                                  zero-variance groups, tokens, seconds generating vs training; validation),
                                  and a row of step 0 with the SFT start's validation (--eval-start)
@@ -372,6 +373,13 @@ def main(argv=None) -> dict:
     conversation.simulator_weights = weights["simulator"]
     model, tok = conversation.model, conversation.tok
     reference = weights["recommender_sft"]
+    # a training dialogue's candidates come from the 03 retriever fold that never saw it, or its
+    # targets would be ranked first far more often than a test dialogue's (README, cross-fitting)
+    folds = len(conversation.retriever.fold_nets)
+    candidates_from = f"out of fold ({folds} cross-fitted retrievers)" if folds else "the full retriever (in sample)"
+    if main_process and not folds:
+        print(f"[04] warning: {run.retriever / 'fused' / 'folds'} is missing: training episodes get candidates from the "
+              "retriever that trained on them. Rerun `03_sft_recommender.py --parts retriever` to cross-fit it.")
     common.set_lora_weights(model, reference)
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
@@ -452,6 +460,7 @@ def main(argv=None) -> dict:
     if main_process:
         common.save_lora(model, out_dir, {"base_model_name_or_path": conversation.base_model})
         config = {"args": asdict(args), "base_model": conversation.base_model, "world_size": world,
+                  "train_candidates": candidates_from,
                   "processes_in_sync": in_sync, "seconds": round(time.time() - started, 1)}
         common.write_json(out_dir / "rl_config.json", config)
         trained = [r for r in log_rows if r["step"] > 0]

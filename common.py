@@ -691,23 +691,68 @@ def pad_item_lists(item_lists: Sequence[Sequence[int]], max_len: int = 32) -> to
     return out
 
 
+def dialogue_folds(dialog_ids: Sequence[str], folds: int, seed: int = 0) -> dict[str, int]:
+    """Cross-fitting folds of the training dialogues: {dialog_id: fold in [0, folds)}, a seeded
+    shuffle dealt round-robin, so fold sizes differ by at most one. Folds split dialogues, not
+    samples: the samples of one dialogue share its text and its targets."""
+    ids = sorted(set(dialog_ids))
+    random.Random(seed).shuffle(ids)
+    return {d: n % folds for n, d in enumerate(ids)}
+
+
+def load_fold_retrievers(folder: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, int], list["DualViewRetriever"]]:
+    """The cross-fitted retrievers 03 wrote beside a variant (folder/folds/, --retriever-folds):
+    ({training dialog_id: fold}, [net of fold f, trained on every other fold]); ({}, []) if none."""
+    index = Path(folder) / "folds" / "folds.json"
+    if not index.exists():
+        return {}, []
+    meta = json.loads(index.read_text())
+    nets = [DualViewRetriever.load(index.parent / f"fold{f}").to(device) for f in range(meta["folds"])]
+    return meta["dialogues"], nets
+
+
+@torch.no_grad()
+def rank_items_cross_fitted(net: "DualViewRetriever", fold_nets: Sequence["DualViewRetriever"],
+                            folds: Sequence[int | None], ctx_sem: torch.Tensor, context_items: Sequence[Sequence[int]],
+                            k: int, exclude_seen: bool = True, batch_size: int = 256, device: str = "cpu") -> list[list[int]]:
+    """rank_items where row i is ranked by fold_nets[folds[i]] (None: by net) -> [len(ctx_sem)][k].
+    A retriever ranks the dialogues it trained on far better than new ones (INSPIRED: the target
+    first for 42% of training samples, 2% of valid ones), so candidates for a training dialogue
+    come from the fold retriever that never saw it."""
+    out: list[list[int]] = [[] for _ in range(len(ctx_sem))]
+    for fold in set(folds):
+        rows = [i for i, f in enumerate(folds) if f == fold]
+        ranked = rank_items(net if fold is None else fold_nets[fold], ctx_sem[rows], [context_items[i] for i in rows],
+                            k, exclude_seen, batch_size, device)
+        for i, r in zip(rows, ranked):
+            out[i] = r
+    return out
+
+
 class Retriever:
     """A trained DualViewRetriever together with its sentence encoder: the object later stages
-    call to recall candidates from free dialogue text (history + the simulator's feedback)."""
+    call to recall candidates from free dialogue text (history + the simulator's feedback).
+    With 03's cross-fitted nets (folder/folds/), a training dialogue gets its candidates from the
+    net of its fold, which did not train on it (04's training episodes); every other dialogue
+    (valid, test) from the full net."""
 
     def __init__(self, folder: str | os.PathLike, device: str = "cpu"):
         self.net = DualViewRetriever.load(folder).to(device)
+        self.fold_of, self.fold_nets = load_fold_retrievers(folder, device)
         self.encoder_name = self.net.extra.get("encoder", DEFAULT_ENCODER)
         self.tokenizer, self.encoder = load_sentence_encoder(self.encoder_name, device)
         self.device = device
 
     @torch.no_grad()
     def search(self, contexts: Sequence[Sequence[dict]], context_items: Sequence[Sequence[int]], k: int,
-               exclude_seen: bool = True, batch_size: int = 64) -> list[list[int]]:
-        """Top-k item ids for each dialogue (a list of {role, text} turns)."""
+               exclude_seen: bool = True, batch_size: int = 64, dialog_ids: Sequence[str] | None = None) -> list[list[int]]:
+        """Top-k item ids for each dialogue (a list of {role, text} turns); dialog_ids: the data
+        dialogue each one continues, which picks its fold's net (None: the full net for all)."""
         ctx_sem = encode_texts([dialogue_text(c) for c in contexts], self.tokenizer, self.encoder,
                                batch_size=batch_size, progress=False)
-        return rank_items(self.net, ctx_sem, context_items, k, exclude_seen, batch_size, self.device)
+        folds = [self.fold_of.get(d) for d in dialog_ids] if dialog_ids else [None] * len(contexts)
+        return rank_items_cross_fitted(self.net, self.fold_nets, folds, ctx_sem, context_items, k, exclude_seen,
+                                       batch_size, self.device)
 
 
 @torch.no_grad()
@@ -2133,13 +2178,14 @@ class Conversation:
     def recommend(self, episodes: Sequence[Episode], weights, temperature: float = 0.0, top_p: float = 1.0,
                   progress: str | None = None) -> None:
         """Append a turn {candidates, text, prompt_ids, completion_ids, parsed, ranked, rank} to each
-        episode: K candidates from the retriever, then the recommender's answer under `weights`
+        episode: K candidates from the retriever (a training dialogue's from its fold's net), then
+        the recommender's answer under `weights`
         (None: the base model; "retriever": no LLM, the retriever's top 10). rank: the 1-based
         position of the best-placed true target in the list, or None. progress: a bar over the
         generation batches with this description (None = none)."""
         cands = self.retriever.search([retriever_context(e.sample["context"], e.context, self.retriever_query)
                                        for e in episodes], [e.sample["context_items"] for e in episodes],
-                                      self.k, self.exclude_seen)
+                                      self.k, self.exclude_seen, dialog_ids=[e.sample["dialog_id"] for e in episodes])
         if weights == "retriever":
             answers = [{"text": "", "prompt_ids": [], "completion_ids": [], "ranked": c[:REC_TOP_N],
                         "parsed": parse_recommendation("", self.titles, c)} for c in cands]

@@ -168,6 +168,41 @@ def test_retriever_shapes_masking_and_padding(views):
     assert torch.allclose(alone, padded, atol=1e-5)
 
 
+def test_dialogue_folds_split_dialogues_evenly_and_reproducibly():
+    ids = [f"train-{i}" for i in range(23)] * 3           # several samples per dialogue
+    folds = common.dialogue_folds(ids, 5, seed=1)
+    assert set(folds) == set(ids) and set(folds.values()) == set(range(5))
+    sizes = sorted(list(folds.values()).count(f) for f in range(5))
+    assert sizes == [4, 4, 5, 5, 5]
+    assert common.dialogue_folds(list(reversed(ids)), 5, seed=1) == folds   # order of the ids does not matter
+    assert common.dialogue_folds(ids, 5, seed=2) != folds
+
+
+def test_cross_fitted_ranking_routes_each_dialogue_to_its_fold_and_the_retriever_finds_them(tmp_path):
+    """Rows of fold f are ranked by fold f's net, rows of no fold (held-out dialogues) by the full
+    net; load_fold_retrievers reads the layout 03 writes (test_stages runs 03 and common.Retriever)."""
+    torch.manual_seed(0)
+    make = lambda: common.DualViewRetriever(torch.randn(30, 12), torch.randn(30, 8), dim=8, heads=2, dropout=0.0).eval()  # noqa: E731
+    full, fold_nets = make(), [make(), make()]
+    ctx, items = torch.randn(5, 12), [[1], [], [2, 3], [], [4]]
+    folds = [0, None, 1, 0, None]
+    ranked = common.rank_items_cross_fitted(full, fold_nets, folds, ctx, items, k=6)
+    for i, f in enumerate(folds):
+        net = full if f is None else fold_nets[f]
+        assert ranked[i] == common.rank_items(net, ctx[i:i + 1], [items[i]], k=6)[0]
+    assert ranked != common.rank_items(full, ctx, items, k=6)             # the folds did rank their rows
+    assert common.rank_items_cross_fitted(full, [], [None] * 5, ctx, items, k=6) == common.rank_items(full, ctx, items, k=6)
+
+    assert common.load_fold_retrievers(tmp_path / "fused") == ({}, [])   # a retriever without folds
+    full.save(tmp_path / "fused")
+    for f, net in enumerate(fold_nets):
+        net.save(tmp_path / "fused" / "folds" / f"fold{f}")
+    common.write_json(tmp_path / "fused" / "folds" / "folds.json", {"folds": 2, "dialogues": {"train-1": 0, "train-2": 1}})
+    fold_of, loaded = common.load_fold_retrievers(tmp_path / "fused")
+    assert fold_of == {"train-1": 0, "train-2": 1} and len(loaded) == 2
+    assert common.rank_items(loaded[1], ctx, items, k=6) == common.rank_items(fold_nets[1], ctx, items, k=6)
+
+
 def test_fused_retriever_uses_both_views_on_held_out_dialogues(tmp_path):
     """Half the dialogues describe their target in text (only the semantic view can use that);
     the other half mention item 2j whose target is 2j+1, a pair known only from co-occurrence

@@ -3,6 +3,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("update_readme_results", ROOT / "tools" / "update_readme_results.py")
 tool = importlib.util.module_from_spec(spec)
@@ -143,11 +145,15 @@ def test_sft_quality_block_lists_each_adapter_report(tmp_path):
                      {"median": 199, "p95": 222, "max": 258})
     cited = sft_run("cited", {"steps": 30, "init_adapter": "runs/x/recommender_sft", "cite_candidates": True},
                     {**tuned, "samples": 100, "parse_rate": 0.9, "parse_rate_ci": [0.8256, 0.9448]})
+    oof = sft_run("oof", {"steps": 40}, tuned)
+    config = json.loads((tmp_path / "oof" / "recommender_sft" / "recommender_config.json").read_text())
+    config["train_candidates"] = "out of fold (5 cross-fitted retrievers)"
+    (tmp_path / "oof" / "recommender_sft" / "recommender_config.json").write_text(json.dumps(config))
     readme = tmp_path / "README.md"
     readme.write_text("<!-- results:start -->\n#### inspired\n\nkept\n<!-- results:end -->\n<!-- sft_quality:start -->\n"
                       "<!-- sft_quality:end -->\n<!-- bench:start -->\n<!-- bench:end -->\n<!-- lora_step:start -->\n"
                       "<!-- lora_step:end -->\n")
-    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--sft-quality", old, report, cited])
+    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--sft-quality", old, report, cited, oof])
     text = readme.read_text()
     # 21 of 24: the interval is recomputed from the count (by hand in test_common.test_wilson_interval_by_hand)
     assert ("| `old` | inspired | 40 steps, seed 0 | n/a | greedy, 288 tokens, no repeated 10-gram | 24 | "
@@ -155,6 +161,7 @@ def test_sft_quality_block_lists_each_adapter_report(tmp_path):
     assert ("| `report` | inspired | `runs/x/recommender_sft`, report only | 199 / 222 / 258 | greedy, 288 tokens, "
             "no repeated 10-gram | 100 | 0.90 [0.83, 0.94] |") in text
     assert "| `cited` | inspired | 30 steps from `runs/x/recommender_sft`, seed 0, titles cited by candidate number |" in text
+    assert "| `oof` | inspired | 40 steps, seed 0, out-of-fold candidates |" in text
     assert "kept" in text
 
 
@@ -219,3 +226,29 @@ def test_sim_quality_block_lists_each_simulator_report(tmp_path):
             "0.326 / 0.013 | 2.907 / 3.342 | n/a |") in text
     assert "| `redial_simq/simulator` | `runs/redial/simulator`, report only | 100 test |" in text
     assert "| 0.80 / 0.80 / 0.04 |" in text
+
+
+def test_candidate_targets_block_lists_in_sample_out_of_fold_and_valid(tmp_path):
+    run_dir = tmp_path / "inspired_oof"
+    (run_dir / "retriever").mkdir(parents=True)
+    where = {"train, full retriever": {"samples": 1805, "first": 0.42, "top10": 0.68, "candidates": 0.74},
+             "train, out of fold": {"samples": 1805, "first": 0.021, "top10": 0.083, "candidates": 0.131},
+             "valid": {"samples": 246, "first": 0.016, "top10": 0.1, "candidates": 0.16}}
+    report = {"args": {"dataset": "inspired"}, "candidates": 20, "candidate_targets": where,
+              "variants": {"fused": {"valid": {"new": {"recall@20": 0.2075}}}},
+              "cross_fitting": {"folds": 2, "per_fold": [{"valid_new_recall@20": 0.18}, {"valid_new_recall@20": 0.1912}]}}
+    (run_dir / "retriever" / "report.json").write_text(json.dumps(report))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\n#### inspired\n\nkept\n<!-- results:end -->\n<!-- candidate_targets:start -->\n"
+                      "stale table\n<!-- candidate_targets:end -->\n<!-- bench:start -->\n<!-- bench:end -->\n"
+                      "<!-- lora_step:start -->\n<!-- lora_step:end -->\n")
+    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--candidate-targets", str(run_dir)])
+    text = readme.read_text()
+    assert "| `inspired_oof` | inspired | 1805 train | 20 | full retriever | 0.42 | 0.68 | 0.74 | 0.207 |" in text
+    assert "| `inspired_oof` | inspired | 1805 train | 20 | out of fold | 0.02 | 0.08 | 0.13 | 0.180 to 0.191 (2 folds) |" in text
+    assert "| `inspired_oof` | inspired | 246 valid | 20 | full retriever | 0.02 | 0.10 | 0.16 | 0.207 |" in text
+    assert "stale table" not in text and "kept" in text
+    del report["candidate_targets"]
+    (run_dir / "retriever" / "report.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match="--parts retriever"):
+        tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--candidate-targets", str(run_dir)])

@@ -184,6 +184,7 @@ def test_recommender_sft_smoke_writes_adapter_and_quality(inspired_with_retrieve
         assert q["samples"] == 4 and 0 <= q["parse_rate"] <= 1 and q["mean_completion_tokens"] > 0
     config = json.loads((folder / "recommender_config.json").read_text())
     assert config["examples"] > 0 and config["injected_targets"] > 0
+    assert config["train_candidates"] == "out of fold (5 cross-fitted retrievers)"   # 03's default --retriever-folds
     lengths = config["answer_tokens"]  # five reasoning lines and ten titles: far more than 50 tokens
     assert 50 < lengths["median"] <= lengths["p95"] <= lengths["max"]
     model, _ = common.tiny_causal_lm()
@@ -271,7 +272,7 @@ class FixedRetriever:
     def __init__(self, candidates):
         self.candidates, self.calls, self.texts = candidates, [], []
 
-    def search(self, contexts, context_items, k, exclude_seen=True):
+    def search(self, contexts, context_items, k, exclude_seen=True, dialog_ids=None):
         self.calls.append([len(c) for c in contexts])
         self.texts.append([[t["text"] for t in c] for c in contexts])
         return [list(self.candidates[:k]) for _ in contexts]

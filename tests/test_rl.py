@@ -224,6 +224,7 @@ def test_two_processes_average_gradients_and_stay_in_sync(inspired_tiny_adapters
     assert done.returncode == 0, done.stderr[-3000:]
     config = common.read_json(run_dir / "recommender_rl" / "rl_config.json")
     assert config["world_size"] == 2 and config["processes_in_sync"] is True
+    assert config["train_candidates"] == "out of fold (5 cross-fitted retrievers)"
     log = common.read_jsonl(run_dir / "recommender_rl" / "train_log.jsonl")
     assert log[0]["episodes"] == 2 * 2 * 2  # processes x start states x G, all in the log
     a = load_file(run_dir / "recommender_rl" / "adapter_model.safetensors")

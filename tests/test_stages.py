@@ -41,12 +41,40 @@ def test_retriever_then_eval_smoke(inspired_run):
         for split in ("valid", "test"):
             assert 0.0 <= rep[split]["new"]["recall@20"] <= rep[split]["new"]["recall@50"] <= 1.0
     log = [json.loads(line) for line in (inspired_run / "retriever" / "train_log.jsonl").read_text().splitlines()]
-    assert len(log) == 6 and all(row["loss"] > 0 for row in log)
+    assert [row["variant"] for row in log] == [v for v in ("fused", "semantic", "collaborative")
+                                               + tuple(f"fused/fold{f}" for f in range(5)) for _ in range(2)]
+    assert all(row["loss"] > 0 for row in log)
 
-    # a second run reuses the cached encoder features
+    # cross-fitting: 5 copies of the fused retriever, each without one fold of the training dialogues
+    folds_dir = inspired_run / "retriever" / "fused" / "folds"
+    fold_of = json.loads((folds_dir / "folds.json").read_text())["dialogues"]
+    paths = common.RunPaths(inspired_run)
+    assert set(fold_of) == {d["dialog_id"] for d in common.load_dialogues(paths, "train")}
+    train = common.load_samples(paths, "train")[:120]
+    labels = sum(len(s["new_targets"]) for s in train)
+    per_fold = report["cross_fitting"]["per_fold"]
+    for f, fold in enumerate(per_fold):   # a fold's net trained on every label outside its dialogues
+        assert fold["training_labels"] == labels - sum(len(s["new_targets"]) for s in train if fold_of[s["dialog_id"]] == f)
+    assert sum(fold["training_labels"] for fold in per_fold) == 4 * labels == 4 * report["variants"]["fused"]["training_labels"]
+    assert set(report["candidate_targets"]) == {"train, full retriever", "train, out of fold", "valid"}
+    # the retriever later stages use asks a training dialogue's fold, and the full net for the rest
+    retriever = common.Retriever(inspired_run / "retriever" / "fused")
+    some = train[:6] + common.load_samples(paths, "valid")[:2]
+    ids = [s["dialog_id"] for s in some]
+    contexts, items = [s["context"] for s in some], [s["context_items"] for s in some]
+    encoded = common.encode_texts([common.dialogue_text(c) for c in contexts], retriever.tokenizer, retriever.encoder,
+                                  progress=False)
+    found = retriever.search(contexts, items, 20, dialog_ids=ids)
+    for i, d in enumerate(ids):
+        net = retriever.fold_nets[fold_of[d]] if d in fold_of else retriever.net
+        assert found[i] == common.rank_items(net, encoded[i:i + 1], [items[i]], 20)[0], d
+    assert retriever.search(contexts, items, 20) == common.rank_items(retriever.net, encoded, items, 20)
+
+    # a second run reuses the cached encoder features; retraining the fused net drops its old folds
     features_mtime = (inspired_run / "retriever" / "features.pt").stat().st_mtime
-    sft_recommender.main(run + retriever_only + ["--epochs", "1", "--variants", "fused"])
+    sft_recommender.main(run + retriever_only + ["--epochs", "1", "--variants", "fused", "--retriever-folds", "0"])
     assert (inspired_run / "retriever" / "features.pt").stat().st_mtime == features_mtime
+    assert not folds_dir.exists()
 
     results = evaluate.main(run + ["--rows", *evaluate.SINGLE_SHOT_ROWS, "--bootstrap", "200"])
     assert set(results["rows"]) == {"popularity", "retriever-semantic", "retriever-collab", "retriever-fused"}

@@ -20,11 +20,14 @@ Between <!-- side_eval:start --> and <!-- side_eval:end -->, with --side-eval DI
 the DIR/eval/feedback_effect_<row>.md that tools/feedback_effect.py wrote there.
 Between <!-- rl_eval:start --> and <!-- rl_eval:end -->, with --rl-eval DIR...: the same, for side runs
 that set SMTPO against SFT on the same test conversations.
+Between <!-- candidate_targets:start --> and <!-- candidate_targets:end -->, with --candidate-targets DIR...:
+where the target sits among the K candidates of training samples (in sample and out of fold) and of valid
+samples, from each DIR/retriever/report.json (03's cross-fitting).
 
     python tools/update_readme_results.py [--runs runs] [--datasets inspired] [--command "..."]
                                           [--compare-rl runs/a runs/b] [--sft-quality runs/a runs/b]
                                           [--side-eval runs/a runs/b] [--sim-quality runs/a/simulator]
-                                          [--rl-eval runs/a]
+                                          [--rl-eval runs/a] [--candidate-targets runs/a]
 """
 import argparse
 import datetime
@@ -170,6 +173,8 @@ def sft_quality_table(run_dirs: list[Path]) -> str:
             adapter = f"{a['steps']} steps, seed {a['seed']}"
         if a.get("cite_candidates") and a["steps"]:
             adapter += ", titles cited by candidate number"
+        if config.get("train_candidates", "").startswith("out of fold") and a["steps"]:  # 03 since 2026-11-26
+            adapter += ", out-of-fold candidates"
         lengths = config.get("answer_tokens")  # older runs did not record them
         lengths = f"{lengths['median']} / {lengths['p95']} / {lengths['max']}" if lengths else "n/a"
         d = q["decoding"]
@@ -184,6 +189,30 @@ def sft_quality_table(run_dirs: list[Path]) -> str:
                      f"{tuned['mean_completion_tokens']:.0f} | {q['base']['parse_rate']:.2f} | "
                      f"{tuned['reranked']['recall@10']:.3f} / {q['retriever_order']['recall@10']:.3f} | "
                      f"{q['eval_loss']:.3f} |")
+    return "\n".join(lines)
+
+
+def candidate_targets_table(run_dirs: list[Path]) -> str:
+    """Per run directory: where a true target sits among the retriever's K candidates of training
+    samples (ranked by the retriever that trained on them, then out of fold) and of valid samples,
+    with the cross-fitted retrievers' validation Recall@K beside the full one's."""
+    lines = ["| run | dataset | samples | K | candidates from | target ranked 1st | in the top 10 | among the K | "
+             "valid Recall@K of the retriever(s) |", "|" + "---|" * 9]
+    for run_dir in run_dirs:
+        path = run_dir / "retriever" / "report.json"
+        report = json.loads(path.read_text()) if path.exists() else {}
+        if "candidate_targets" not in report:
+            raise SystemExit(f"--candidate-targets: no candidate_targets in {path} (run 03_sft_recommender.py "
+                             f"--parts retriever --run-dir {run_dir})")
+        k = report["candidates"]
+        full = report["variants"]["fused"]["valid"]["new"][f"recall@{k}"]
+        folds = [f[f"valid_new_recall@{k}"] for f in report.get("cross_fitting", {}).get("per_fold", [])]
+        recall = {"train, full retriever": f"{full:.3f}", "valid": f"{full:.3f}",
+                  "train, out of fold": f"{min(folds):.3f} to {max(folds):.3f} ({len(folds)} folds)" if folds else ""}
+        for where, p in report["candidate_targets"].items():
+            split, source = where.split(", ") if ", " in where else (where, "full retriever")
+            lines.append(f"| `{run_dir.name}` | {report['args']['dataset']} | {p['samples']} {split} | {k} | {source} | "
+                         f"{p['first']:.2f} | {p['top10']:.2f} | {p['candidates']:.2f} | {recall[where]} |")
     return "\n".join(lines)
 
 
@@ -352,6 +381,8 @@ def main(argv=None) -> None:
                         help="run directories whose eval/results.md (05_eval.py) to copy into the side_eval block")
     parser.add_argument("--rl-eval", nargs="*", default=None,
                         help="run directories whose eval/results.md (05_eval.py, SMTPO against SFT) to copy into the rl_eval block")
+    parser.add_argument("--candidate-targets", nargs="*", default=None,
+                        help="run directories whose retriever/report.json to list in the candidate_targets block")
     args = parser.parse_args(argv)
     # only runs/<dataset>/: a side run directory (e.g. runs/inspired_sft100) must not replace its dataset's block
     found = [p for p in sorted(Path(args.runs).glob("*/eval/results.json"))
@@ -393,6 +424,8 @@ def main(argv=None) -> None:
         text = replace_between(text, "side_eval", side_eval_block([Path(d) for d in args.side_eval]))
     if args.rl_eval:
         text = replace_between(text, "rl_eval", side_eval_block([Path(d) for d in args.rl_eval]))
+    if args.candidate_targets:
+        text = replace_between(text, "candidate_targets", candidate_targets_table([Path(d) for d in args.candidate_targets]))
     readme.write_text(text)
     print(f"updated {readme}: results of {sorted(new)} (kept {sorted(set(blocks) - set(new))})"
           + (", benchmark table" if bench_table else "") + (", LoRA step table" if lora_table else ""))
