@@ -270,10 +270,11 @@ class FixedRetriever:
     """Returns the same candidates for every dialogue; records what it was asked."""
 
     def __init__(self, candidates):
-        self.candidates, self.calls, self.texts = candidates, [], []
+        self.candidates, self.calls, self.texts, self.dialog_ids = candidates, [], [], []
 
     def search(self, contexts, context_items, k, exclude_seen=True, dialog_ids=None):
         self.calls.append([len(c) for c in contexts])
+        self.dialog_ids.append(dialog_ids)
         self.texts.append([[t["text"] for t in c] for c in contexts])
         return [list(self.candidates[:k]) for _ in contexts]
 
@@ -297,6 +298,8 @@ def test_conversation_stops_when_a_target_is_ranked_first_and_feeds_replies_back
     assert missed.context[1]["text"].startswith("Have you seen Liar Liar (1997)? You might also like The Exorcist (1973) or ")
     # the retriever read the real dialogue + the simulator's latest reply; finished conversations dropped
     assert retriever.calls == [[1, 1], [2], [2]]
+    # each turn names the data dialogue it continues: the retriever picks that dialogue's fold by it
+    assert retriever.dialog_ids == [["d", "e"], ["e"], ["e"]]
     assert retriever.texts[2] == [["something funny", missed.turns[1]["reply"]]]
     assert hit.ranking_at(3) == hit.turns[0]["ranked"]  # a finished conversation keeps its list
     assert sample["context"] == [{"role": "seeker", "text": "something funny"}]  # the sample is not modified
