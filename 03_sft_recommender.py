@@ -332,7 +332,7 @@ def train_recommender(args: Args, run: common.RunPaths, items: list[dict], sampl
     source = f"out of fold ({len(folds[1])} cross-fitted retrievers)" if folds[1] else "the full retriever (in sample)"
     if not folds[1]:
         print(f"[03] warning: {run.retriever / 'fused' / 'folds'} is missing (--retriever-folds 0, or a retriever from "
-              "before 2026-11-27): training samples get candidates from the retriever that trained on them, which "
+              "before 2026-11-26): training samples get candidates from the retriever that trained on them, which "
               "ranks their targets far higher than a test sample's. Rerun `--parts retriever` to cross-fit it.")
     train_cands, injected = training_candidates(candidates["train"], train, args.inject_target, args.seed)
 
@@ -416,6 +416,9 @@ def main(argv=None) -> dict:
     if "recommender" in args.parts and args.steps == 0 and not args.init_adapter:
         # 0 steps from zeros would write the untuned base as recommender_sft/, over a trained adapter
         raise SystemExit("error: --steps 0 only reports on an earlier adapter: give it with --init-adapter DIR")
+    if args.retriever_folds == 1 or args.retriever_folds < 0:
+        # one fold would leave its retriever no training dialogue at all
+        raise SystemExit(f"error: --retriever-folds {args.retriever_folds}: give 0 (no cross-fitting) or at least 2")
     args.run_dir = common.default_run_dir(args.dataset, args.run_dir)
     run = common.RunPaths(args.run_dir)
     if args.threads:

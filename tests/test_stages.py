@@ -27,6 +27,11 @@ def test_stages_stop_at_once_when_their_input_is_missing(tmp_path):
         evaluate.main(["--run-dir", str(tmp_path)])
 
 
+def test_one_retriever_fold_is_refused_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match="--retriever-folds 1: give 0"):
+        sft_recommender.main(["--run-dir", str(tmp_path), "--retriever-folds", "1"])
+
+
 def test_retriever_then_eval_smoke(inspired_run):
     run = ["--dataset", "inspired", "--run-dir", str(inspired_run)]
     with pytest.raises(SystemExit, match="03_sft_recommender.py"):
