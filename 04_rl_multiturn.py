@@ -7,8 +7,10 @@ Reads   <run-dir>/data/             (01_prep_data.py)       items, training and 
 Writes  <run-dir>/recommender_rl/ (or --out, e.g. recommender_rl_no_preference with --w-preference 0)
           adapter_config.json, adapter_model.safetensors   the policy's LoRA adapter (PEFT layout)
           rl_config.json         the arguments, the base model, the world size, where training candidates
-                                 come from (out of fold: 03's cross-fitted retrievers), seconds
-          train_log.jsonl        one row per step (reward terms, return, hit@1/@10 by turn, KL, entropy,
+                                 come from (out of fold: 03's cross-fitted retrievers), the start states
+                                 kept (--start-states), seconds
+          train_log.jsonl        one row per step (reward terms, return, hit@1/@10 by turn and the share of
+                                 episodes with a target among the turn's candidates, KL, entropy,
                                  zero-variance groups, tokens, seconds generating vs training; validation),
                                  and a row of step 0 with the SFT start's validation (--eval-start)
           checkpoint/checkpoint.pt  every --save-every steps and at the end; a rerun resumes from it
@@ -16,7 +18,9 @@ Writes  <run-dir>/recommender_rl/ (or --out, e.g. recommender_rl_no_preference w
 One base LLM carries three adapters, swapped in place (common.lora_swapped, no second model copy):
 the policy (trainable, initialised from the SFT adapter), the reference (the frozen SFT adapter,
 for the KL term) and the simulator (frozen). One step (DESIGN section 6):
- 1. Draw --prompts training samples (start states), from (seed, step) alone.
+ 1. Draw --prompts training samples (start states), from (seed, step) alone; with
+    --start-states reachable only among those whose true target the retriever recalls in the
+    first turn's K candidates (the policy can then earn the recommend reward by ranking it).
  2. Play G = --group-size episodes from each: up to T = --turns turns of retriever (K candidates
     from the dialogue so far) -> policy (sampled at --temperature) -> simulator (greedy reply to
     the top 3). An episode ends at T or when a true target is ranked first.
@@ -96,6 +100,9 @@ class Args:
     gradient_checkpointing: bool = arg(True, "recompute activations in the backward pass (less memory, slower)")
     exclude_seen: bool = arg(True, "never rank items already mentioned in the dialogue")
     max_train_samples: int = arg(0, "draw start states from the first N training samples only (0 = all)")
+    start_states: str = arg("all", "training samples to start from: all with a target, or only those whose target is among "
+                                   "the first turn's K candidates (where the recommend reward can be earned)",
+                            choices=["all", "reachable"])
     eval_every: int = arg(0, "greedy validation episodes every N steps and at the end (0 = only at the end)")
     eval_start: bool = arg(True, "greedy validation of the SFT start before step 1 too (the curves' step 0)")
     eval_samples: int = arg(16, "validation start states (seeded draw among samples with a new target; 0 = none)")
@@ -249,16 +256,29 @@ def score_groups(groups: list[list[common.Episode]], items: list[dict], args) ->
     return rows, raw
 
 
-def episode_hits(e: common.Episode, turns: int) -> list[tuple[bool, bool]]:
-    """(a true target at rank 1, one in the top 10) after each turn, on the scored list (parsed
-    titles, then the retriever's order; a finished episode keeps its list)."""
-    return [(e.ranking_at(t)[0] in e.truth, any(i in e.truth for i in e.ranking_at(t)[:10]))
+def episode_hits(e: common.Episode, turns: int) -> list[tuple[bool, bool, bool]]:
+    """(a true target at rank 1, one in the top 10, one among the K candidates) after each turn, on
+    the scored list (parsed titles, then the retriever's order; a finished episode keeps its list).
+    The third is the retriever's recall: the ceiling of the second."""
+    return [(e.ranking_at(t)[0] in e.truth, any(i in e.truth for i in e.ranking_at(t)[:10]),
+             any(i in e.truth for i in e.turns[min(t, len(e.turns)) - 1]["candidates"]))
             for t in range(1, turns + 1)]
+
+
+def reachable(retriever: common.Retriever, samples: list[dict], k: int, exclude_seen: bool, query: str) -> list[bool]:
+    """Whether a true target is among each sample's first-turn candidates: the K items the
+    retriever recalls from the sample's dialogue, from the fold net that did not train on it
+    (03's cross-fitting), exactly as Conversation.recommend recalls them at turn 1."""
+    contexts = [common.retriever_context(s["context"], s["context"], query) for s in samples]
+    cands = retriever.search(contexts, [s["context_items"] for s in samples], k, exclude_seen,
+                             dialog_ids=[s["dialog_id"] for s in samples])
+    return [any(t in c for t in common.sample_truth(s)) for s, c in zip(samples, cands)]
 
 
 def summarize(raws: list[dict]) -> dict:
     """Step statistics from the raw statistics of every process: mean reward and each term per
-    turn played, mean return R_1 per episode, hit@1 and hit@10 by turn, zero-variance groups."""
+    turn played, mean return R_1 per episode, hit@1, hit@10 and target_in_candidates (the
+    retriever's recall of K) by turn, zero-variance groups."""
     terms = [t for r in raws for t in r["terms"]]
     hits = [h for r in raws for h in r["hits"]]
     returns = [x for r in raws for x in r["returns"]]
@@ -266,6 +286,7 @@ def summarize(raws: list[dict]) -> dict:
     out["return"] = sum(returns) / len(returns) if returns else None
     out["hit@1"] = [sum(h[t][0] for h in hits) / len(hits) for t in range(len(hits[0]))]
     out["hit@10"] = [sum(h[t][1] for h in hits) / len(hits) for t in range(len(hits[0]))]
+    out["target_in_candidates"] = [sum(h[t][2] for h in hits) / len(hits) for t in range(len(hits[0]))]
     for k in ("zero_variance_groups", "groups", "tokens_generated"):
         out[k] = sum(r[k] for r in raws)
     out["zero_variance_fraction"] = out["zero_variance_groups"] / max(out["groups"], 1)
@@ -341,7 +362,7 @@ def validate(conversation: common.Conversation, samples: list[dict], policy: dic
     stats = summarize([{"terms": [turn_reward(t, e.truth, items, args) for e in episodes for t in e.turns],
                         "returns": [], "hits": [episode_hits(e, args.turns) for e in episodes],
                         "zero_variance_groups": 0, "groups": 0, "tokens_generated": 0}])
-    keep = ("reward", "format", "recommend", "preference", "hit@1", "hit@10", "episodes")
+    keep = ("reward", "format", "recommend", "preference", "hit@1", "hit@10", "target_in_candidates", "episodes")
     return {"valid": {k: stats[k] for k in keep} | {"parse_rate": stats["format"]}}
 
 
@@ -385,11 +406,27 @@ def main(argv=None) -> dict:
         common.enable_gradient_checkpointing(model)
     optimizer = torch.optim.AdamW(common.lora_parameters(model), lr=args.lr, weight_decay=0.0)
 
+    # With --start-states reachable, only states whose target the first turn's candidates hold:
+    # out of fold, most training states hold none (README, cross-fitting), and a group of those
+    # can differ in format and preference only.
+    if args.start_states == "reachable":
+        kept = reachable(conversation.retriever, train, args.candidates, args.exclude_seen, args.retriever_query)
+        states = {"rule": "reachable", "kept": sum(kept), "of": len(train)}
+        train = [s for s, keep in zip(train, kept) if keep]
+        if len(train) < args.prompts * world:
+            raise SystemExit(f"error: only {len(train)} training states have a target among their first {args.candidates} "
+                             "candidates; use --start-states all, or more --candidates")
+    else:
+        states = {"rule": "all", "kept": len(train), "of": len(train)}
+    if main_process:
+        print(f"[04] start states: {states['kept']} of {states['of']} ({states['rule']})")
+
     # 3. Resume from out_dir/checkpoint/ when a checkpoint of the same settings is there.
     same_run = {k: getattr(args, k) for k in ("model", "load_in_4bit", "prompts", "group_size", "turns", "candidates",
                                                "temperature", "top_p", "max_new_tokens", "w_format", "w_recommend",
                                                "w_preference", "gamma", "lr", "updates", "clip_eps", "kl_coef",
-                                               "max_train_samples", "seed", "steps", "retriever_query", "recommender_turn")}
+                                               "max_train_samples", "seed", "steps", "retriever_query", "recommender_turn",
+                                               "start_states")}
     same_run["world_size"] = world
     ckpt_dir, log_path = out_dir / "checkpoint", out_dir / "train_log.jsonl"
     step, log_rows = 0, []
@@ -460,7 +497,7 @@ def main(argv=None) -> dict:
     if main_process:
         common.save_lora(model, out_dir, {"base_model_name_or_path": conversation.base_model})
         config = {"args": asdict(args), "base_model": conversation.base_model, "world_size": world,
-                  "train_candidates": candidates_from,
+                  "train_candidates": candidates_from, "start_states": states,
                   "processes_in_sync": in_sync, "seconds": round(time.time() - started, 1)}
         common.write_json(out_dir / "rl_config.json", config)
         trained = [r for r in log_rows if r["step"] > 0]

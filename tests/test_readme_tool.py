@@ -252,3 +252,37 @@ def test_candidate_targets_block_lists_in_sample_out_of_fold_and_valid(tmp_path)
     (run_dir / "retriever" / "report.json").write_text(json.dumps(report))
     with pytest.raises(SystemExit, match="--parts retriever"):
         tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--candidate-targets", str(run_dir)])
+
+
+def test_start_states_block_sets_all_against_reachable(tmp_path):
+    def rl_run(name: str, rule: str, kept: int, in_candidates: float, hits: list[float]) -> Path:
+        folder = tmp_path / name / "recommender_rl"
+        folder.mkdir(parents=True)
+        config = {"args": {"steps": 2, "prompts": 1, "group_size": 4, "turns": 2, "lr": 1e-4, "w_preference": 0.5,
+                           "temperature": 1.0}, "start_states": {"rule": rule, "kept": kept, "of": 1805}}
+        (folder / "rl_config.json").write_text(json.dumps(config))
+        valid = lambda h: {"valid": {"episodes": 16, "reward": 0.5, "parse_rate": 0.25 + h, "recommend": 0.0,  # noqa: E731
+                                     "preference": 0.0, "hit@10": [0.12, h]}}
+        rows = [{"step": 0, **valid(0.12)}]
+        for step, hit in enumerate(hits, 1):
+            rows.append({"step": step, "reward": 1.0 + hit, "format": 1.0, "recommend": hit / 2, "preference": 0.0,
+                         "return": 1.5, "hit@10": [hit, hit], "target_in_candidates": [in_candidates, in_candidates],
+                         "kl": 0.0, "entropy": 1.0, "zero_variance_fraction": 1 - in_candidates,
+                         "seconds_generating": 100, "seconds_training": 20, **(valid(0.25) if step == len(hits) else {})})
+        (folder / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return tmp_path / name
+
+    every, reach = rl_run("rl_all", "all", 1805, 0.0, [0.0, 0.0]), rl_run("rl_reach", "reachable", 236, 1.0, [0.5, 0.75])
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\n#### inspired\n\nkept\n<!-- results:end -->\n<!-- rl_start_states:start -->\nstale\n"
+                      "<!-- rl_start_states:end -->\n<!-- bench:start -->\n<!-- bench:end -->\n"
+                      "<!-- lora_step:start -->\n<!-- lora_step:end -->\n")
+    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--start-states-rl", str(every), str(reach)])
+    text = readme.read_text()
+    assert "| `rl_all` | all (1805 of 1805) | 2 x 1 x 4 x 2 | 0.00 | 0.000 | 1.00 | 0.00 / 0.00 | 1.00 / 1.00 | 0.12 / 0.25 | 0.37 / 0.50 |" in text
+    assert "| `rl_reach` | reachable (236 of 1805) | 2 x 1 x 4 x 2 | 1.00 | 0.312 | 0.00 | 0.50 / 0.75 | 1.50 / 1.75 |" in text
+    assert "| 2 | 1.750 | 1.00 | 0.375 | 0.000 | 1.500 | 0.75, 0.75 | 1.00, 1.00 | 0.0000 |" in text  # per-step curve
+    assert "stale" not in text
+    (reach / "recommender_rl" / "rl_config.json").unlink()
+    with pytest.raises(SystemExit, match="did not finish"):
+        tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--start-states-rl", str(reach)])

@@ -243,3 +243,30 @@ def test_eval_smtpo_rows(inspired_tiny_adapters, tmp_path, make_run, monkeypatch
     assert {"smtpo", "smtpo-no-preference-reward", "sft+simulator"} <= set(results["multi_turn"])
     assert "sft+simulator-feedback-only" not in results["multi_turn"]
     assert results["multi_turn"]["smtpo"]["recommender"] == "recommender_rl"
+
+
+def test_reachable_start_states_are_those_whose_first_turn_candidates_hold_a_target(rollout):
+    conversation, samples = rollout.conversation, [s for s in common.load_samples(
+        common.RunPaths(rollout.args.run_dir), "train")[:60] if common.sample_truth(s)]
+    k = conversation.k
+    try:
+        conversation.k = 200  # the tiny retriever recalls few targets in 20 of ~1.7k items: both kinds are needed
+        kept = rl.reachable(conversation.retriever, samples, conversation.k, True, rollout.args.retriever_query)
+        # what an episode's first turn really holds (the retriever's own list, no LLM)
+        episodes = conversation.play(common.start_episodes(samples), 1, "retriever")
+    finally:
+        conversation.k = k
+    held = [any(t in e.truth for t in e.turns[0]["candidates"]) for e in episodes]
+    assert kept == held and 0 < sum(kept) < len(kept)
+    stats = rl.summarize([{"terms": [{"reward": 0, "format": 0, "recommend": 0, "preference": 0}], "returns": [],
+                           "hits": [rl.episode_hits(e, 2) for e in episodes], "zero_variance_groups": 0, "groups": 0,
+                           "tokens_generated": 0}])
+    assert stats["target_in_candidates"] == [sum(held) / len(held)] * 2  # a one-turn episode keeps its candidates
+
+
+def test_reachable_start_states_run(inspired_tiny_adapters, tmp_path, make_run):
+    run_dir = make_run(inspired_tiny_adapters, tmp_path / "reachable", RUN_PARTS)
+    log = rl.main(rl_args(run_dir, steps=1, eval_samples=0, candidates=200, start_states="reachable"))["log"]
+    states = common.read_json(run_dir / "recommender_rl" / "rl_config.json")["start_states"]
+    assert states["rule"] == "reachable" and 0 < states["kept"] < states["of"]
+    assert log[0]["target_in_candidates"][0] == 1.0  # every drawn state's first turn holds a target

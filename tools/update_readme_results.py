@@ -23,11 +23,15 @@ that set SMTPO against SFT on the same test conversations.
 Between <!-- candidate_targets:start --> and <!-- candidate_targets:end -->, with --candidate-targets DIR...:
 where the target sits among the K candidates of training samples (in sample and out of fold) and of valid
 samples, from each DIR/retriever/report.json (03's cross-fitting).
+Between <!-- rl_start_states:start --> and <!-- rl_start_states:end -->, with --start-states-rl DIR...:
+04 runs from every training state against only the states whose target the first turn's candidates
+hold (--start-states), a summary row each and then their per-step curves.
 
     python tools/update_readme_results.py [--runs runs] [--datasets inspired] [--command "..."]
                                           [--compare-rl runs/a runs/b] [--sft-quality runs/a runs/b]
                                           [--side-eval runs/a runs/b] [--sim-quality runs/a/simulator]
                                           [--rl-eval runs/a] [--candidate-targets runs/a]
+                                          [--start-states-rl runs/a runs/b]
 """
 import argparse
 import datetime
@@ -100,10 +104,12 @@ def rl_curve_table(run_dir: Path) -> str:
         head = (f"`{folder}/` ({config.get('prompts', '?')} prompt x G {config.get('group_size', '?')} x "
                 f"T {config.get('turns', '?')} per step, lr {config.get('lr', '?')}, w_pref {config.get('w_preference', '?')}); "
                 f"training episodes (sampled at temperature {config.get('temperature', '?')}):")
-        lines = ["| step | reward | format | recommend | preference | return | hit@10 by turn | KL | entropy | "
-                 "zero-var groups | s gen / train |", "|" + "---|" * 11]
+        recall = all("target_in_candidates" in r for r in rows)  # logged since 2026-11-26
+        lines = ["| step | reward | format | recommend | preference | return | hit@10 by turn | "
+                 + ("target among the K by turn | " if recall else "") + "KL | entropy | zero-var groups | s gen / train |",
+                 "|" + "---|" * (11 + recall)]
         for r in rows:
-            hits = by_turn(r["hit@10"])
+            hits = by_turn(r["hit@10"]) + (f" | {by_turn(r['target_in_candidates'])}" if recall else "")
             lines.append(f"| {r['step']} | {r['reward']:.3f} | {r['format']:.2f} | {r['recommend']:.3f} | "
                          f"{r['preference']:.3f} | {r['return']:.3f} | {hits} | {r['kl']:.4f} | {r['entropy']:.2f} | "
                          f"{r['zero_variance_fraction']:.2f} | {r['seconds_generating']:.0f} / {r['seconds_training']:.0f} |")
@@ -151,6 +157,36 @@ def rl_compare_table(run_dirs: list[Path]) -> str:
             lines.append((settings if n == 0 else "| | | | | | |") + f" {r['step']} | {v['parse_rate']:.2f} | "
                          f"{v['recommend']:.3f} | {by_turn(v['hit@10'])} |")
     return "\n".join(lines)
+
+
+def start_states_block(run_dirs: list[Path]) -> str:
+    """04 runs that differ in --start-states: one summary row each (means over the training steps,
+    sampled episodes), then each run's per-step curves (rl_curve_table)."""
+    lines = ["| run | start states (kept of all) | steps x start states x G x T | target among the K at turn 1 | "
+             "recommend | zero-var groups | training hit@10 at turn T, 1st / 2nd half | reward, 1st / 2nd half | "
+             "greedy validation hit@10 at turn T, SFT start / last | parse rate, SFT start / last |", "|" + "---|" * 10]
+    curves = []
+    for run_dir in run_dirs:
+        config_path = run_dir / "recommender_rl" / "rl_config.json"
+        if not config_path.exists():
+            raise SystemExit(f"--start-states-rl: no {config_path} (04_rl_multiturn.py did not finish there)")
+        config = json.loads(config_path.read_text())
+        c, states = config["args"], config.get("start_states", {"rule": "all", "kept": "?", "of": "?"})
+        logged = train_log(run_dir, "recommender_rl")
+        trained = [r for r in logged if r["step"] > 0]
+        half = max(len(trained) // 2, 1)
+        mean = lambda rows, key: sum(key(r) for r in rows) / len(rows)  # noqa: E731
+        halves = lambda key: " / ".join(f"{mean(p, key):.2f}" for p in (trained[:half], trained[half:]) if p)  # noqa: E731
+        valid = [r["valid"] for r in logged if "valid" in r]
+        lines.append(
+            f"| `{run_dir.name}` | {states['rule']} ({states['kept']} of {states['of']}) | {c['steps']} x {c['prompts']} x "
+            f"{c['group_size']} x {c['turns']} | {mean(trained, lambda r: r['target_in_candidates'][0]):.2f} | "
+            f"{mean(trained, lambda r: r['recommend']):.3f} | {mean(trained, lambda r: r['zero_variance_fraction']):.2f} | "
+            f"{halves(lambda r: r['hit@10'][-1])} | {halves(lambda r: r['reward'])} | "
+            + (f"{valid[0]['hit@10'][-1]:.2f} / {valid[-1]['hit@10'][-1]:.2f} | "
+               f"{valid[0]['parse_rate']:.2f} / {valid[-1]['parse_rate']:.2f} |" if valid else "| |"))
+        curves.append(f"`{run_dir.name}/`, " + rl_curve_table(run_dir))
+    return "\n".join(lines) + "\n\n" + "\n\n".join(curves)
 
 
 def sft_quality_table(run_dirs: list[Path]) -> str:
@@ -383,6 +419,9 @@ def main(argv=None) -> None:
                         help="run directories whose eval/results.md (05_eval.py, SMTPO against SFT) to copy into the rl_eval block")
     parser.add_argument("--candidate-targets", nargs="*", default=None,
                         help="run directories whose retriever/report.json to list in the candidate_targets block")
+    parser.add_argument("--start-states-rl", nargs="*", default=None,
+                        help="run directories whose recommender_rl/ (04 with --start-states all or reachable) to set "
+                             "side by side in the rl_start_states block")
     args = parser.parse_args(argv)
     # only runs/<dataset>/: a side run directory (e.g. runs/inspired_sft100) must not replace its dataset's block
     found = [p for p in sorted(Path(args.runs).glob("*/eval/results.json"))
@@ -426,6 +465,8 @@ def main(argv=None) -> None:
         text = replace_between(text, "rl_eval", side_eval_block([Path(d) for d in args.rl_eval]))
     if args.candidate_targets:
         text = replace_between(text, "candidate_targets", candidate_targets_table([Path(d) for d in args.candidate_targets]))
+    if args.start_states_rl:
+        text = replace_between(text, "rl_start_states", start_states_block([Path(d) for d in args.start_states_rl]))
     readme.write_text(text)
     print(f"updated {readme}: results of {sorted(new)} (kept {sorted(set(blocks) - set(new))})"
           + (", benchmark table" if bench_table else "") + (", LoRA step table" if lora_table else ""))
