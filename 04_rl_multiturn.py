@@ -9,8 +9,9 @@ Writes  <run-dir>/recommender_rl/ (or --out, e.g. recommender_rl_no_preference w
           rl_config.json         the arguments, the base model, the world size, where training candidates
                                  come from (out of fold: 03's cross-fitted retrievers), the start states
                                  kept (--start-states), seconds
-          train_log.jsonl        one row per step (reward terms, return, hit@1/@10 by turn and the share of
-                                 episodes with a target among the turn's candidates, KL, entropy,
+          train_log.jsonl        one row per step (reward terms, return, hit@1/@10 by turn, the share of
+                                 episodes with a target among the turn's candidates and in the retriever's
+                                 own top 10 of them (the hit@10 without re-ranking), KL, entropy,
                                  zero-variance groups, tokens, seconds generating vs training; validation),
                                  and a row of step 0 with the SFT start's validation (--eval-start)
           checkpoint/checkpoint.pt  every --save-every steps and at the end; a rerun resumes from it
@@ -256,13 +257,17 @@ def score_groups(groups: list[list[common.Episode]], items: list[dict], args) ->
     return rows, raw
 
 
-def episode_hits(e: common.Episode, turns: int) -> list[tuple[bool, bool, bool]]:
-    """(a true target at rank 1, one in the top 10, one among the K candidates) after each turn, on
-    the scored list (parsed titles, then the retriever's order; a finished episode keeps its list).
-    The third is the retriever's recall: the ceiling of the second."""
-    return [(e.ranking_at(t)[0] in e.truth, any(i in e.truth for i in e.ranking_at(t)[:10]),
-             any(i in e.truth for i in e.turns[min(t, len(e.turns)) - 1]["candidates"]))
-            for t in range(1, turns + 1)]
+def episode_hits(e: common.Episode, turns: int) -> list[tuple[bool, bool, bool, bool]]:
+    """(a true target at rank 1, one in the top 10, one among the K candidates, one in the
+    candidates' first 10) after each turn, on the scored list (parsed titles, then the retriever's
+    order; a finished episode keeps its list). The third is the ceiling of the second; the fourth
+    is the hit@10 of the retriever's own order on the same turn, what re-ranking is measured against."""
+    out = []
+    for t in range(1, turns + 1):
+        ranked, candidates = e.ranking_at(t), e.turns[min(t, len(e.turns)) - 1]["candidates"]
+        out.append((ranked[0] in e.truth, any(i in e.truth for i in ranked[:10]),
+                    any(i in e.truth for i in candidates), any(i in e.truth for i in candidates[:10])))
+    return out
 
 
 def reachable(retriever: common.Retriever, samples: list[dict], k: int, exclude_seen: bool, query: str) -> list[bool]:
@@ -277,8 +282,8 @@ def reachable(retriever: common.Retriever, samples: list[dict], k: int, exclude_
 
 def summarize(raws: list[dict]) -> dict:
     """Step statistics from the raw statistics of every process: mean reward and each term per
-    turn played, mean return R_1 per episode, hit@1, hit@10 and target_in_candidates (the
-    retriever's recall of K) by turn, zero-variance groups."""
+    turn played, mean return R_1 per episode, hit@1, hit@10, target_in_candidates (the
+    retriever's recall of K) and retriever_hit@10 (its own order's) by turn, zero-variance groups."""
     terms = [t for r in raws for t in r["terms"]]
     hits = [h for r in raws for h in r["hits"]]
     returns = [x for r in raws for x in r["returns"]]
@@ -287,6 +292,7 @@ def summarize(raws: list[dict]) -> dict:
     out["hit@1"] = [sum(h[t][0] for h in hits) / len(hits) for t in range(len(hits[0]))]
     out["hit@10"] = [sum(h[t][1] for h in hits) / len(hits) for t in range(len(hits[0]))]
     out["target_in_candidates"] = [sum(h[t][2] for h in hits) / len(hits) for t in range(len(hits[0]))]
+    out["retriever_hit@10"] = [sum(h[t][3] for h in hits) / len(hits) for t in range(len(hits[0]))]
     for k in ("zero_variance_groups", "groups", "tokens_generated"):
         out[k] = sum(r[k] for r in raws)
     out["zero_variance_fraction"] = out["zero_variance_groups"] / max(out["groups"], 1)
@@ -362,7 +368,8 @@ def validate(conversation: common.Conversation, samples: list[dict], policy: dic
     stats = summarize([{"terms": [turn_reward(t, e.truth, items, args) for e in episodes for t in e.turns],
                         "returns": [], "hits": [episode_hits(e, args.turns) for e in episodes],
                         "zero_variance_groups": 0, "groups": 0, "tokens_generated": 0}])
-    keep = ("reward", "format", "recommend", "preference", "hit@1", "hit@10", "target_in_candidates", "episodes")
+    keep = ("reward", "format", "recommend", "preference", "hit@1", "hit@10", "target_in_candidates", "retriever_hit@10",
+            "episodes")
     return {"valid": {k: stats[k] for k in keep} | {"parse_rate": stats["format"]}}
 
 

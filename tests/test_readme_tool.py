@@ -267,6 +267,7 @@ def test_start_states_block_sets_all_against_reachable(tmp_path):
         for step, hit in enumerate(hits, 1):
             rows.append({"step": step, "reward": 1.0 + hit, "format": 1.0, "recommend": hit / 2, "preference": 0.0,
                          "return": 1.5, "hit@10": [hit, hit], "target_in_candidates": [in_candidates, in_candidates],
+                         "retriever_hit@10": [hit / 2, hit / 2],
                          "kl": 0.0, "entropy": 1.0, "zero_variance_fraction": 1 - in_candidates,
                          "seconds_generating": 100, "seconds_training": 20, **(valid(0.25) if step == len(hits) else {})})
         (folder / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -279,9 +280,9 @@ def test_start_states_block_sets_all_against_reachable(tmp_path):
                       "<!-- lora_step:start -->\n<!-- lora_step:end -->\n")
     tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--start-states-rl", str(every), str(reach)])
     text = readme.read_text()
-    assert "| `rl_all` | all (1805 of 1805) | 2 x 1 x 4 x 2 | 0.00 | 0.000 | 1.00 | 0.00 / 0.00 | 1.00 / 1.00 | 0.12 / 0.25 | 0.37 / 0.50 |" in text
-    assert "| `rl_reach` | reachable (236 of 1805) | 2 x 1 x 4 x 2 | 1.00 | 0.312 | 0.00 | 0.50 / 0.75 | 1.50 / 1.75 |" in text
-    assert "| 2 | 1.750 | 1.00 | 0.375 | 0.000 | 1.500 | 0.75, 0.75 | 1.00, 1.00 | 0.0000 |" in text  # per-step curve
+    assert "| `rl_all` | all (1805 of 1805) | 2 x 1 x 4 x 2 | 0.00 | 0.000 | 1.00 | 0.00 / 0.00 | 0.00 / 0.00 | 1.00 / 1.00 | 0.12 / 0.25 | 0.37 / 0.50 |" in text
+    assert "| `rl_reach` | reachable (236 of 1805) | 2 x 1 x 4 x 2 | 1.00 | 0.312 | 0.00 | 0.50 / 0.75 | 0.25 / 0.38 | 1.50 / 1.75 |" in text
+    assert "| 2 | 1.750 | 1.00 | 0.375 | 0.000 | 1.500 | 0.75, 0.75 | 0.38, 0.38 | 1.00, 1.00 | 0.0000 |" in text  # per-step
     assert "stale" not in text
     (reach / "recommender_rl" / "rl_config.json").unlink()
     with pytest.raises(SystemExit, match="did not finish"):

@@ -262,6 +262,10 @@ def test_reachable_start_states_are_those_whose_first_turn_candidates_hold_a_tar
                            "hits": [rl.episode_hits(e, 2) for e in episodes], "zero_variance_groups": 0, "groups": 0,
                            "tokens_generated": 0}])
     assert stats["target_in_candidates"] == [sum(held) / len(held)] * 2  # a one-turn episode keeps its candidates
+    # weights "retriever": the list is the candidates' first 10, so re-ranking adds nothing
+    top10 = [any(t in e.truth for t in e.turns[0]["candidates"][:10]) for e in episodes]
+    assert stats["retriever_hit@10"] == stats["hit@10"] == [sum(top10) / len(top10)] * 2
+    assert sum(top10) < sum(held)  # with K = 200, the first 10 miss targets the candidates hold
 
 
 def test_reachable_start_states_run(inspired_tiny_adapters, tmp_path, make_run):

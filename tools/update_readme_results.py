@@ -104,12 +104,13 @@ def rl_curve_table(run_dir: Path) -> str:
         head = (f"`{folder}/` ({config.get('prompts', '?')} prompt x G {config.get('group_size', '?')} x "
                 f"T {config.get('turns', '?')} per step, lr {config.get('lr', '?')}, w_pref {config.get('w_preference', '?')}); "
                 f"training episodes (sampled at temperature {config.get('temperature', '?')}):")
-        recall = all("target_in_candidates" in r for r in rows)  # logged since 2026-11-26
+        recall = all("retriever_hit@10" in r for r in rows)  # logged since 2026-11-26
         lines = ["| step | reward | format | recommend | preference | return | hit@10 by turn | "
-                 + ("target among the K by turn | " if recall else "") + "KL | entropy | zero-var groups | s gen / train |",
-                 "|" + "---|" * (11 + recall)]
+                 + ("retriever's own top 10 by turn | target among the K by turn | " if recall else "")
+                 + "KL | entropy | zero-var groups | s gen / train |", "|" + "---|" * (11 + 2 * recall)]
         for r in rows:
-            hits = by_turn(r["hit@10"]) + (f" | {by_turn(r['target_in_candidates'])}" if recall else "")
+            hits = by_turn(r["hit@10"]) + (f" | {by_turn(r['retriever_hit@10'])} | {by_turn(r['target_in_candidates'])}"
+                                           if recall else "")
             lines.append(f"| {r['step']} | {r['reward']:.3f} | {r['format']:.2f} | {r['recommend']:.3f} | "
                          f"{r['preference']:.3f} | {r['return']:.3f} | {hits} | {r['kl']:.4f} | {r['entropy']:.2f} | "
                          f"{r['zero_variance_fraction']:.2f} | {r['seconds_generating']:.0f} / {r['seconds_training']:.0f} |")
@@ -163,8 +164,9 @@ def start_states_block(run_dirs: list[Path]) -> str:
     """04 runs that differ in --start-states: one summary row each (means over the training steps,
     sampled episodes), then each run's per-step curves (rl_curve_table)."""
     lines = ["| run | start states (kept of all) | steps x start states x G x T | target among the K at turn 1 | "
-             "recommend | zero-var groups | training hit@10 at turn T, 1st / 2nd half | reward, 1st / 2nd half | "
-             "greedy validation hit@10 at turn T, SFT start / last | parse rate, SFT start / last |", "|" + "---|" * 10]
+             "recommend | zero-var groups | training hit@10 at turn T, 1st / 2nd half | the retriever's own order's, "
+             "1st / 2nd half | reward, 1st / 2nd half | greedy validation hit@10 at turn T, SFT start / last | "
+             "parse rate, SFT start / last |", "|" + "---|" * 11]
     curves = []
     for run_dir in run_dirs:
         config_path = run_dir / "recommender_rl" / "rl_config.json"
@@ -182,7 +184,8 @@ def start_states_block(run_dirs: list[Path]) -> str:
             f"| `{run_dir.name}` | {states['rule']} ({states['kept']} of {states['of']}) | {c['steps']} x {c['prompts']} x "
             f"{c['group_size']} x {c['turns']} | {mean(trained, lambda r: r['target_in_candidates'][0]):.2f} | "
             f"{mean(trained, lambda r: r['recommend']):.3f} | {mean(trained, lambda r: r['zero_variance_fraction']):.2f} | "
-            f"{halves(lambda r: r['hit@10'][-1])} | {halves(lambda r: r['reward'])} | "
+            f"{halves(lambda r: r['hit@10'][-1])} | {halves(lambda r: r['retriever_hit@10'][-1])} | "
+            f"{halves(lambda r: r['reward'])} | "
             + (f"{valid[0]['hit@10'][-1]:.2f} / {valid[-1]['hit@10'][-1]:.2f} | "
                f"{valid[0]['parse_rate']:.2f} / {valid[-1]['parse_rate']:.2f} |" if valid else "| |"))
         curves.append(f"`{run_dir.name}/`, " + rl_curve_table(run_dir))
