@@ -270,14 +270,13 @@ def episode_hits(e: common.Episode, turns: int) -> list[tuple[bool, bool, bool, 
     return out
 
 
-def reachable(retriever: common.Retriever, samples: list[dict], k: int, exclude_seen: bool, query: str) -> list[bool]:
-    """Whether a true target is among each sample's first-turn candidates: the K items the
-    retriever recalls from the sample's dialogue, from the fold net that did not train on it
-    (03's cross-fitting), exactly as Conversation.recommend recalls them at turn 1."""
-    contexts = [common.retriever_context(s["context"], s["context"], query) for s in samples]
-    cands = retriever.search(contexts, [s["context_items"] for s in samples], k, exclude_seen,
-                             dialog_ids=[s["dialog_id"] for s in samples])
-    return [any(t in c for t in common.sample_truth(s)) for s, c in zip(samples, cands)]
+def reachable(conversation: common.Conversation, samples: list[dict]) -> list[bool]:
+    """Whether a true target is among each sample's first-turn candidates: a first turn played
+    with the retriever's own list (no LLM), so the K candidates are recalled as in an episode
+    (from the fold net that did not train on the dialogue, 03's cross-fitting)."""
+    episodes = common.start_episodes(samples)
+    conversation.recommend(episodes, "retriever")
+    return [any(t in e.truth for t in e.turns[0]["candidates"]) for e in episodes]
 
 
 def summarize(raws: list[dict]) -> dict:
@@ -289,10 +288,8 @@ def summarize(raws: list[dict]) -> dict:
     returns = [x for r in raws for x in r["returns"]]
     out = {k: sum(t[k] for t in terms) / len(terms) for k in ("reward", "format", "recommend", "preference")}
     out["return"] = sum(returns) / len(returns) if returns else None
-    out["hit@1"] = [sum(h[t][0] for h in hits) / len(hits) for t in range(len(hits[0]))]
-    out["hit@10"] = [sum(h[t][1] for h in hits) / len(hits) for t in range(len(hits[0]))]
-    out["target_in_candidates"] = [sum(h[t][2] for h in hits) / len(hits) for t in range(len(hits[0]))]
-    out["retriever_hit@10"] = [sum(h[t][3] for h in hits) / len(hits) for t in range(len(hits[0]))]
+    for i, name in enumerate(("hit@1", "hit@10", "target_in_candidates", "retriever_hit@10")):  # episode_hits' order
+        out[name] = [sum(h[t][i] for h in hits) / len(hits) for t in range(len(hits[0]))]
     for k in ("zero_variance_groups", "groups", "tokens_generated"):
         out[k] = sum(r[k] for r in raws)
     out["zero_variance_fraction"] = out["zero_variance_groups"] / max(out["groups"], 1)
@@ -417,7 +414,7 @@ def main(argv=None) -> dict:
     # out of fold, most training states hold none (README, cross-fitting), and a group of those
     # can differ in format and preference only.
     if args.start_states == "reachable":
-        kept = reachable(conversation.retriever, train, args.candidates, args.exclude_seen, args.retriever_query)
+        kept = reachable(conversation, train)
         states = {"rule": "reachable", "kept": sum(kept), "of": len(train)}
         train = [s for s, keep in zip(train, kept) if keep]
         if len(train) < args.prompts * world:

@@ -251,7 +251,7 @@ def test_reachable_start_states_are_those_whose_first_turn_candidates_hold_a_tar
     k = conversation.k
     try:
         conversation.k = 200  # the tiny retriever recalls few targets in 20 of ~1.7k items: both kinds are needed
-        kept = rl.reachable(conversation.retriever, samples, conversation.k, True, rollout.args.retriever_query)
+        kept = rl.reachable(conversation, samples)
         # what an episode's first turn really holds (the retriever's own list, no LLM)
         episodes = conversation.play(common.start_episodes(samples), 1, "retriever")
     finally:
