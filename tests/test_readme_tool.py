@@ -1,6 +1,7 @@
 """tools/update_readme_results.py replaces only the datasets it finds and keeps the others."""
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,22 @@ def test_sft_quality_block_lists_each_adapter_report(tmp_path):
     assert "| `cited` | inspired | 30 steps from `runs/x/recommender_sft`, seed 0, titles cited by candidate number |" in text
     assert "| `oof` | inspired | 40 steps, seed 0, out-of-fold candidates |" in text
     assert "kept" in text
+
+    # a later call keeps the rows of runs it does not name (their folders may be gone) and replaces a named one
+    rows_before = text.split("<!-- sft_quality:start -->\n")[1].split("<!-- sft_quality:end -->")[0].splitlines()
+    for name in ("old", "report", "cited"):
+        shutil.rmtree(tmp_path / name)
+    quality_path = tmp_path / "oof" / "recommender_sft" / "quality.json"
+    quality = json.loads(quality_path.read_text())
+    quality["tuned"] = {**quality["tuned"], "parse_rate": 1.0, "parse_rate_ci": [0.86, 1.0]}
+    quality_path.write_text(json.dumps(quality))
+    longer = sft_run("longer", {"steps": 260, "init_adapter": "runs/x/recommender_sft"}, tuned)
+    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--sft-quality", oof, longer])
+    rows = readme.read_text().split("<!-- sft_quality:start -->\n")[1].split("<!-- sft_quality:end -->")[0].splitlines()
+    assert rows[:5] == rows_before[:5]  # header, old, report, cited: unchanged and in place
+    assert rows[5].startswith("| `oof` |") and "| 1.00 [0.86, 1.00] |" in rows[5] and rows[5] != rows_before[5]
+    assert rows[6].startswith("| `longer` | inspired | 260 steps from `runs/x/recommender_sft`, seed 0 |")
+    assert len(rows) == 7
 
 
 def test_side_eval_block_copies_each_table_under_its_command(tmp_path):

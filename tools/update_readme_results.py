@@ -12,7 +12,8 @@ Between <!-- rl_compare:start --> and <!-- rl_compare:end -->, with --compare-rl
 runs of those run directories side by side (settings, sampled training turns, greedy validation),
 then each runs/<dataset>/rollout_temperature.md (tools/rollout_temperature.py) found.
 Between <!-- sft_quality:start --> and <!-- sft_quality:end -->, with --sft-quality DIR...: the
-quality report of each DIR/recommender_sft/ (03's quality.json and recommender_config.json), one row each.
+quality report of each DIR/recommender_sft/ (03's quality.json and recommender_config.json), one row each;
+rows of run directories not named stay as written before (a DIR named again replaces its row).
 Between <!-- sim_quality:start --> and <!-- sim_quality:end -->, with --sim-quality FOLDER...: 02's quality
 report of each simulator folder, tuned against the base, one row each.
 Between <!-- side_eval:start --> and <!-- side_eval:end -->, with --side-eval DIR...: each DIR/eval/results.md
@@ -397,6 +398,18 @@ def lora_step_block(path: Path = ROOT / "bench" / "results" / "lora_step.jsonl")
     return "\n".join(out)
 
 
+def merge_rows(text: str, name: str, table: str) -> str:
+    """The table of block `name` with `table`'s rows merged in by their first cell (the run): a row of
+    `table` replaces the block's row of the same run in place or is appended; rows of runs not in `table`
+    stay as the tool wrote them earlier, so a block keeps the figures of run directories since deleted."""
+    found = re.search(rf"<!-- {name}:start -->\n(.*?)<!-- {name}:end -->", text, re.S)
+    old_rows = [line for line in (found.group(1) if found else "").splitlines()[2:] if line.startswith("| ")]
+    header, new_rows = table.split("\n")[:2], table.split("\n")[2:]
+    new_by_run = {row.split(" | ")[0]: row for row in new_rows}
+    rows = [new_by_run.pop(row.split(" | ")[0], row) for row in old_rows]
+    return "\n".join(header + rows + list(new_by_run.values()))
+
+
 def replace_between(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- {name}:start -->\n)(?:.*?\n)?(<!-- {name}:end -->)", re.S)
     if not pattern.search(text):
@@ -413,7 +426,8 @@ def main(argv=None) -> None:
     parser.add_argument("--compare-rl", nargs="*", default=None,
                         help="run directories whose recommender_rl/ to set side by side in the rl_compare block")
     parser.add_argument("--sft-quality", nargs="*", default=None,
-                        help="run directories whose recommender_sft/quality.json to list in the sft_quality block")
+                        help="run directories whose recommender_sft/quality.json to list in the sft_quality block "
+                             "(rows of other runs already there are kept)")
     parser.add_argument("--sim-quality", nargs="*", default=None,
                         help="simulator folders (e.g. runs/inspired/simulator) whose quality.json to list in the sim_quality block")
     parser.add_argument("--side-eval", nargs="*", default=None,
@@ -459,7 +473,8 @@ def main(argv=None) -> None:
         text = replace_between(text, "rl_compare", "\n\n".join(
             [rl_compare_table([Path(d) for d in args.compare_rl])] + sweeps))
     if args.sft_quality:
-        text = replace_between(text, "sft_quality", sft_quality_table([Path(d) for d in args.sft_quality]))
+        text = replace_between(text, "sft_quality", merge_rows(
+            text, "sft_quality", sft_quality_table([Path(d) for d in args.sft_quality])))
     if args.sim_quality:
         text = replace_between(text, "sim_quality", sim_quality_table([Path(d) for d in args.sim_quality]))
     if args.side_eval:
