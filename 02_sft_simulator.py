@@ -61,7 +61,7 @@ class Args:
     reply_tokens: int = arg(60, "quality report: generation budget of a feedback reply (05's --sim-max-new-tokens)")
     max_train_samples: int = arg(0, "use only the first N training samples (smoke tests); 0 = all")
     seed: int = arg(0, "random seed")
-    threads: int = arg(0, "torch CPU threads (0 = torch's default; 1 is fastest on small CPUs)")
+    threads: int = arg(0, "torch CPU threads (0 = torch's default; 1 when jobs share the cores, else all of them)")
     device: str = arg(str(common.default_device()), "torch device")
 
 

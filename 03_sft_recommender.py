@@ -112,7 +112,7 @@ class Args:
     no_repeat_ngram: int = arg(10, "quality report: forbid the answer to repeat one of its own n-grams (greedy loop guard; 0 = off)")
     constrain_answer: bool = arg(False, "quality report: decode an opened <answer> block constrained to 10 distinct "
                                         "candidate titles (common.AnswerListConstraint); off = the model's own format")
-    threads: int = arg(0, "torch CPU threads (0 = torch's default; 1 is fastest on small CPUs)")
+    threads: int = arg(0, "torch CPU threads (0 = torch's default; 1 when jobs share the cores, else all of them)")
     device: str = arg(str(common.default_device()), "torch device")
 
 

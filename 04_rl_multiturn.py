@@ -110,7 +110,7 @@ class Args:
     save_every: int = arg(5, "checkpoint every N steps")
     stop_after: int = arg(0, "stop with a checkpoint once this step is reached (rerun to resume); 0 = run all")
     seed: int = arg(0, "random seed")
-    threads: int = arg(0, "torch CPU threads (0 = torch's default; 1 is fastest on small CPUs)")
+    threads: int = arg(0, "torch CPU threads (0 = torch's default; 1 when jobs share the cores, else all of them)")
     device: str = arg(str(common.default_device()), "torch device (cuda:<local rank> under torchrun)")
 
 

@@ -98,7 +98,7 @@ class Args:
     merge: bool = arg(False, "keep the rows of an existing eval/results.json written with the same settings (MERGE_KEYS: "
                              "split, limit, turns, candidates, seed, exclusion, decoding) and add (or replace) this "
                              "run's rows; lets rows be evaluated later or by processes side by side")
-    threads: int = arg(0, "torch CPU threads (0 = torch's default; 1 is fastest on small CPUs)")
+    threads: int = arg(0, "torch CPU threads (0 = torch's default; 1 when jobs share the cores, else all of them)")
     device: str = arg(str(common.default_device()), "torch device")
 
 
