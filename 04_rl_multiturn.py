@@ -8,7 +8,7 @@ Writes  <run-dir>/recommender_rl/ (or --out, e.g. recommender_rl_no_preference w
           adapter_config.json, adapter_model.safetensors   the policy's LoRA adapter (PEFT layout)
           rl_config.json         the arguments, the base model, the world size, where training candidates
                                  come from (out of fold: 03's cross-fitted retrievers), the start states
-                                 kept (--start-states), seconds
+                                 kept (--start-states), the validation states drawn (--eval-states), seconds
           train_log.jsonl        one row per step (reward terms, return, hit@1/@10 by turn, the share of
                                  episodes with a target among the turn's candidates and in the retriever's
                                  own top 10 of them (the hit@10 without re-ranking), KL, entropy,
@@ -107,6 +107,9 @@ class Args:
     eval_every: int = arg(0, "greedy validation episodes every N steps and at the end (0 = only at the end)")
     eval_start: bool = arg(True, "greedy validation of the SFT start before step 1 too (the curves' step 0)")
     eval_samples: int = arg(16, "validation start states (seeded draw among samples with a new target; 0 = none)")
+    eval_states: str = arg("all", "validation samples to draw from: all with a new target, or only those whose target is "
+                                  "among the first turn's K candidates (then hit@10 measures re-ranking, not recall)",
+                           choices=["all", "reachable"])
     save_every: int = arg(5, "checkpoint every N steps")
     stop_after: int = arg(0, "stop with a checkpoint once this step is reached (rerun to resume); 0 = run all")
     seed: int = arg(0, "random seed")
@@ -386,10 +389,9 @@ def main(argv=None) -> dict:
     # 1. Data: the catalogue, training start states (with a target), held-out start states.
     items = common.load_items(run)
     train = [s for s in common.load_samples(run, "train")[:args.max_train_samples or None] if common.sample_truth(s)]
-    held_out = common.draw_samples(common.load_samples(run, "valid"), args.eval_samples, args.seed) \
-        if args.eval_samples else []
+    valid = [s for s in common.load_samples(run, "valid") if s["new_targets"]] if args.eval_samples else []
     if main_process:
-        print(f"[04] {len(items)} items; {len(train)} training start states; {len(held_out)} validation; "
+        print(f"[04] {len(items)} items; {len(train)} training start states; {len(valid)} validation samples; "
               f"{world} process(es) x {args.prompts} start states x G={args.group_size} episodes x T={args.turns} turns")
 
     # 2. One base, three adapters: the policy (live, trainable, from the SFT adapter), the
@@ -422,8 +424,16 @@ def main(argv=None) -> dict:
                              "candidates; use --start-states all, or more --candidates")
     else:
         states = {"rule": "all", "kept": len(train), "of": len(train)}
+    # Validation states by the same rule (--eval-states): on reachable ones the retriever's recall is
+    # out of the way, and hit@10 against the retriever's own order measures the re-ranking alone.
+    eval_states = {"rule": args.eval_states, "of": len(valid)}
+    if args.eval_states == "reachable" and valid:
+        valid = [s for s, keep in zip(valid, reachable(conversation, valid)) if keep]
+    held_out = common.draw_samples(valid, args.eval_samples, args.seed)
+    eval_states.update(kept=len(valid), drawn=len(held_out))
     if main_process:
-        print(f"[04] start states: {states['kept']} of {states['of']} ({states['rule']})")
+        print(f"[04] start states: {states['kept']} of {states['of']} ({states['rule']}); validation: "
+              f"{len(held_out)} drawn of {eval_states['kept']} ({args.eval_states})")
 
     # 3. Resume from out_dir/checkpoint/ when a checkpoint of the same settings is there.
     same_run = {k: getattr(args, k) for k in ("model", "load_in_4bit", "prompts", "group_size", "turns", "candidates",
@@ -501,7 +511,7 @@ def main(argv=None) -> dict:
     if main_process:
         common.save_lora(model, out_dir, {"base_model_name_or_path": conversation.base_model})
         config = {"args": asdict(args), "base_model": conversation.base_model, "world_size": world,
-                  "train_candidates": candidates_from, "start_states": states,
+                  "train_candidates": candidates_from, "start_states": states, "eval_states": eval_states,
                   "processes_in_sync": in_sync, "seconds": round(time.time() - started, 1)}
         common.write_json(out_dir / "rl_config.json", config)
         trained = [r for r in log_rows if r["step"] > 0]

@@ -272,14 +272,17 @@ def test_candidate_targets_block_lists_in_sample_out_of_fold_and_valid(tmp_path)
 
 
 def test_start_states_block_sets_all_against_reachable(tmp_path):
-    def rl_run(name: str, rule: str, kept: int, in_candidates: float, hits: list[float]) -> Path:
+    def rl_run(name: str, rule: str, kept: int, in_candidates: float, hits: list[float], eval_states=None) -> Path:
         folder = tmp_path / name / "recommender_rl"
         folder.mkdir(parents=True)
-        config = {"args": {"steps": 2, "prompts": 1, "group_size": 4, "turns": 2, "lr": 1e-4, "w_preference": 0.5,
+        config = {"args": {"steps": len(hits), "prompts": 1, "group_size": 4, "turns": 2, "lr": 1e-4, "w_preference": 0.5,
                            "temperature": 1.0}, "start_states": {"rule": rule, "kept": kept, "of": 1805}}
+        if eval_states:  # 04 since 2026-11-27: the validation draw and the retriever's order on it
+            config["eval_states"] = eval_states
         (folder / "rl_config.json").write_text(json.dumps(config))
+        order = {"retriever_hit@10": [0.1, 0.2], "target_in_candidates": [1.0, 1.0]} if eval_states else {}
         valid = lambda h: {"valid": {"episodes": 16, "reward": 0.5, "parse_rate": 0.25 + h, "recommend": 0.0,  # noqa: E731
-                                     "preference": 0.0, "hit@10": [0.12, h]}}
+                                     "preference": 0.0, "hit@10": [0.12, h], **order}}
         rows = [{"step": 0, **valid(0.12)}]
         for step, hit in enumerate(hits, 1):
             rows.append({"step": step, "reward": 1.0 + hit, "format": 1.0, "recommend": hit / 2, "preference": 0.0,
@@ -291,15 +294,25 @@ def test_start_states_block_sets_all_against_reachable(tmp_path):
         return tmp_path / name
 
     every, reach = rl_run("rl_all", "all", 1805, 0.0, [0.0, 0.0]), rl_run("rl_reach", "reachable", 236, 1.0, [0.5, 0.75])
+    long = rl_run("rl_long", "reachable", 230, 1.0, [0.0] * 4 + [0.5] * 4, {"rule": "reachable", "of": 200, "kept": 40,
+                                                                           "drawn": 16})
     readme = tmp_path / "README.md"
     readme.write_text("<!-- results:start -->\n#### inspired\n\nkept\n<!-- results:end -->\n<!-- rl_start_states:start -->\nstale\n"
-                      "<!-- rl_start_states:end -->\n<!-- bench:start -->\n<!-- bench:end -->\n"
-                      "<!-- lora_step:start -->\n<!-- lora_step:end -->\n")
-    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--start-states-rl", str(every), str(reach)])
+                      "<!-- rl_start_states:end -->\n<!-- rl_reachable:start -->\nstale\n<!-- rl_reachable:end -->\n"
+                      "<!-- bench:start -->\n<!-- bench:end -->\n<!-- lora_step:start -->\n<!-- lora_step:end -->\n")
+    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--start-states-rl", str(every), str(reach),
+               "--reachable-rl", str(long)])
     text = readme.read_text()
-    assert "| `rl_all` | all (1805 of 1805) | 2 x 1 x 4 x 2 | 0.00 | 0.000 | 1.00 | 0.00 / 0.00 | 0.00 / 0.00 | 1.00 / 1.00 | 0.12 / 0.25 | 0.37 / 0.50 |" in text
+    assert ("| `rl_all` | all (1805 of 1805) | 2 x 1 x 4 x 2 | 0.00 | 0.000 | 1.00 | 0.00 / 0.00 | 0.00 / 0.00 | 1.00 / 1.00 "
+            "| all (16) | 0.12 / 0.25 | 0.37 / 0.50 |") in text
     assert "| `rl_reach` | reachable (236 of 1805) | 2 x 1 x 4 x 2 | 1.00 | 0.312 | 0.00 | 0.50 / 0.75 | 0.25 / 0.38 | 1.50 / 1.75 |" in text
     assert "| 2 | 1.750 | 1.00 | 0.375 | 0.000 | 1.500 | 0.75, 0.75 | 0.38, 0.38 | 1.00, 1.00 | 0.0000 |" in text  # per-step
+    # validated on reachable states: how many, and the retriever's own order beside the policy's hit@10
+    assert ("| `rl_long` | reachable (230 of 1805) | 8 x 1 x 4 x 2 | 1.00 | 0.125 | 0.00 | 0.00 / 0.50 | 0.00 / 0.25 "
+            "| 1.00 / 1.50 | reachable (16 of 40) | 0.12 / 0.25 (0.20 / 0.20) | 0.37 / 0.50 |") in text
+    assert "| 1-2 | 1.000 | 1.00 | 0.000 | 0.00 | 0.00 | 1.00 |\n| 3-4 | 1.000 |" in text  # quarters of the run
+    assert "| 7-8 | 1.500 | 1.00 | 0.250 | 0.50 | 0.25 | 1.00 |" in text
+    assert "| 8 | 0.500 | 0.50 | 0.000 | 0.000 | 0.12, 0.25 | 0.10, 0.20 | 1.00, 1.00 |" in text  # validation table
     assert "stale" not in text
     (reach / "recommender_rl" / "rl_config.json").unlink()
     with pytest.raises(SystemExit, match="did not finish"):

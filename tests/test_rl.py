@@ -270,7 +270,14 @@ def test_reachable_start_states_are_those_whose_first_turn_candidates_hold_a_tar
 
 def test_reachable_start_states_run(inspired_tiny_adapters, tmp_path, make_run):
     run_dir = make_run(inspired_tiny_adapters, tmp_path / "reachable", RUN_PARTS)
-    log = rl.main(rl_args(run_dir, steps=1, eval_samples=0, candidates=200, start_states="reachable"))["log"]
-    states = common.read_json(run_dir / "recommender_rl" / "rl_config.json")["start_states"]
+    log = rl.main(rl_args(run_dir, steps=1, eval_samples=3, candidates=200, start_states="reachable",
+                          eval_states="reachable"))["log"]
+    config = common.read_json(run_dir / "recommender_rl" / "rl_config.json")
+    states, held_out = config["start_states"], config["eval_states"]
     assert states["rule"] == "reachable" and 0 < states["kept"] < states["of"]
-    assert log[0]["target_in_candidates"][0] == 1.0  # every drawn state's first turn holds a target
+    assert log[-1]["target_in_candidates"][0] == 1.0  # every drawn state's first turn holds a target
+    # validation by the same rule: drawn among the valid samples whose first turn holds a target
+    assert held_out["rule"] == "reachable" and held_out["drawn"] == min(3, held_out["kept"]) > 0
+    assert held_out["kept"] < held_out["of"]
+    assert [r["step"] for r in log] == [0, 1]  # the SFT start's validation, then the step's
+    assert all(r["valid"]["target_in_candidates"][0] == 1.0 and r["valid"]["episodes"] == held_out["drawn"] for r in log)

@@ -26,13 +26,15 @@ where the target sits among the K candidates of training samples (in sample and 
 samples, from each DIR/retriever/report.json (03's cross-fitting).
 Between <!-- rl_start_states:start --> and <!-- rl_start_states:end -->, with --start-states-rl DIR...:
 04 runs from every training state against only the states whose target the first turn's candidates
-hold (--start-states), a summary row each and then their per-step curves.
+hold (--start-states), a summary row each and then their per-step curves (and their means over
+quarters of the run); the same for --reachable-rl DIR... between <!-- rl_reachable:start --> and
+<!-- rl_reachable:end --> (runs that also validate on reachable states, --eval-states).
 
     python tools/update_readme_results.py [--runs runs] [--datasets inspired] [--command "..."]
                                           [--compare-rl runs/a runs/b] [--sft-quality runs/a runs/b]
                                           [--side-eval runs/a runs/b] [--sim-quality runs/a/simulator]
                                           [--rl-eval runs/a] [--candidate-targets runs/a]
-                                          [--start-states-rl runs/a runs/b]
+                                          [--start-states-rl runs/a runs/b] [--reachable-rl runs/a]
 """
 import argparse
 import datetime
@@ -92,8 +94,9 @@ def by_turn(values: list[float]) -> str:
     return ", ".join(f"{v:.2f}" for v in values)
 
 
-def rl_curve_table(run_dir: Path) -> str:
-    """Per-step training statistics of each RL run in `run_dir` (sampled episodes, so noisy)."""
+def rl_curve_table(run_dir: Path, chunks: int = 4) -> str:
+    """Per-step training statistics of each RL run in `run_dir` (sampled episodes, so noisy), their
+    means over `chunks` equal parts of the run, and the greedy validations."""
     parts = []
     for folder in RL_FOLDERS:
         logged = train_log(run_dir, folder)
@@ -120,14 +123,29 @@ def rl_curve_table(run_dir: Path) -> str:
             first = sum(r["reward"] for r in rows[:half]) / half
             second = sum(r["reward"] for r in rows[half:]) / (len(rows) - half)
             lines.append(f"\nMean reward, first {half} steps {first:.3f}, last {len(rows) - half} steps {second:.3f}.")
+        if recall and len(rows) >= 2 * chunks:  # one start state a step is noisy: means over parts of the run
+            lines += [f"\nThe same steps in {chunks} equal parts (means; hit@10 at turn T = {len(rows[0]['hit@10'])}):\n",
+                      "| steps | reward | format | recommend | hit@10 | retriever's own top 10 | target among the K |",
+                      "|" + "---|" * 7]
+            bounds = [round(i * len(rows) / chunks) for i in range(chunks + 1)]
+            for a, b in zip(bounds, bounds[1:]):
+                mean = lambda key: sum(key(r) for r in rows[a:b]) / (b - a)  # noqa: E731
+                lines.append(f"| {rows[a]['step']}-{rows[b - 1]['step']} | {mean(lambda r: r['reward']):.3f} | "
+                             f"{mean(lambda r: r['format']):.2f} | {mean(lambda r: r['recommend']):.3f} | "
+                             f"{mean(lambda r: r['hit@10'][-1]):.2f} | {mean(lambda r: r['retriever_hit@10'][-1]):.2f} | "
+                             f"{mean(lambda r: r['target_in_candidates'][-1]):.2f} |")
         validated = [r for r in logged if "valid" in r]
         if validated:
+            order = all("retriever_hit@10" in r["valid"] for r in validated)  # logged since 2026-11-26
             lines += [f"\nGreedy validation ({validated[-1]['valid']['episodes']} held-out start states; step 0 = "
                       "the SFT adapter):\n",
-                      "| after step | reward | parse rate | recommend | preference | hit@10 by turn |", "|" + "---|" * 6]
+                      "| after step | reward | parse rate | recommend | preference | hit@10 by turn |"
+                      + (" retriever's own top 10 by turn | target among the K by turn |" if order else ""),
+                      "|" + "---|" * (6 + 2 * order)]
             lines += [f"| {r['step']} | {r['valid']['reward']:.3f} | {r['valid']['parse_rate']:.2f} | "
-                      f"{r['valid']['recommend']:.3f} | {r['valid']['preference']:.3f} | "
-                      f"{by_turn(r['valid']['hit@10'])} |" for r in validated]
+                      f"{r['valid']['recommend']:.3f} | {r['valid']['preference']:.3f} | {by_turn(r['valid']['hit@10'])} |"
+                      + (f" {by_turn(r['valid']['retriever_hit@10'])} | {by_turn(r['valid']['target_in_candidates'])} |"
+                         if order else "") for r in validated]
         parts.append(head + "\n\n" + "\n".join(lines))
     return "\n\n".join(parts)
 
@@ -166,8 +184,8 @@ def start_states_block(run_dirs: list[Path]) -> str:
     sampled episodes), then each run's per-step curves (rl_curve_table)."""
     lines = ["| run | start states (kept of all) | steps x start states x G x T | target among the K at turn 1 | "
              "recommend | zero-var groups | training hit@10 at turn T, 1st / 2nd half | the retriever's own order's, "
-             "1st / 2nd half | reward, 1st / 2nd half | greedy validation hit@10 at turn T, SFT start / last | "
-             "parse rate, SFT start / last |", "|" + "---|" * 11]
+             "1st / 2nd half | reward, 1st / 2nd half | validation states (drawn of kept) | greedy validation hit@10 at "
+             "turn T, SFT start / last (the retriever's own order's) | parse rate, SFT start / last |", "|" + "---|" * 12]
     curves = []
     for run_dir in run_dirs:
         config_path = run_dir / "recommender_rl" / "rl_config.json"
@@ -181,13 +199,18 @@ def start_states_block(run_dirs: list[Path]) -> str:
         mean = lambda rows, key: sum(key(r) for r in rows) / len(rows)  # noqa: E731
         halves = lambda key: " / ".join(f"{mean(p, key):.2f}" for p in (trained[:half], trained[half:]) if p)  # noqa: E731
         valid = [r["valid"] for r in logged if "valid" in r]
+        held_out = config.get("eval_states", {"rule": "all"})  # --eval-states, since 2026-11-27
+        drawn = f"{held_out['rule']} ({valid[-1]['episodes'] if valid else 0}" + (
+            f" of {held_out['kept']})" if "kept" in held_out else ")")
+        order = f" ({valid[0]['retriever_hit@10'][-1]:.2f} / {valid[-1]['retriever_hit@10'][-1]:.2f})" if valid and all(
+            "retriever_hit@10" in v for v in (valid[0], valid[-1])) else ""
         lines.append(
             f"| `{run_dir.name}` | {states['rule']} ({states['kept']} of {states['of']}) | {c['steps']} x {c['prompts']} x "
             f"{c['group_size']} x {c['turns']} | {mean(trained, lambda r: r['target_in_candidates'][0]):.2f} | "
             f"{mean(trained, lambda r: r['recommend']):.3f} | {mean(trained, lambda r: r['zero_variance_fraction']):.2f} | "
             f"{halves(lambda r: r['hit@10'][-1])} | {halves(lambda r: r['retriever_hit@10'][-1])} | "
-            f"{halves(lambda r: r['reward'])} | "
-            + (f"{valid[0]['hit@10'][-1]:.2f} / {valid[-1]['hit@10'][-1]:.2f} | "
+            f"{halves(lambda r: r['reward'])} | {drawn} | "
+            + (f"{valid[0]['hit@10'][-1]:.2f} / {valid[-1]['hit@10'][-1]:.2f}{order} | "
                f"{valid[0]['parse_rate']:.2f} / {valid[-1]['parse_rate']:.2f} |" if valid else "| |"))
         curves.append(f"`{run_dir.name}/`, " + rl_curve_table(run_dir))
     return "\n".join(lines) + "\n\n" + "\n\n".join(curves)
@@ -439,6 +462,9 @@ def main(argv=None) -> None:
     parser.add_argument("--start-states-rl", nargs="*", default=None,
                         help="run directories whose recommender_rl/ (04 with --start-states all or reachable) to set "
                              "side by side in the rl_start_states block")
+    parser.add_argument("--reachable-rl", nargs="*", default=None,
+                        help="run directories whose recommender_rl/ (04 with --start-states and --eval-states reachable) "
+                             "to list, with their curves, in the rl_reachable block")
     args = parser.parse_args(argv)
     # only runs/<dataset>/: a side run directory (e.g. runs/inspired_sft100) must not replace its dataset's block
     found = [p for p in sorted(Path(args.runs).glob("*/eval/results.json"))
@@ -485,6 +511,8 @@ def main(argv=None) -> None:
         text = replace_between(text, "candidate_targets", candidate_targets_table([Path(d) for d in args.candidate_targets]))
     if args.start_states_rl:
         text = replace_between(text, "rl_start_states", start_states_block([Path(d) for d in args.start_states_rl]))
+    if args.reachable_rl:
+        text = replace_between(text, "rl_reachable", start_states_block([Path(d) for d in args.reachable_rl]))
     readme.write_text(text)
     print(f"updated {readme}: results of {sorted(new)} (kept {sorted(set(blocks) - set(new))})"
           + (", benchmark table" if bench_table else "") + (", LoRA step table" if lora_table else ""))
