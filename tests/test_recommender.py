@@ -169,8 +169,11 @@ def test_training_candidates_inject_a_missed_target_at_a_random_slot():
 # ---- 03 part 2: SFT, resume, teacher ------------------------------------------------------------
 
 
-def test_recommender_sft_smoke_writes_adapter_and_quality(inspired_with_retriever, tmp_path, run_copy):
+def test_recommender_sft_smoke_writes_adapter_and_quality(inspired_with_retriever, tmp_path, run_copy, monkeypatch):
     run_dir = run_copy(inspired_with_retriever, tmp_path, "smoke")
+    validations = []
+    loss = common.mean_token_loss
+    monkeypatch.setattr(common, "mean_token_loss", lambda *a, **k: validations.append(1) or loss(*a, **k))
     out = rec.main(["--dataset", "inspired", "--run-dir", str(run_dir)] + rec_tiny(steps=3, eval_every=3))
     folder = run_dir / "recommender_sft"
     for f in ("adapter_config.json", "adapter_model.safetensors", "recommender_config.json", "train_log.jsonl",
@@ -179,6 +182,8 @@ def test_recommender_sft_smoke_writes_adapter_and_quality(inspired_with_retrieve
     log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and "eval_loss" in log[-1]
     quality = out["recommender"]["quality"]
+    # the report reuses the last step's validation loss (same weights) instead of computing it again
+    assert quality["eval_loss"] == log[-1]["eval_loss"] and len(validations) == 1
     for name in ("tuned", "base"):
         q = quality[name]
         assert q["samples"] == 4 and 0 <= q["parse_rate"] <= 1 and q["mean_completion_tokens"] > 0
