@@ -243,6 +243,10 @@ def test_sim_quality_block_lists_each_simulator_report(tmp_path):
             "0.326 / 0.013 | 2.907 / 3.342 | n/a |") in text
     assert "| `redial_simq/simulator` | `runs/redial/simulator`, report only | 100 test |" in text
     assert "| 0.80 / 0.80 / 0.04 |" in text
+    # a later call for one folder keeps the other's row, though its folder is gone
+    shutil.rmtree(tmp_path / "redial")
+    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--sim-quality", new])
+    assert readme.read_text() == text
 
 
 def test_candidate_targets_block_lists_in_sample_out_of_fold_and_valid(tmp_path):
@@ -265,6 +269,13 @@ def test_candidate_targets_block_lists_in_sample_out_of_fold_and_valid(tmp_path)
     assert "| `inspired_oof` | inspired | 1805 train | 20 | out of fold | 0.02 | 0.08 | 0.13 | 0.180 to 0.191 (2 folds) |" in text
     assert "| `inspired_oof` | inspired | 246 valid | 20 | full retriever | 0.02 | 0.10 | 0.16 | 0.207 |" in text
     assert "stale table" not in text and "kept" in text
+    # another run's three rows are appended; naming this run again replaces its three rows in place
+    other = tmp_path / "inspired_other"
+    shutil.copytree(run_dir, other)
+    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--candidate-targets", str(other)])
+    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--candidate-targets", str(run_dir)])
+    rows = [line.split(" | ")[0] for line in readme.read_text().splitlines() if line.startswith("| `inspired_")]
+    assert rows == ["| `inspired_oof`"] * 3 + ["| `inspired_other`"] * 3
     del report["candidate_targets"]
     (run_dir / "retriever" / "report.json").write_text(json.dumps(report))
     with pytest.raises(SystemExit, match="--parts retriever"):

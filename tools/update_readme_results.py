@@ -15,7 +15,7 @@ Between <!-- sft_quality:start --> and <!-- sft_quality:end -->, with --sft-qual
 quality report of each DIR/recommender_sft/ (03's quality.json and recommender_config.json), one row each;
 rows of run directories not named stay as written before (a DIR named again replaces its row).
 Between <!-- sim_quality:start --> and <!-- sim_quality:end -->, with --sim-quality FOLDER...: 02's quality
-report of each simulator folder, tuned against the base, one row each.
+report of each simulator folder, tuned against the base, one row each (rows of folders not named stay).
 Between <!-- side_eval:start --> and <!-- side_eval:end -->, with --side-eval DIR...: each DIR/eval/results.md
 (05_eval.py in a side run directory, e.g. one row on more samples) under the command that wrote it, and
 the DIR/eval/feedback_effect_<row>.md that tools/feedback_effect.py wrote there.
@@ -23,7 +23,7 @@ Between <!-- rl_eval:start --> and <!-- rl_eval:end -->, with --rl-eval DIR...: 
 that set SMTPO against SFT on the same test conversations.
 Between <!-- candidate_targets:start --> and <!-- candidate_targets:end -->, with --candidate-targets DIR...:
 where the target sits among the K candidates of training samples (in sample and out of fold) and of valid
-samples, from each DIR/retriever/report.json (03's cross-fitting).
+samples, from each DIR/retriever/report.json (03's cross-fitting); rows of run directories not named stay.
 Between <!-- rl_start_states:start --> and <!-- rl_start_states:end -->, with --start-states-rl DIR...:
 04 runs from every training state against only the states whose target the first turn's candidates
 hold (--start-states), a summary row each and then their per-step curves (and their means over
@@ -421,23 +421,38 @@ def lora_step_block(path: Path = ROOT / "bench" / "results" / "lora_step.jsonl")
     return "\n".join(out)
 
 
+def block_pattern(name: str) -> re.Pattern:
+    """Block `name` of the README: group 1 its start marker, group 2 its body (may be empty), group 3 its end marker."""
+    return re.compile(rf"(<!-- {name}:start -->\n)(.*?\n)?(<!-- {name}:end -->)", re.S)
+
+
 def merge_rows(text: str, name: str, table: str) -> str:
-    """The table of block `name` with `table`'s rows merged in by their first cell (the run): a row of
-    `table` replaces the block's row of the same run in place or is appended; rows of runs not in `table`
-    stay as the tool wrote them earlier, so a block keeps the figures of run directories since deleted."""
-    found = re.search(rf"<!-- {name}:start -->\n(.*?)<!-- {name}:end -->", text, re.S)
-    old_rows = [line for line in (found.group(1) if found else "").splitlines()[2:] if line.startswith("| ")]
+    """The table of block `name` with `table`'s rows merged in by their first cell (the run): the rows
+    of a run in `table` replace that run's rows in the block, in place, or are appended; rows of runs
+    not in `table` stay as the tool wrote them earlier, so a block keeps the figures of run directories
+    since deleted. A run may have several rows (candidate_targets: one per split)."""
+    found = block_pattern(name).search(text)
+    old_rows = [line for line in ((found.group(2) or "") if found else "").splitlines()[2:] if line.startswith("| ")]
     header, new_rows = table.split("\n")[:2], table.split("\n")[2:]
-    new_by_run = {row.split(" | ")[0]: row for row in new_rows}
-    rows = [new_by_run.pop(row.split(" | ")[0], row) for row in old_rows]
-    return "\n".join(header + rows + list(new_by_run.values()))
+    run = lambda row: row.split(" | ")[0]  # noqa: E731
+    new_by_run: dict[str, list[str]] = {}
+    for row in new_rows:
+        new_by_run.setdefault(run(row), []).append(row)
+    rows = []
+    for row in old_rows:
+        if run(row) not in new_by_run:
+            rows.append(row)
+        elif not any(r in rows for r in new_by_run[run(row)]):  # the run's first old row: its new rows go here
+            rows += new_by_run[run(row)]
+    rows += [r for group in new_by_run.values() for r in group if r not in rows]
+    return "\n".join(header + rows)
 
 
 def replace_between(text: str, name: str, body: str) -> str:
-    pattern = re.compile(rf"(<!-- {name}:start -->\n)(?:.*?\n)?(<!-- {name}:end -->)", re.S)
+    pattern = block_pattern(name)
     if not pattern.search(text):
         raise SystemExit(f"README.md has no <!-- {name}:start --> / <!-- {name}:end --> markers")
-    return pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+    return pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(3), text)
 
 
 def main(argv=None) -> None:
@@ -452,13 +467,15 @@ def main(argv=None) -> None:
                         help="run directories whose recommender_sft/quality.json to list in the sft_quality block "
                              "(rows of other runs already there are kept)")
     parser.add_argument("--sim-quality", nargs="*", default=None,
-                        help="simulator folders (e.g. runs/inspired/simulator) whose quality.json to list in the sim_quality block")
+                        help="simulator folders (e.g. runs/inspired/simulator) whose quality.json to list in the sim_quality block "
+                             "(rows of other folders already there are kept)")
     parser.add_argument("--side-eval", nargs="*", default=None,
                         help="run directories whose eval/results.md (05_eval.py) to copy into the side_eval block")
     parser.add_argument("--rl-eval", nargs="*", default=None,
                         help="run directories whose eval/results.md (05_eval.py, SMTPO against SFT) to copy into the rl_eval block")
     parser.add_argument("--candidate-targets", nargs="*", default=None,
-                        help="run directories whose retriever/report.json to list in the candidate_targets block")
+                        help="run directories whose retriever/report.json to list in the candidate_targets block "
+                             "(rows of other runs already there are kept)")
     parser.add_argument("--start-states-rl", nargs="*", default=None,
                         help="run directories whose recommender_rl/ (04 with --start-states all or reachable) to set "
                              "side by side in the rl_start_states block")
@@ -502,13 +519,15 @@ def main(argv=None) -> None:
         text = replace_between(text, "sft_quality", merge_rows(
             text, "sft_quality", sft_quality_table([Path(d) for d in args.sft_quality])))
     if args.sim_quality:
-        text = replace_between(text, "sim_quality", sim_quality_table([Path(d) for d in args.sim_quality]))
+        text = replace_between(text, "sim_quality", merge_rows(
+            text, "sim_quality", sim_quality_table([Path(d) for d in args.sim_quality])))
     if args.side_eval:
         text = replace_between(text, "side_eval", side_eval_block([Path(d) for d in args.side_eval]))
     if args.rl_eval:
         text = replace_between(text, "rl_eval", side_eval_block([Path(d) for d in args.rl_eval]))
     if args.candidate_targets:
-        text = replace_between(text, "candidate_targets", candidate_targets_table([Path(d) for d in args.candidate_targets]))
+        text = replace_between(text, "candidate_targets", merge_rows(
+            text, "candidate_targets", candidate_targets_table([Path(d) for d in args.candidate_targets])))
     if args.start_states_rl:
         text = replace_between(text, "rl_start_states", start_states_block([Path(d) for d in args.start_states_rl]))
     if args.reachable_rl:
