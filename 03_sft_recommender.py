@@ -15,7 +15,8 @@ Writes  <run-dir>/retriever/
           adapter_config.json, adapter_model.safetensors   the recommender's LoRA adapter (PEFT layout)
           recommender_config.json  arguments, example counts (metadata chains, teacher chains kept), SFT answer lengths
           train_log.jsonl          step, loss, lr, seconds (validation loss every --eval-every)
-          quality.json             on valid: format-parse rate (95% Wilson interval), hit rates, tuned vs the
+          quality.json             on valid: format-parse rate (95% Wilson interval), why the other answers fail
+                                   (common.parse_failure_kinds), hit rates, tuned vs the
                                    untuned base (`--init-adapter DIR --steps 0` only writes DIR's report)
           checkpoint/checkpoint.pt every --save-every steps; the same command again resumes from it
 
@@ -307,6 +308,8 @@ def recommender_quality(model, tok, samples: list[dict], candidates: list[list[i
         "samples": len(answers),
         "parse_rate": valid / n,
         "parse_rate_ci": common.wilson_interval(valid, len(answers)),
+        "parse_failures": {kind: sum(kind in common.parse_failure_kinds(a["parsed"]) for a in answers)
+                           for kind in common.PARSE_KINDS[1:]},  # why the others fail (several kinds may apply)
         "answer_tag_rate": sum(a["parsed"]["has_answer"] for a in answers) / n,
         "mean_candidate_titles": sum(len({i for i in a["parsed"]["ids"] if i is not None}) for a in answers) / n,
         "mean_completion_tokens": sum(len(a["completion_ids"]) for a in answers) / n,

@@ -2030,6 +2030,29 @@ def parse_recommendation(text: str, titles: TitleIndex, candidate_ids: Sequence[
             "preference": parse_attributes(pref.group(1)) if pref else set()}
 
 
+PARSE_KINDS = ("valid", "no closed <answer>", "fewer than 10", "more than 10", "names no candidate", "duplicate")
+
+
+def parse_failure_kinds(parsed: dict, n: int = REC_TOP_N) -> list[str]:
+    """The PARSE_KINDS an output of parse_recommendation falls in (["valid"] when it is; an invalid
+    answer can fall in several)."""
+    if parsed["valid"]:
+        return ["valid"]
+    if not parsed["has_answer"]:
+        return ["no closed <answer>"]
+    kinds = []
+    if len(parsed["entries"]) < n:
+        kinds.append("fewer than 10")
+    if len(parsed["entries"]) > n:
+        kinds.append("more than 10")
+    if None in parsed["ids"]:
+        kinds.append("names no candidate")
+    named = [i for i in parsed["ids"] if i is not None]
+    if len(set(named)) < len(named):
+        kinds.append("duplicate")
+    return kinds
+
+
 def sample_truth(sample: dict) -> list[int]:
     """The items a recommendation list should hold for a sample: its new targets, else all its targets."""
     return list(sample["new_targets"] or sample["targets"])

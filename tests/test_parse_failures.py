@@ -69,4 +69,4 @@ def test_lists_are_checked_against_their_own_ranking_line(tmp_path, capsys):
     tool.main(["--run-dir", str(run)])
     row = capsys.readouterr().out.splitlines()[2].split(" | ")
     assert row[1] == "5" and row[2] == "5 (100%)"  # all valid
-    assert row[2 + len(tool.KINDS):4 + len(tool.KINDS)] == ["2 (40%)", "2 (40%)"]
+    assert row[2 + len(tool.common.PARSE_KINDS):4 + len(tool.common.PARSE_KINDS)] == ["2 (40%)", "2 (40%)"]

@@ -141,8 +141,10 @@ def test_sft_quality_block_lists_each_adapter_report(tmp_path):
     tuned = {"samples": 24, "parse_rate": 21 / 24, "answer_tag_rate": 1.0, "mean_completion_tokens": 198.4,
              "reranked": {"recall@10": 0.1}}
     old = sft_run("old", {"steps": 40}, tuned)  # no init_adapter, no interval, no answer lengths
+    failures = {"no closed <answer>": 0, "fewer than 10": 0, "more than 10": 0, "names no candidate": 4, "duplicate": 7}
     report = sft_run("report", {"steps": 0, "init_adapter": "runs/x/recommender_sft"},
-                     {**tuned, "samples": 100, "parse_rate": 0.9, "parse_rate_ci": [0.8256, 0.9448]},
+                     {**tuned, "samples": 100, "parse_rate": 0.9, "parse_rate_ci": [0.8256, 0.9448],
+                      "parse_failures": failures},
                      {"median": 199, "p95": 222, "max": 258})
     cited = sft_run("cited", {"steps": 30, "init_adapter": "runs/x/recommender_sft", "cite_candidates": True},
                     {**tuned, "samples": 100, "parse_rate": 0.9, "parse_rate_ci": [0.8256, 0.9448]})
@@ -160,7 +162,7 @@ def test_sft_quality_block_lists_each_adapter_report(tmp_path):
     assert ("| `old` | inspired | 40 steps, seed 0 | n/a | greedy, 288 tokens, no repeated 10-gram | 24 | "
             "0.88 [0.69, 0.96] | 1.00 | 198 | 0.00 | 0.100 / 0.100 | 0.281 |") in text
     assert ("| `report` | inspired | `runs/x/recommender_sft`, report only | 199 / 222 / 258 | greedy, 288 tokens, "
-            "no repeated 10-gram | 100 | 0.90 [0.83, 0.94] |") in text
+            "no repeated 10-gram | 100 | 0.90 [0.83, 0.94] (invalid: 4 names no candidate, 7 duplicate) |") in text
     assert "| `cited` | inspired | 30 steps from `runs/x/recommender_sft`, seed 0, titles cited by candidate number |" in text
     assert "| `oof` | inspired | 40 steps, seed 0, out-of-fold candidates |" in text
     assert "kept" in text

@@ -187,6 +187,9 @@ def test_recommender_sft_smoke_writes_adapter_and_quality(inspired_with_retrieve
     for name in ("tuned", "base"):
         q = quality[name]
         assert q["samples"] == 4 and 0 <= q["parse_rate"] <= 1 and q["mean_completion_tokens"] > 0
+        invalid = round(q["samples"] * (1 - q["parse_rate"]))  # each invalid answer falls in one kind or more
+        assert set(q["parse_failures"]) == set(common.PARSE_KINDS[1:]) and sum(q["parse_failures"].values()) >= invalid
+        assert q["parse_failures"]["no closed <answer>"] == round(q["samples"] * (1 - q["answer_tag_rate"]))
     config = json.loads((folder / "recommender_config.json").read_text())
     assert config["examples"] > 0 and config["injected_targets"] > 0
     assert config["train_candidates"] == "out of fold (5 cross-fitted retrievers)"   # 03's default --retriever-folds

@@ -24,28 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 
-KINDS = ("valid", "no closed <answer>", "fewer than 10", "more than 10", "names no candidate", "duplicate")
-
-
-def failure_kinds(parsed: dict, n: int = common.REC_TOP_N) -> list[str]:
-    """The KINDS an output of parse_recommendation falls in (["valid"] when it is)."""
-    if parsed["valid"]:
-        return ["valid"]
-    if not parsed["has_answer"]:
-        return ["no closed <answer>"]
-    kinds = []
-    if len(parsed["entries"]) < n:
-        kinds.append("fewer than 10")
-    if len(parsed["entries"]) > n:
-        kinds.append("more than 10")
-    if None in parsed["ids"]:
-        kinds.append("names no candidate")
-    named = [i for i in parsed["ids"] if i is not None]
-    if len(set(named)) < len(named):
-        kinds.append("duplicate")
-    return kinds
-
-
 OUT_OF_TOKENS = "no closed <answer>: used the whole budget"
 CHAIN = ("Ranking line #1 ... #10", "list follows its Ranking line")
 _RANKING = re.compile(r"^\s*Ranking:(.*)$", re.M)
@@ -66,7 +44,7 @@ def chain_kinds(text: str, parsed: dict, candidates: list[int], n: int = common.
 
 def count_file(path: Path, titles: common.TitleIndex, id_of: dict[str, int], examples: int,
                budget: int | None) -> tuple[Counter, int, list]:
-    """Counts of KINDS (and OUT_OF_TOKENS; "unmeasured" for unclosed answers of unknown length)."""
+    """Counts of common.PARSE_KINDS (and OUT_OF_TOKENS; "unmeasured" for unclosed answers of unknown length)."""
     counts, turns, shown = Counter(), 0, []
     for line_no, conv in common.numbered_jsonl(path):
         for turn in conv["turns"]:
@@ -78,7 +56,7 @@ def count_file(path: Path, titles: common.TitleIndex, id_of: dict[str, int], exa
                 raise SystemExit(f"{path}:{line_no}: candidate {e} is not in the run's items.jsonl; "
                                  "was this file written from another run directory?")
             parsed = common.parse_recommendation(turn["answer"], titles, candidates)
-            kinds = failure_kinds(parsed)
+            kinds = common.parse_failure_kinds(parsed)
             counts.update(kinds + chain_kinds(turn["answer"], parsed, candidates))
             if "no closed <answer>" in kinds:
                 if budget is None or "completion_tokens" not in turn:
@@ -107,8 +85,9 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: no {run.eval}/conversations_*.jsonl: run 05_eval.py --run-dir {args.run_dir} first")
     results = run.eval / "results.json"
     budget = common.read_json(results)["args"].get("max_new_tokens") if results.exists() else None
-    print("| row | turns | " + " | ".join(KINDS + CHAIN) + f" | {OUT_OF_TOKENS}{f' ({budget} tokens)' if budget else ''} |"
-          "\n|---|---|" + "---|" * (len(KINDS + CHAIN) + 1))
+    columns = common.PARSE_KINDS + CHAIN
+    print("| row | turns | " + " | ".join(columns) + f" | {OUT_OF_TOKENS}{f' ({budget} tokens)' if budget else ''} |"
+          "\n|---|---|" + "---|" * (len(columns) + 1))
     notes = []
     for path in files:
         counts, turns, shown = count_file(path, titles, id_of, args.examples, budget)
@@ -116,7 +95,7 @@ def main(argv=None) -> None:
         if not turns:
             continue
         out_of_tokens = "n/a" if counts["unmeasured"] else f"{counts[OUT_OF_TOKENS]} of {counts['no closed <answer>']}"
-        print(f"| {row} | {turns} | " + " | ".join(f"{counts[k]} ({counts[k] / max(turns, 1):.0%})" for k in KINDS + CHAIN)
+        print(f"| {row} | {turns} | " + " | ".join(f"{counts[k]} ({counts[k] / max(turns, 1):.0%})" for k in columns)
               + f" | {out_of_tokens} |")
         notes += [f"- {row}: {s}" for s in shown]
     if notes:

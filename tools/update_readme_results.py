@@ -218,7 +218,8 @@ def start_states_block(run_dirs: list[Path]) -> str:
 
 def sft_quality_table(run_dirs: list[Path]) -> str:
     """One row per run directory: its recommender_sft/ adapter, how it was trained, and 03's greedy
-    answers on valid (parse rate with its 95% Wilson interval, next to the untuned base model's)."""
+    answers on valid (parse rate with its 95% Wilson interval and, where counted, why the other
+    answers fail; next to the untuned base model's)."""
     lines = ["| run | dataset | adapter | SFT answer tokens, median / p95 / max | decoding | valid samples | "
              "parse rate [95% CI] | `<answer>` block closed | mean answer tokens | base parse rate | "
              "R@10 re-ranked / retriever order | validation loss |", "|" + "---|" * 12]
@@ -247,8 +248,11 @@ def sft_quality_table(run_dirs: list[Path]) -> str:
         # older reports have no interval: the count of valid answers gives it back
         low, high = tuned.get("parse_rate_ci") or common.wilson_interval(round(tuned["parse_rate"] * tuned["samples"]),
                                                                          tuned["samples"])
+        # why the others fail, where 03 counted it (since 2026-11-27; an answer may fail in several ways)
+        failed = ", ".join(f"{n} {kind}" for kind, n in tuned.get("parse_failures", {}).items() if n)
         lines.append(f"| `{run_dir.name}` | {a['dataset']} | {adapter} | {lengths} | {decoding} | {tuned['samples']} | "
-                     f"{tuned['parse_rate']:.2f} [{low:.2f}, {high:.2f}] | {tuned['answer_tag_rate']:.2f} | "
+                     f"{tuned['parse_rate']:.2f} [{low:.2f}, {high:.2f}]{f' (invalid: {failed})' if failed else ''} | "
+                     f"{tuned['answer_tag_rate']:.2f} | "
                      f"{tuned['mean_completion_tokens']:.0f} | {q['base']['parse_rate']:.2f} | "
                      f"{tuned['reranked']['recall@10']:.3f} / {q['retriever_order']['recall@10']:.3f} | "
                      f"{q['eval_loss']:.3f} |")
