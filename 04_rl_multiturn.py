@@ -6,7 +6,8 @@ Reads   <run-dir>/data/             (01_prep_data.py)       items, training and 
         <run-dir>/recommender_sft/  (03_sft_recommender.py) the SFT adapter: the policy's start and the reference
 Writes  <run-dir>/recommender_rl/ (or --out, e.g. recommender_rl_no_preference with --w-preference 0)
           adapter_config.json, adapter_model.safetensors   the policy's LoRA adapter (PEFT layout)
-          rl_config.json         the arguments, the base model, the world size, where training candidates
+          rl_config.json         (written at the start, completed at the end: "finished", seconds)
+                                 the arguments, the base model, the world size, where training candidates
                                  come from (out of fold: 03's cross-fitted retrievers), the start states
                                  kept (--start-states), the validation states drawn (--eval-states), seconds
           train_log.jsonl        one row per step (reward terms, return, hit@1/@10 by turn, the share of
@@ -464,6 +465,13 @@ def main(argv=None) -> dict:
         t = time.time()
         return {**validate(conversation, held_out, policy, items, args), "seconds_validating": round(time.time() - t, 2)}
 
+    # The settings go to rl_config.json now, so a run stopped early (--stop-after, a kill) still says what
+    # it was; the end of the run adds how long it took.
+    config = {"args": asdict(args), "base_model": conversation.base_model, "world_size": world,
+              "train_candidates": candidates_from, "start_states": states, "eval_states": eval_states, "finished": False}
+    if main_process:
+        common.write_json(out_dir / "rl_config.json", config)
+
     # 4. Where the curves start: the SFT adapter's greedy validation, as step 0.
     if main_process and held_out and args.eval_start and step == 0 and not log_rows:
         log_row({"step": 0, **validation(reference)})
@@ -510,9 +518,7 @@ def main(argv=None) -> dict:
         return result
     if main_process:
         common.save_lora(model, out_dir, {"base_model_name_or_path": conversation.base_model})
-        config = {"args": asdict(args), "base_model": conversation.base_model, "world_size": world,
-                  "train_candidates": candidates_from, "start_states": states, "eval_states": eval_states,
-                  "processes_in_sync": in_sync, "seconds": round(time.time() - started, 1)}
+        config.update(finished=True, processes_in_sync=in_sync, seconds=round(time.time() - started, 1))
         common.write_json(out_dir / "rl_config.json", config)
         trained = [r for r in log_rows if r["step"] > 0]
         summary = ""

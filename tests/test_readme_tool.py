@@ -327,6 +327,12 @@ def test_start_states_block_sets_all_against_reachable(tmp_path):
     assert "| 7-8 | 1.500 | 1.00 | 0.250 | 0.50 | 0.25 | 1.00 |" in text
     assert "| 8 | 0.500 | 0.50 | 0.000 | 0.000 | 0.12, 0.25 | 0.10, 0.20 | 1.00, 1.00 |" in text  # validation table
     assert "stale" not in text
+    # a run stopped early (04 writes rl_config.json at its start) shows how far it got
+    config_path = long / "recommender_rl" / "rl_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "args": {**config["args"], "steps": 40}, "finished": False}))
+    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--reachable-rl", str(long)])
+    assert "| `rl_long` | reachable (230 of 1805) | 8 (of 40) x 1 x 4 x 2 |" in readme.read_text()
     (reach / "recommender_rl" / "rl_config.json").unlink()
-    with pytest.raises(SystemExit, match="did not finish"):
+    with pytest.raises(SystemExit, match="did not run"):
         tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--start-states-rl", str(reach)])

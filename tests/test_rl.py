@@ -183,7 +183,10 @@ def test_killed_rl_run_resumes_to_identical_weights(inspired_tiny_adapters, tmp_
     result = rl.main(rl_args(whole, updates=2))
     resumed = make_run(inspired_tiny_adapters, tmp_path / "resumed", RUN_PARTS)
     assert rl.main(rl_args(resumed, updates=2, stop_after=1)) == {"steps_done": 1, "world_size": 1, "in_sync": True}
+    stopped = common.read_json(resumed / "recommender_rl" / "rl_config.json")  # the settings are there from the start
+    assert stopped["finished"] is False and stopped["args"]["steps"] == 2 and "seconds" not in stopped
     rl.main(rl_args(resumed, updates=2))
+    assert common.read_json(resumed / "recommender_rl" / "rl_config.json")["finished"] is True
     a = load_file(whole / "recommender_rl" / "adapter_model.safetensors")
     b = load_file(resumed / "recommender_rl" / "adapter_model.safetensors")
     sft = load_file(whole / "recommender_sft" / "adapter_model.safetensors")

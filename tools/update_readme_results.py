@@ -190,7 +190,7 @@ def start_states_block(run_dirs: list[Path]) -> str:
     for run_dir in run_dirs:
         config_path = run_dir / "recommender_rl" / "rl_config.json"
         if not config_path.exists():
-            raise SystemExit(f"--start-states-rl: no {config_path} (04_rl_multiturn.py did not finish there)")
+            raise SystemExit(f"no {config_path} (04_rl_multiturn.py did not run there)")
         config = json.loads(config_path.read_text())
         c, states = config["args"], config.get("start_states", {"rule": "all", "kept": "?", "of": "?"})
         logged = train_log(run_dir, "recommender_rl")
@@ -198,6 +198,8 @@ def start_states_block(run_dirs: list[Path]) -> str:
         half = max(len(trained) // 2, 1)
         mean = lambda rows, key: sum(key(r) for r in rows) / len(rows)  # noqa: E731
         halves = lambda key: " / ".join(f"{mean(p, key):.2f}" for p in (trained[:half], trained[half:]) if p)  # noqa: E731
+        # 04 writes rl_config.json at the start since 2026-11-27: a run stopped early shows how far it got
+        steps = c["steps"] if config.get("finished", True) else f"{trained[-1]['step'] if trained else 0} (of {c['steps']})"
         valid = [r["valid"] for r in logged if "valid" in r]
         held_out = config.get("eval_states", {"rule": "all"})  # --eval-states, since 2026-11-27
         drawn = f"{held_out['rule']} ({valid[-1]['episodes'] if valid else 0}" + (
@@ -205,7 +207,7 @@ def start_states_block(run_dirs: list[Path]) -> str:
         order = f" ({valid[0]['retriever_hit@10'][-1]:.2f} / {valid[-1]['retriever_hit@10'][-1]:.2f})" if valid and all(
             "retriever_hit@10" in v for v in (valid[0], valid[-1])) else ""
         lines.append(
-            f"| `{run_dir.name}` | {states['rule']} ({states['kept']} of {states['of']}) | {c['steps']} x {c['prompts']} x "
+            f"| `{run_dir.name}` | {states['rule']} ({states['kept']} of {states['of']}) | {steps} x {c['prompts']} x "
             f"{c['group_size']} x {c['turns']} | {mean(trained, lambda r: r['target_in_candidates'][0]):.2f} | "
             f"{mean(trained, lambda r: r['recommend']):.3f} | {mean(trained, lambda r: r['zero_variance_fraction']):.2f} | "
             f"{halves(lambda r: r['hit@10'][-1])} | {halves(lambda r: r['retriever_hit@10'][-1])} | "
