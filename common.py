@@ -1141,11 +1141,14 @@ def read_lora(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]
 
 def load_lora(model: nn.Module, folder: str | os.PathLike) -> dict:
     """Load an adapter written by save_lora or by PEFT into `model`, adding LoRA layers with the
-    saved config when the model has none (a model that has them must match r, alpha, dropout and
-    targets). Returns the adapter config."""
+    saved config when the model has none. A model that has them must match r, alpha and targets;
+    it keeps its own dropout, a training setting that the weights do not depend on (04 saves its
+    RL adapters with dropout 0, and 03 --init-adapter continues them at its --lora-dropout).
+    Returns the adapter config."""
     config, weights = read_lora(folder)
-    add_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-             target_modules=config["target_modules"])
+    existing = getattr(model, "lora_config", None)
+    dropout = existing["lora_dropout"] if existing is not None else config.get("lora_dropout", 0.0)
+    add_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=dropout, target_modules=config["target_modules"])
     set_lora_weights(model, weights)
     return config
 

@@ -164,6 +164,19 @@ def test_save_load_roundtrip_and_peft_layout(tok, tmp_path):
     fresh = tiny(tok)
     L.load_lora(fresh, tmp_path)
     assert torch.equal(logits_of(fresh, batch), logits_of(model, batch))
+    # a model that already carries LoRA of the same shape (03 --init-adapter) takes an adapter saved with
+    # another dropout (04's RL adapters: 0) and keeps its own; other shapes are still refused
+    again = tiny(tok)
+    L.add_lora(again, r=4, alpha=8, dropout=0.1, target_modules=("q_proj", "v_proj", "down_proj"))
+    config["lora_dropout"] = 0.0
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    L.load_lora(again, tmp_path)
+    assert again.lora_config["lora_dropout"] == 0.1
+    assert torch.equal(logits_of(again, batch), logits_of(model, batch))  # logits_of: eval mode, no dropout
+    wider = tiny(tok)
+    L.add_lora(wider, r=8, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"))
+    with pytest.raises(ValueError, match="already carries LoRA"):
+        L.load_lora(wider, tmp_path)
 
 
 def test_peft_loads_ours_and_we_load_peft(tok, tmp_path):
