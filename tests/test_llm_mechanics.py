@@ -172,7 +172,7 @@ def test_save_load_roundtrip_and_peft_layout(tok, tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     L.load_lora(again, tmp_path)
     assert again.lora_config["lora_dropout"] == 0.1
-    assert torch.equal(logits_of(again, batch), logits_of(model, batch))  # logits_of: eval mode, no dropout
+    assert torch.equal(logits_of(again, batch), logits_of(model, batch))
     wider = tiny(tok)
     L.add_lora(wider, r=8, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"))
     with pytest.raises(ValueError, match="already carries LoRA"):
