@@ -401,7 +401,8 @@ def train_recommender(args: Args, run: common.RunPaths, items: list[dict], sampl
     with common.lora_disabled(model):
         quality["base"] = recommender_quality(model, tok, held_out, candidates["valid"], items, titles, args, "base")
     # the same weights' validation loss when the last training step logged it (minutes on a CPU), else now
-    last = ([{}] + common.read_jsonl(out_dir / "train_log.jsonl"))[-1] if (out_dir / "train_log.jsonl").exists() else {}
+    log = common.read_jsonl(out_dir / "train_log.jsonl") if (out_dir / "train_log.jsonl").exists() else []
+    last = log[-1] if log else {}
     quality["eval_loss"] = last["eval_loss"] if last.get("step") == args.steps and "eval_loss" in last \
         else validation_loss()["eval_loss"]
     common.write_json(out_dir / "quality.json", quality)

@@ -444,13 +444,14 @@ def merge_rows(text: str, name: str, table: str) -> str:
     new_by_run: dict[str, list[str]] = {}
     for row in new_rows:
         new_by_run.setdefault(run(row), []).append(row)
-    rows = []
+    rows, placed = [], set()
     for row in old_rows:
         if run(row) not in new_by_run:
             rows.append(row)
-        elif not any(r in rows for r in new_by_run[run(row)]):  # the run's first old row: its new rows go here
+        elif run(row) not in placed:  # the run's first old row: all its new rows go here
             rows += new_by_run[run(row)]
-    rows += [r for group in new_by_run.values() for r in group if r not in rows]
+            placed.add(run(row))
+    rows += [r for name, group in new_by_run.items() if name not in placed for r in group]
     return "\n".join(header + rows)
 
 
