@@ -17,7 +17,9 @@ One label per target item; Recall@k, NDCG@k and MRR@k each look at the first k o
 Confidence intervals resample samples (percentile bootstrap). Whether the turns help is the change
 of each multi-turn row from turn 1 to turn T on the same conversations, with a paired bootstrap
 interval (common.paired_gain): the two turns' own intervals overlap even when the change is clear.
-Rows played in the same process as sft+simulator are also compared with it, sample by sample.
+Every other multi-turn row is also compared with sft+simulator, sample by sample, at turns 1 and T:
+results.json keeps each row's lists at those turns, so rows evaluated by separate --merge processes
+are paired too.
 
 Single-shot rows, on the whole split:
   popularity          items ranked by how many training dialogues mention them
@@ -235,7 +237,7 @@ def markdown_tables(results: dict) -> str:
         paired = {name: r["vs_reference"] for name, r in results["multi_turn"].items() if r.get("vs_reference")}
         if paired:
             lines.append("\nEach row minus " + REFERENCE_ROW + " on the same samples (R@10 new, paired 95% CI, samples "
-                         f"better / worse; rows played in one 05 process):\n\n| system | ΔR@10 t1 | ΔR@10 t{T} |\n|---|---|---|")
+                         f"better / worse):\n\n| system | ΔR@10 t1 | ΔR@10 t{T} |\n|---|---|---|")
             lines += [f"| {name} | {change(v['turn 1'])} | {change(v[f'turn {T}'])} |" for name, v in paired.items()]
         mt = results["multi_turn_meta"]
         out.append(f"{results['dataset']} {results['split']}, multi-turn (T = {T}, K = {mt['candidates']} candidates): "
@@ -275,6 +277,26 @@ MERGE_KEYS = ("split", "limit", "turns", "candidates", "seed", "exclude_seen", "
               "no_repeat_ngram", "retriever_query", "recommender_turn")
 # what a results.json written before a flag existed ran with, where that is not the flag's default
 BEFORE_FLAG = {"retriever_query": "whole-dialogue", "recommender_turn": "list"}
+
+
+def compare_with_reference(multi_turn: dict, subset: list[dict], args: Args) -> None:
+    """Add to each multi-turn row (but REFERENCE_ROW and sft-single-turn, its turn 1) its paired
+    change of R@10 against REFERENCE_ROW at turns 1 and T, sample by sample: row["vs_reference"].
+    Needs both rows' "lists" (05 writes them since 2026-11-27); rows of older files keep what they had.
+    subset: the --limit draw both rows played, in their order (the same draw: merge_earlier checked
+    that split, limit and seed agree)."""
+    reference = multi_turn.get(REFERENCE_ROW, {}).get("lists")
+    if not reference:
+        return
+    for name, row in multi_turn.items():
+        if name in (REFERENCE_ROW, "sft-single-turn") or not row.get("lists"):
+            continue
+        if any(len(v) != len(subset) for v in (*reference.values(), *row["lists"].values())):
+            raise SystemExit(f"error: {name} and {REFERENCE_ROW} hold lists of another draw than --limit "
+                             f"{args.limit} ({len(subset)} samples); rerun both rows in one --run-dir")
+        row["vs_reference"] = {"reference": REFERENCE_ROW, **{
+            turn: common.paired_gain(reference[turn], row["lists"][turn], subset, "recall@10",
+                                     resamples=args.bootstrap, seed=args.seed) for turn in reference}}
 
 
 def merge_earlier(results: dict, path) -> dict:
@@ -356,7 +378,9 @@ def main(argv=None) -> dict:
             key = MULTI_TURN_ROWS[row]
             episodes, single = played[key], row in SINGLE_TURN_ROWS
             r = {"recommender": key[0], "simulator": key[1], **score_episodes(episodes, 1 if single else args.turns, args),
-                 "seconds": seconds[key]}
+                 "seconds": seconds[key],
+                 # item ids per sample after turns 1 and T: what pairs this row with another one later
+                 "lists": {f"turn {t}": [e.ranking_at(t) for e in episodes] for t in sorted({1, args.turns})}}
             if single:  # no later turns: turn T = turn 1
                 r["turns"] = [dict(r["turns"][0], turn=t) for t in range(1, args.turns + 1)]
             else:
@@ -364,21 +388,14 @@ def main(argv=None) -> dict:
             results["multi_turn"][row] = r
             print(f"[05] {row}: R@10 new turn 1 {r['turns'][0]['new']['recall@10']:.3f}, "
                   f"turn {args.turns} {r['turns'][-1]['new']['recall@10']:.3f} ({r['seconds']} s)")
-        # RL, the ablation, the retriever: better than the SFT recommender on the same conversations' samples?
-        if REFERENCE_ROW in multi:
-            reference = played[MULTI_TURN_ROWS[REFERENCE_ROW]]
-            for row in [r for r in multi if r not in (REFERENCE_ROW, "sft-single-turn")]:
-                own = played[MULTI_TURN_ROWS[row]]
-                results["multi_turn"][row]["vs_reference"] = {"reference": REFERENCE_ROW, **{
-                    f"turn {t}": common.paired_gain([e.ranking_at(t) for e in reference], [e.ranking_at(t) for e in own],
-                                                    subset, "recall@10", resamples=args.bootstrap, seed=args.seed)
-                    for t in sorted({1, args.turns})}}
         first = next(iter(results["multi_turn"].values()))
         results["multi_turn_meta"] = {"samples": len(subset), "labels": first["turns"][0]["labels"]["new"],
                                       "candidates": args.candidates}
 
     if args.merge and (out / "results.json").exists():
         results = merge_earlier(results, out / "results.json")
+    # RL, the ablation, the retriever: better than the SFT recommender on the same conversations' samples?
+    compare_with_reference(results["multi_turn"], common.draw_samples(samples, args.limit, args.seed), args)
     common.write_json(out / "results.json", results)
     table = markdown_tables(results)
     common.atomic_write_bytes(out / "results.md", table.encode())

@@ -183,8 +183,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
+_NUMBER_LIST = re.compile(r"\[\n\s*((?:-?[\d.eE+-]+,\n\s*)*-?[\d.eE+-]+)\n\s*\]")
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+    """Indented JSON with each list of numbers on one line (a CI, a ranked list of item ids), so a
+    file that keeps per-sample lists stays readable."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False)
+    text = _NUMBER_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:

@@ -1,4 +1,5 @@
 """Unit tests of common.py's metrics, title matching, arguments, run paths and retriever."""
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -140,6 +141,15 @@ def test_read_jsonl_names_file_and_line(tmp_path):
     p.write_text('{"a": 1}\n{"a": \n')
     with pytest.raises(common.DataError, match=r"x.jsonl:2"):
         common.read_jsonl(p)
+
+
+def test_write_json_puts_number_lists_on_one_line_and_reads_back(tmp_path):
+    obj = {"lists": {"turn 1": [[3, 1, 2], [7, 5]]}, "ci": [-0.125, 2e-05], "titles": ["A, [1,\n2]", "B"],
+           "mixed": [1, None], "empty": []}
+    common.write_json(tmp_path / "r.json", obj)
+    text = (tmp_path / "r.json").read_text()
+    assert json.loads(text) == obj
+    assert "[3, 1, 2]" in text and "[-0.125, 2e-05]" in text and '"mixed": [\n' in text
 
 
 # ---------------------------------------------------------------- retriever

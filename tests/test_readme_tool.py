@@ -207,13 +207,14 @@ def test_side_eval_block_copies_each_table_under_its_command(tmp_path):
     assert ("What the feedback did to the retriever's query (retriever+simulator), by `python tools/feedback_effect.py`"
             "\n\n| turn |") in text
     assert "old" not in text and "kept" in text
-    # --rl-eval fills its own block the same way and leaves the side_eval block as it was
-    readme.write_text(text.replace("<!-- bench:start -->", "<!-- rl_eval:start -->\n<!-- rl_eval:end -->\n<!-- bench:start -->"))
-    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--rl-eval", str(run_dir)])
-    rl_block = readme.read_text().split("<!-- rl_eval:start -->")[1].split("<!-- rl_eval:end -->")[0]
+    # --rl-eval and --final-eval fill their own blocks the same way and leave the side_eval block as it was
     side_block = lambda t: t.split("<!-- side_eval:start -->")[1].split("<!-- side_eval:end -->")[0]  # noqa: E731
-    assert "retriever+simulator 25.2 min):\n\n| system |" in rl_block
-    assert side_block(readme.read_text()) == side_block(text)
+    for flag, name in (("--rl-eval", "rl_eval"), ("--final-eval", "rl_final")):
+        readme.write_text(text.replace("<!-- bench:start -->", f"<!-- {name}:start -->\n<!-- {name}:end -->\n<!-- bench:start -->"))
+        tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), flag, str(run_dir)])
+        block = readme.read_text().split(f"<!-- {name}:start -->")[1].split(f"<!-- {name}:end -->")[0]
+        assert "retriever+simulator 25.2 min):\n\n| system |" in block
+        assert side_block(readme.read_text()) == side_block(text)
     del args["retriever_query"], args["recommender_turn"]  # a results.json from before the flags: what it did then
     assert tool.eval_command(args).endswith("--threads 1 --retriever-query whole-dialogue --recommender-turn list")
 

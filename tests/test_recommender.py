@@ -328,9 +328,12 @@ def test_eval_multi_turn_rows_smoke(inspired_tiny_adapters, tmp_path, make_run):
     run_dir = make_run(inspired_tiny_adapters, tmp_path / "eval",
                        ("data", "retriever", "simulator", "simulator_feedback_only", "recommender_sft"))
     rows = [r for r in evaluate.MULTI_TURN_ROWS if not r.startswith("smtpo")]  # 04's rows: tests/test_rl.py
-    results = evaluate.main(["--dataset", "inspired", "--run-dir", str(run_dir), "--rows", "retriever-fused", *rows,
-                             "--limit", "3", "--turns", "2", "--max-new-tokens", "16", "--sim-max-new-tokens", "6",
-                             "--bootstrap", "50", "--threads", "1"])
+    settings = ["--dataset", "inspired", "--run-dir", str(run_dir), "--limit", "3", "--turns", "2",
+                "--max-new-tokens", "16", "--sim-max-new-tokens", "6", "--bootstrap", "50", "--threads", "1"]
+    # the simulator ablation in a second --merge process: still paired with sft+simulator, by the kept lists
+    evaluate.main(settings + ["--rows", "retriever-fused", *rows[:-1]])
+    assert rows[-1] == "sft+simulator-feedback-only"
+    results = evaluate.main(settings + ["--rows", rows[-1], "--merge"])
     assert set(results["multi_turn"]) == set(rows)
     for name, r in results["multi_turn"].items():
         assert r["samples"] == 3 and [t["turn"] for t in r["turns"]] == [1, 2]
@@ -351,6 +354,7 @@ def test_eval_multi_turn_rows_smoke(inspired_tiny_adapters, tmp_path, make_run):
     for t, turn in ((1, 0), (2, 1)):
         vs = ablation["vs_reference"][f"turn {t}"]
         assert vs["gain"] == pytest.approx(ablation["turns"][turn]["new"]["recall@10"] - multi["turns"][turn]["new"]["recall@10"])
+        assert vs["samples"] == 3 and len(ablation["lists"][f"turn {t}"]) == 3
     assert "vs_reference" not in multi and "vs_reference" not in single
     assert single["turns"][0]["new"] == multi["turns"][0]["new"] == single["turns"][1]["new"]
     eval_dir = run_dir / "eval"

@@ -20,7 +20,9 @@ Between <!-- side_eval:start --> and <!-- side_eval:end -->, with --side-eval DI
 (05_eval.py in a side run directory, e.g. one row on more samples) under the command that wrote it, and
 the DIR/eval/feedback_effect_<row>.md that tools/feedback_effect.py wrote there.
 Between <!-- rl_eval:start --> and <!-- rl_eval:end -->, with --rl-eval DIR...: the same, for side runs
-that set SMTPO against SFT on the same test conversations.
+that set SMTPO against SFT on the same test conversations; between <!-- rl_final:start --> and
+<!-- rl_final:end -->, with --final-eval DIR...: the same, for the latest adapters (the 300-step SFT
+adapter, the RL adapters trained from it).
 Between <!-- candidate_targets:start --> and <!-- candidate_targets:end -->, with --candidate-targets DIR...:
 where the target sits among the K candidates of training samples (in sample and out of fold) and of valid
 samples, from each DIR/retriever/report.json (03's cross-fitting); rows of run directories not named stay.
@@ -33,7 +35,7 @@ quarters of the run); the same for --reachable-rl DIR... between <!-- rl_reachab
     python tools/update_readme_results.py [--runs runs] [--datasets inspired] [--command "..."]
                                           [--compare-rl runs/a runs/b] [--sft-quality runs/a runs/b]
                                           [--side-eval runs/a runs/b] [--sim-quality runs/a/simulator]
-                                          [--rl-eval runs/a] [--candidate-targets runs/a]
+                                          [--rl-eval runs/a] [--final-eval runs/a] [--candidate-targets runs/a]
                                           [--start-states-rl runs/a runs/b] [--reachable-rl runs/a]
 """
 import argparse
@@ -480,6 +482,8 @@ def main(argv=None) -> None:
                         help="run directories whose eval/results.md (05_eval.py) to copy into the side_eval block")
     parser.add_argument("--rl-eval", nargs="*", default=None,
                         help="run directories whose eval/results.md (05_eval.py, SMTPO against SFT) to copy into the rl_eval block")
+    parser.add_argument("--final-eval", nargs="*", default=None,
+                        help="run directories whose eval/results.md (05_eval.py, the latest adapters) to copy into the rl_final block")
     parser.add_argument("--candidate-targets", nargs="*", default=None,
                         help="run directories whose retriever/report.json to list in the candidate_targets block "
                              "(rows of other runs already there are kept)")
@@ -532,6 +536,8 @@ def main(argv=None) -> None:
         text = replace_between(text, "side_eval", side_eval_block([Path(d) for d in args.side_eval]))
     if args.rl_eval:
         text = replace_between(text, "rl_eval", side_eval_block([Path(d) for d in args.rl_eval]))
+    if args.final_eval:
+        text = replace_between(text, "rl_final", side_eval_block([Path(d) for d in args.final_eval]))
     if args.candidate_targets:
         text = replace_between(text, "candidate_targets", merge_rows(
             text, "candidate_targets", candidate_targets_table([Path(d) for d in args.candidate_targets])))
