@@ -67,6 +67,22 @@ def test_lists_are_checked_against_their_own_ranking_line(tmp_path, capsys):
     (run / "eval" / "conversations_sft.jsonl").write_text(json.dumps(
         {"dialog_id": "d1", "turns": [{"candidates": titles, "answer": a} for a in turns]}))
     tool.main(["--run-dir", str(run)])
-    row = capsys.readouterr().out.splitlines()[2].split(" | ")
+    out = capsys.readouterr().out
+    row = out.splitlines()[2].split(" | ")
     assert row[1] == "5" and row[2] == "5 (100%)"  # all valid
-    assert row[2 + len(tool.common.PARSE_KINDS):4 + len(tool.common.PARSE_KINDS)] == ["2 (40%)", "2 (40%)"]
+    assert row[2 + len(tool.common.PARSE_KINDS):5 + len(tool.common.PARSE_KINDS)] == ["2 (40%)", "2 (40%)", "2 (40%)"]
+    # the second answer starts with #2 where its Ranking line puts #1 first (the fourth is not checkable)
+    assert "#1 in 2 of 5 answers; the list starts with another candidate in 1, 0 of them invalid" in out
+
+
+def test_a_list_that_does_not_start_with_its_ranking_lines_first_is_counted_when_invalid(tmp_path, capsys):
+    run, titles = twelve_film_run(tmp_path)
+    promoted = "Ranking: #12, #1, #2, #3, #4, #5, #6, #7, #8, #9\n"
+    turns = [promoted + answer(titles[11:12] + titles[:9]),  # #12's title first: valid and consistent
+             promoted + answer(titles[3:4] + titles[:9]),  # another title first, then a duplicate: invalid
+             promoted + answer(titles[9:10] + titles[:9])]  # another title first, still ten distinct: valid
+    (run / "eval" / "conversations_sft.jsonl").write_text(json.dumps(
+        {"dialog_id": "d1", "turns": [{"candidates": titles, "answer": a} for a in turns]}))
+    tool.main(["--run-dir", str(run)])
+    out = capsys.readouterr().out
+    assert "- sft: #12 in 3 of 3 answers; the list starts with another candidate in 2, 1 of them invalid" in out

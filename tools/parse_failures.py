@@ -8,8 +8,11 @@ names no candidate, two entries naming the same candidate (an answer can have se
 Of the answers with no closed block, it counts those that used the whole generation budget
 (--max-new-tokens of eval/results.json) when the file records each answer's completion tokens
 (05 does since 2026-11-26; n/a for older files). Two more counts show whether the list comes
-from the chain: answers whose Ranking line is the retriever's order (#1, #2, ..., #10), and
-answers whose list names exactly the candidates their own Ranking line gives, in its order.
+from the chain: answers whose Ranking line is the retriever's order (#1, #2, ..., #10), answers whose list names
+exactly the candidates their own Ranking line gives, in its order, and answers whose first entry is
+the Ranking line's first candidate; each row's note gives the Ranking line's most common first number
+(the SFT targets put a true target first, which the prompt does not show: a model that guesses one
+number there must then write that candidate's title first, the lookup that fails most).
 
     python tools/parse_failures.py --run-dir runs/inspired [--examples 3]
 """
@@ -25,27 +28,37 @@ sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 
 OUT_OF_TOKENS = "no closed <answer>: used the whole budget"
-CHAIN = ("Ranking line #1 ... #10", "list follows its Ranking line")
+FIRST_ELSEWHERE = "a Ranking line, whose first candidate the list does not start with"
+CHAIN = ("Ranking line #1 ... #10", "list follows its Ranking line", "1st entry is the Ranking line's 1st")
 _RANKING = re.compile(r"^\s*Ranking:(.*)$", re.M)
+
+
+def ranking_numbers(text: str) -> list[int]:
+    """The candidate numbers of an answer's Ranking line ("Ranking: #17, #1, ..." -> [17, 1, ...]); [] without one."""
+    found = _RANKING.search(text)
+    return [int(k) for k in re.findall(r"#(\d+)", found.group(1))] if found else []
 
 
 def chain_kinds(text: str, parsed: dict, candidates: list[int], n: int = common.REC_TOP_N) -> list[str]:
     """The CHAIN counts an answer falls in: its Ranking line names candidates #1..#n in order;
-    its list's entries are the candidates its Ranking line names, in that order."""
-    found = _RANKING.search(text)
-    numbers = [int(k) for k in re.findall(r"#(\d+)", found.group(1))] if found else []
+    its list's entries are the candidates its Ranking line names, in that order; its list's first
+    entry is the Ranking line's first candidate, or else FIRST_ELSEWHERE. None for an answer without
+    a Ranking line or with a number beyond the candidates."""
+    numbers = ranking_numbers(text)
     if not numbers or not all(1 <= k <= len(candidates) for k in numbers):
         return []
     kinds = [CHAIN[0]] if numbers == list(range(1, n + 1)) else []
     if parsed["ids"] == [candidates[k - 1] for k in numbers]:
         kinds.append(CHAIN[1])
+    kinds.append(CHAIN[2] if parsed["ids"][:1] == [candidates[numbers[0] - 1]] else FIRST_ELSEWHERE)
     return kinds
 
 
 def count_file(path: Path, titles: common.TitleIndex, id_of: dict[str, int], examples: int,
-               budget: int | None) -> tuple[Counter, int, list]:
-    """Counts of common.PARSE_KINDS (and OUT_OF_TOKENS; "unmeasured" for unclosed answers of unknown length)."""
-    counts, turns, shown = Counter(), 0, []
+               budget: int | None) -> tuple[Counter, int, list, Counter]:
+    """Counts of common.PARSE_KINDS and CHAIN (and OUT_OF_TOKENS; "unmeasured" for unclosed answers of
+    unknown length), LLM turns, failed answers described, and the Ranking lines' first numbers."""
+    counts, turns, shown, first_numbers = Counter(), 0, [], Counter()
     for line_no, conv in common.numbered_jsonl(path):
         for turn in conv["turns"]:
             if not turn["answer"]:  # a row without an LLM recommender (the retriever's list)
@@ -57,7 +70,10 @@ def count_file(path: Path, titles: common.TitleIndex, id_of: dict[str, int], exa
                                  "was this file written from another run directory?")
             parsed = common.parse_recommendation(turn["answer"], titles, candidates)
             kinds = common.parse_failure_kinds(parsed)
-            counts.update(kinds + chain_kinds(turn["answer"], parsed, candidates))
+            chain = chain_kinds(turn["answer"], parsed, candidates)
+            counts.update(kinds + chain)
+            first_numbers.update(ranking_numbers(turn["answer"])[:1])
+            counts[FIRST_ELSEWHERE + ", invalid"] += FIRST_ELSEWHERE in chain and "valid" not in kinds
             if "no closed <answer>" in kinds:
                 if budget is None or "completion_tokens" not in turn:
                     counts["unmeasured"] += 1
@@ -68,7 +84,7 @@ def count_file(path: Path, titles: common.TitleIndex, id_of: dict[str, int], exa
                 bad = [e for e, i in zip(parsed["entries"], parsed["ids"]) if i is None]
                 shown.append(f"{conv['dialog_id']}: {', '.join(kinds)}; {len(parsed['entries'])} entries"
                              + (f"; unmatched {bad[:3]}" if bad else ""))
-    return counts, turns, shown
+    return counts, turns, shown, first_numbers
 
 
 def main(argv=None) -> None:
@@ -88,9 +104,9 @@ def main(argv=None) -> None:
     columns = common.PARSE_KINDS + CHAIN
     print("| row | turns | " + " | ".join(columns) + f" | {OUT_OF_TOKENS}{f' ({budget} tokens)' if budget else ''} |"
           "\n|---|---|" + "---|" * (len(columns) + 1))
-    notes = []
+    notes, firsts = [], []
     for path in files:
-        counts, turns, shown = count_file(path, titles, id_of, args.examples, budget)
+        counts, turns, shown, first_numbers = count_file(path, titles, id_of, args.examples, budget)
         row = path.stem[len("conversations_"):]
         if not turns:
             continue
@@ -98,6 +114,12 @@ def main(argv=None) -> None:
         print(f"| {row} | {turns} | " + " | ".join(f"{counts[k]} ({counts[k] / max(turns, 1):.0%})" for k in columns)
               + f" | {out_of_tokens} |")
         notes += [f"- {row}: {s}" for s in shown]
+        if first_numbers:
+            (k, times), = first_numbers.most_common(1)
+            firsts.append(f"- {row}: #{k} in {times} of {turns} answers; the list starts with another candidate "
+                          f"in {counts[FIRST_ELSEWHERE]}, {counts[FIRST_ELSEWHERE + ', invalid']} of them invalid")
+    if firsts:
+        print("\nThe Ranking line's most common first number:\n" + "\n".join(firsts))
     if notes:
         print("\nFailed answers (first of each row):\n" + "\n".join(notes))
 
