@@ -282,18 +282,21 @@ BEFORE_FLAG = {"retriever_query": "whole-dialogue", "recommender_turn": "list"}
 def compare_with_reference(multi_turn: dict, subset: list[dict], args: Args) -> None:
     """Add to each multi-turn row (but REFERENCE_ROW and sft-single-turn, its turn 1) its paired
     change of R@10 against REFERENCE_ROW at turns 1 and T, sample by sample: row["vs_reference"].
-    Needs both rows' "lists" (05 writes them since 2026-11-27); rows of older files keep what they had.
+    Needs both rows' "lists" (05 writes them since 2026-11-27). A row of an older file keeps the
+    comparison it had, unless this process played REFERENCE_ROW again (args.rows): then it has none.
     subset: the --limit draw both rows played, in their order (the same draw: merge_earlier checked
     that split, limit and seed agree)."""
     reference = multi_turn.get(REFERENCE_ROW, {}).get("lists")
-    if not reference:
-        return
     for name, row in multi_turn.items():
-        if name in (REFERENCE_ROW, "sft-single-turn") or not row.get("lists"):
+        if name in (REFERENCE_ROW, "sft-single-turn"):
+            continue
+        if not (reference and row.get("lists")):
+            if REFERENCE_ROW in args.rows:  # compared with episodes this file no longer holds
+                row.pop("vs_reference", None)
             continue
         if any(len(v) != len(subset) for v in (*reference.values(), *row["lists"].values())):
             raise SystemExit(f"error: {name} and {REFERENCE_ROW} hold lists of another draw than --limit "
-                             f"{args.limit} ({len(subset)} samples); rerun both rows in one --run-dir")
+                             f"{args.limit} ({len(subset)} samples); evaluate both rows again without --merge")
         row["vs_reference"] = {"reference": REFERENCE_ROW, **{
             turn: common.paired_gain(reference[turn], row["lists"][turn], subset, "recall@10",
                                      resamples=args.bootstrap, seed=args.seed) for turn in reference}}

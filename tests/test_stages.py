@@ -120,6 +120,25 @@ def test_retriever_then_eval_smoke(inspired_run):
     assert list(again["rows"]) == ["popularity", "retriever-fused"]
 
 
+def test_rows_are_paired_with_sft_by_their_kept_lists():
+    """compare_with_reference on hand-made rows: 2 samples of one new target each (items 5 and 6)."""
+    subset = [{"new_targets": [5]}, {"new_targets": [6]}]
+    args = evaluate.Args(limit=2, bootstrap=20, rows=["smtpo"])
+    sft = {"lists": {"turn 1": [[5], [1]], "turn 5": [[1], [1]]}}
+    rl = {"lists": {"turn 1": [[5], [6]], "turn 5": [[5], [6]]}}  # finds sample 2's target, keeps sample 1's
+    older = {"vs_reference": {"reference": "sft+simulator"}}  # a row of a file written before the lists
+    multi = {"sft+simulator": sft, "smtpo": rl, "smtpo-no-preference-reward": older}
+    evaluate.compare_with_reference(multi, subset, args)
+    assert rl["vs_reference"]["turn 1"]["gain"] == 0.5 and rl["vs_reference"]["turn 1"]["up"] == 1
+    assert rl["vs_reference"]["turn 5"]["gain"] == 1.0 and rl["vs_reference"]["turn 5"]["up"] == 2
+    assert "vs_reference" not in sft and older["vs_reference"] == {"reference": "sft+simulator"}
+    # sft+simulator played again: the older row's comparison was with episodes the file no longer holds
+    evaluate.compare_with_reference(multi, subset, evaluate.Args(limit=2, bootstrap=20, rows=["sft+simulator"]))
+    assert "vs_reference" not in older and rl["vs_reference"]["turn 5"]["gain"] == 1.0
+    with pytest.raises(SystemExit, match="another draw"):
+        evaluate.compare_with_reference(multi, subset[:1], args)
+
+
 def test_popularity_ranking_excludes_items_already_in_the_dialogue(inspired_run):
     run = common.RunPaths(inspired_run)
     samples = [s for s in common.load_samples(run, "test") if s["context_items"]][:20]
