@@ -35,10 +35,13 @@ feedback and the retriever's K numbered candidates with short attributes
 Scores, Ranking, Explanation) and then `<answer>` with 10 numbered candidate titles, built from
 metadata by common.reasoning_chain with the true target ranked first (--cite-candidates: each
 title after its candidate number, "1. #4 Knives Out (2019)", which makes writing it a copy of
-the prompt's candidate line). A training sample whose
-target the retriever missed gets it put in place of a random candidate (--inject-target): the
-recommender must learn to rank, and without this 4 in 5 ReDial samples would teach it nothing
-about the target. `--teacher MODEL` instead distils chains from another LLM, keeping only those
+the prompt's candidate line). A training sample whose target the retriever missed keeps its
+candidates and a chain without the target (off by default: --inject-target puts the target in
+place of a random candidate, so that every example ranks one first). Injected, the prompt never
+shows which candidate is the target, so the model learns to guess a candidate number for the
+first place and then to look up its title, which it gets wrong: on INSPIRED the 300-step
+injected adapter parsed 92% of 100 valid answers, and 60 more steps without injection 99%
+(README, Latest results). `--teacher MODEL` instead distils chains from another LLM, keeping only those
 that parse and whose list holds the target (the rest keep the metadata chain).
 """
 from __future__ import annotations
@@ -90,7 +93,8 @@ class Args:
     lora_dropout: float = arg(0.05, "dropout on the LoRA input")
     init_adapter: str = arg("", "start the LoRA from this adapter folder (e.g. an earlier recommender_sft/ whose "
                                 "budget was too small) instead of zeros; '' = a fresh adapter")
-    inject_target: bool = arg(True, "training only: put a missed target in place of a random candidate")
+    inject_target: bool = arg(False, "training only: put a missed target in place of a random candidate "
+                                     "(the model then guesses a hidden target: fewer valid answers)")
     cite_candidates: bool = arg(False, "SFT answer lines give each title's candidate number: '1. #4 Knives Out (2019)'")
     teacher: str = arg("", "distil reasoning chains from this LLM (kept when they parse and hit); '' = metadata chains")
     teacher_samples: int = arg(200, "training samples the teacher is asked about (generation is slow)")

@@ -176,12 +176,14 @@ def test_sft_quality_block_lists_each_adapter_report(tmp_path):
     quality["tuned"] = {**quality["tuned"], "parse_rate": 1.0, "parse_rate_ci": [0.86, 1.0]}
     quality_path.write_text(json.dumps(quality))
     longer = sft_run("longer", {"steps": 260, "init_adapter": "runs/x/recommender_sft"}, tuned)
-    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--sft-quality", oof, longer])
+    plain = sft_run("plain", {"steps": 60, "init_adapter": "runs/oof/recommender_sft", "inject_target": False}, tuned)
+    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--sft-quality", oof, longer, plain])
     rows = readme.read_text().split("<!-- sft_quality:start -->\n")[1].split("<!-- sft_quality:end -->")[0].splitlines()
     assert rows[:5] == rows_before[:5]  # header, old, report, cited: unchanged and in place
     assert rows[5].startswith("| `oof` |") and "| 1.00 [0.86, 1.00] |" in rows[5] and rows[5] != rows_before[5]
     assert rows[6].startswith("| `longer` | inspired | 260 steps from `runs/x/recommender_sft`, seed 0 |")
-    assert len(rows) == 7
+    assert rows[7].startswith("| `plain` | inspired | 60 steps from `runs/oof/recommender_sft`, seed 0, no injected targets |")
+    assert len(rows) == 8
 
 
 def test_side_eval_block_copies_each_table_under_its_command(tmp_path):

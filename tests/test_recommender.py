@@ -191,7 +191,7 @@ def test_recommender_sft_smoke_writes_adapter_and_quality(inspired_with_retrieve
         assert set(q["parse_failures"]) == set(common.PARSE_KINDS[1:]) and sum(q["parse_failures"].values()) >= invalid
         assert q["parse_failures"]["no closed <answer>"] == round(q["samples"] * (1 - q["answer_tag_rate"]))
     config = json.loads((folder / "recommender_config.json").read_text())
-    assert config["examples"] > 0 and config["injected_targets"] > 0
+    assert config["examples"] > 0 and config["injected_targets"] == 0  # --inject-target is off by default
     assert config["train_candidates"] == "out of fold (5 cross-fitted retrievers)"   # 03's default --retriever-folds
     lengths = config["answer_tokens"]  # five reasoning lines and ten titles: far more than 50 tokens
     assert 50 < lengths["median"] <= lengths["p95"] <= lengths["max"]
@@ -375,14 +375,16 @@ def test_eval_multi_turn_rows_smoke(inspired_tiny_adapters, tmp_path, make_run):
 
 def test_cite_candidates_reaches_the_sft_targets(inspired_with_retriever, tmp_path, run_copy):
     """03 --cite-candidates writes "#k " before each of the ten answer titles of every SFT target:
-    the same examples (same seed) get a few tokens longer per line."""
+    the same examples (same seed) get a few tokens longer per line. Both runs also inject missed
+    targets (--inject-target, off by default), as the cited adapter of the README did."""
     tiny = rec_tiny(max_eval_samples=1, max_new_tokens=4)
     lengths = {}
     for cite in ("--no-cite-candidates", "--cite-candidates"):
         run_dir = run_copy(inspired_with_retriever, tmp_path, cite.strip("-"))
-        rec.main(["--dataset", "inspired", "--run-dir", str(run_dir), "--steps", "1", "--lr", "0", cite] + tiny)
+        rec.main(["--dataset", "inspired", "--run-dir", str(run_dir), "--steps", "1", "--lr", "0", cite,
+                  "--inject-target"] + tiny)
         config = json.loads((run_dir / "recommender_sft" / "recommender_config.json").read_text())
-        assert config["args"]["cite_candidates"] == (cite == "--cite-candidates")
+        assert config["args"]["cite_candidates"] == (cite == "--cite-candidates") and config["injected_targets"] > 0
         lengths[cite] = config["answer_tokens"]
     plain, cited = lengths["--no-cite-candidates"], lengths["--cite-candidates"]
     assert cited["median"] >= plain["median"] + 10 * 2 and cited["max"] > plain["max"]  # "#k " is 2+ tokens a line

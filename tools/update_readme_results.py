@@ -243,6 +243,8 @@ def sft_quality_table(run_dirs: list[Path]) -> str:
             adapter += ", titles cited by candidate number"
         if config.get("train_candidates", "").startswith("out of fold") and a["steps"]:  # 03 since 2026-11-26
             adapter += ", out-of-fold candidates"
+        if a.get("inject_target") is False and a["steps"]:  # the default since 2026-11-27; earlier runs injected
+            adapter += ", no injected targets"
         lengths = config.get("answer_tokens")  # older runs did not record them
         lengths = f"{lengths['median']} / {lengths['p95']} / {lengths['max']}" if lengths else "n/a"
         d = q["decoding"]
