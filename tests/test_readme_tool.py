@@ -288,8 +288,9 @@ def test_candidate_targets_block_lists_in_sample_out_of_fold_and_valid(tmp_path)
 
 
 def test_start_states_block_sets_all_against_reachable(tmp_path):
-    def rl_run(name: str, rule: str, kept: int, in_candidates: float, hits: list[float], eval_states=None) -> Path:
-        folder = tmp_path / name / "recommender_rl"
+    def rl_run(name: str, rule: str, kept: int, in_candidates: float, hits: list[float], eval_states=None,
+               out: str = "recommender_rl") -> Path:
+        folder = tmp_path / name / out
         folder.mkdir(parents=True)
         config = {"args": {"steps": len(hits), "prompts": 1, "group_size": 4, "turns": 2, "lr": 1e-4, "w_preference": 0.5,
                            "temperature": 1.0}, "start_states": {"rule": rule, "kept": kept, "of": 1805}}
@@ -336,6 +337,18 @@ def test_start_states_block_sets_all_against_reachable(tmp_path):
     config_path.write_text(json.dumps({**config, "args": {**config["args"], "steps": 40}, "finished": False}))
     tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--reachable-rl", str(long)])
     assert "| `rl_long` | reachable (230 of 1805) | 8 (of 40) x 1 x 4 x 2 |" in readme.read_text()
+    # an ablation's run directory that links the RL adapter of another run: only its own folder is listed
+    ablation = rl_run("rl_final", "reachable", 230, 1.0, [0.25, 0.25], {"rule": "reachable", "of": 200, "kept": 40},
+                      out="recommender_rl_no_preference")
+    log_path = ablation / "recommender_rl_no_preference" / "train_log.jsonl"  # --no-eval-start: no step 0
+    log_path.write_text("".join(line + "\n" for line in log_path.read_text().splitlines()[1:]))
+    (ablation / "recommender_rl").symlink_to(long / "recommender_rl")
+    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--reachable-rl", str(long), str(ablation)])
+    block = readme.read_text().split("<!-- rl_reachable:start -->")[1].split("<!-- rl_reachable:end -->")[0]
+    assert ("| `rl_final/recommender_rl_no_preference` | reachable (230 of 1805) | 2 x 1 x 4 x 2 | 1.00 | 0.125 | 0.00 | "
+            "0.25 / 0.25 | 0.12 / 0.12 | 1.25 / 1.25 | reachable (16 of 40) | n/a / 0.25 (n/a / 0.20) | n/a / 0.50 |") in block
+    assert "| `rl_final` |" not in block and block.count("`recommender_rl/` (") == 1  # rl_long's curves only
+    assert "`rl_final/`, `recommender_rl_no_preference/` (1 prompt x G 4" in block
     (reach / "recommender_rl" / "rl_config.json").unlink()
     with pytest.raises(SystemExit, match="did not run"):
         tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--start-states-rl", str(reach)])

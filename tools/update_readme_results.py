@@ -101,6 +101,8 @@ def rl_curve_table(run_dir: Path, chunks: int = 4) -> str:
     means over `chunks` equal parts of the run, and the greedy validations."""
     parts = []
     for folder in RL_FOLDERS:
+        if (run_dir / folder).is_symlink():  # another run directory's adapter: its own curves are there
+            continue
         logged = train_log(run_dir, folder)
         rows = [r for r in logged if r["step"] > 0]  # step 0: the SFT start's validation only
         if not rows:
@@ -181,21 +183,27 @@ def rl_compare_table(run_dirs: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def own_rl_folders(run_dir: Path) -> list[str]:
+    """The RL_FOLDERS that 04 wrote in run_dir itself: a folder linked from another run directory
+    (e.g. the RL adapter beside its ablation) is listed under that run."""
+    return [f for f in RL_FOLDERS if (run_dir / f / "rl_config.json").exists() and not (run_dir / f).is_symlink()]
+
+
 def start_states_block(run_dirs: list[Path]) -> str:
-    """04 runs that differ in --start-states: one summary row each (means over the training steps,
-    sampled episodes), then each run's per-step curves (rl_curve_table)."""
+    """04 runs that differ in --start-states: one summary row per RL folder (recommender_rl, and the
+    ablation's as `run/recommender_rl_no_preference`; means over the training steps, sampled
+    episodes), then each run directory's per-step curves (rl_curve_table)."""
     lines = ["| run | start states (kept of all) | steps x start states x G x T | target among the K at turn 1 | "
              "recommend | zero-var groups | training hit@10 at turn T, 1st / 2nd half | the retriever's own order's, "
              "1st / 2nd half | reward, 1st / 2nd half | validation states (drawn of kept) | greedy validation hit@10 at "
              "turn T, SFT start / last (the retriever's own order's) | parse rate, SFT start / last |", "|" + "---|" * 12]
     curves = []
-    for run_dir in run_dirs:
-        config_path = run_dir / "recommender_rl" / "rl_config.json"
-        if not config_path.exists():
-            raise SystemExit(f"no {config_path} (04_rl_multiturn.py did not run there)")
-        config = json.loads(config_path.read_text())
+    for run_dir, folder in [(d, f) for d in run_dirs for f in own_rl_folders(d) or [None]]:
+        if folder is None:
+            raise SystemExit(f"no {run_dir}/recommender_rl*/rl_config.json (04_rl_multiturn.py did not run there)")
+        config = json.loads((run_dir / folder / "rl_config.json").read_text())
         c, states = config["args"], config.get("start_states", {"rule": "all", "kept": "?", "of": "?"})
-        logged = train_log(run_dir, "recommender_rl")
+        logged = train_log(run_dir, folder)
         trained = [r for r in logged if r["step"] > 0]
         half = max(len(trained) // 2, 1)
         mean = lambda rows, key: sum(key(r) for r in rows) / len(rows)  # noqa: E731
@@ -206,17 +214,22 @@ def start_states_block(run_dirs: list[Path]) -> str:
         held_out = config.get("eval_states", {"rule": "all"})  # --eval-states, since 2026-11-27
         drawn = f"{held_out['rule']} ({valid[-1]['episodes'] if valid else 0}" + (
             f" of {held_out['kept']})" if "kept" in held_out else ")")
-        order = f" ({valid[0]['retriever_hit@10'][-1]:.2f} / {valid[-1]['retriever_hit@10'][-1]:.2f})" if valid and all(
-            "retriever_hit@10" in v for v in (valid[0], valid[-1])) else ""
+        # the SFT start is validated as step 0 unless 04 ran with --no-eval-start
+        start = next((r["valid"] for r in logged if r["step"] == 0 and "valid" in r), None)
+        at_start = lambda key: "n/a" if start is None else f"{key(start):.2f}"  # noqa: E731
+        order = f" ({at_start(lambda v: v['retriever_hit@10'][-1])} / {valid[-1]['retriever_hit@10'][-1]:.2f})" if valid and all(
+            "retriever_hit@10" in v for v in [valid[-1]] + ([start] if start else [])) else ""
+        name = run_dir.name if folder == "recommender_rl" else f"{run_dir.name}/{folder}"
         lines.append(
-            f"| `{run_dir.name}` | {states['rule']} ({states['kept']} of {states['of']}) | {steps} x {c['prompts']} x "
+            f"| `{name}` | {states['rule']} ({states['kept']} of {states['of']}) | {steps} x {c['prompts']} x "
             f"{c['group_size']} x {c['turns']} | {mean(trained, lambda r: r['target_in_candidates'][0]):.2f} | "
             f"{mean(trained, lambda r: r['recommend']):.3f} | {mean(trained, lambda r: r['zero_variance_fraction']):.2f} | "
             f"{halves(lambda r: r['hit@10'][-1])} | {halves(lambda r: r['retriever_hit@10'][-1])} | "
             f"{halves(lambda r: r['reward'])} | {drawn} | "
-            + (f"{valid[0]['hit@10'][-1]:.2f} / {valid[-1]['hit@10'][-1]:.2f}{order} | "
-               f"{valid[0]['parse_rate']:.2f} / {valid[-1]['parse_rate']:.2f} |" if valid else "| |"))
-        curves.append(f"`{run_dir.name}/`, " + rl_curve_table(run_dir))
+            + (f"{at_start(lambda v: v['hit@10'][-1])} / {valid[-1]['hit@10'][-1]:.2f}{order} | "
+               f"{at_start(lambda v: v['parse_rate'])} / {valid[-1]['parse_rate']:.2f} |" if valid else "| |"))
+        if folder == own_rl_folders(run_dir)[0]:
+            curves.append(f"`{run_dir.name}/`, " + rl_curve_table(run_dir))
     return "\n".join(lines) + "\n\n" + "\n\n".join(curves)
 
 
