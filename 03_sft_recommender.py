@@ -41,8 +41,9 @@ place of a random candidate, so that every example ranks one first). Injected, t
 shows which candidate is the target, so the model learns to guess a candidate number for the
 first place and then to look up its title, which it gets wrong: on INSPIRED the 300-step
 injected adapter parsed 92% of 100 valid answers, and 60 more steps without injection 99%
-(in 05's simulated later turns not yet: README, Latest results). `--teacher MODEL` instead distils chains from another LLM, keeping only those
-that parse and whose list holds the target (the rest keep the metadata chain).
+(in 05's simulated later turns not yet: README, Latest results). `--teacher MODEL` instead
+distils chains from another LLM, keeping only those that parse and whose list holds the target
+(the rest keep the metadata chain).
 """
 from __future__ import annotations
 

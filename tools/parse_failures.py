@@ -39,12 +39,11 @@ def ranking_numbers(text: str) -> list[int]:
     return [int(k) for k in re.findall(r"#(\d+)", found.group(1))] if found else []
 
 
-def chain_kinds(text: str, parsed: dict, candidates: list[int], n: int = common.REC_TOP_N) -> list[str]:
+def chain_kinds(numbers: list[int], parsed: dict, candidates: list[int], n: int = common.REC_TOP_N) -> list[str]:
     """The CHAIN counts an answer falls in: its Ranking line names candidates #1..#n in order;
     its list's entries are the candidates its Ranking line names, in that order; its list's first
-    entry is the Ranking line's first candidate, or else FIRST_ELSEWHERE. None for an answer without
-    a Ranking line or with a number beyond the candidates."""
-    numbers = ranking_numbers(text)
+    entry is the Ranking line's first candidate, or else FIRST_ELSEWHERE. numbers: its Ranking line's
+    (ranking_numbers); none of these for an answer without one or with a number beyond the candidates."""
     if not numbers or not all(1 <= k <= len(candidates) for k in numbers):
         return []
     kinds = [CHAIN[0]] if numbers == list(range(1, n + 1)) else []
@@ -70,9 +69,10 @@ def count_file(path: Path, titles: common.TitleIndex, id_of: dict[str, int], exa
                                  "was this file written from another run directory?")
             parsed = common.parse_recommendation(turn["answer"], titles, candidates)
             kinds = common.parse_failure_kinds(parsed)
-            chain = chain_kinds(turn["answer"], parsed, candidates)
+            numbers = ranking_numbers(turn["answer"])
+            chain = chain_kinds(numbers, parsed, candidates)
             counts.update(kinds + chain)
-            first_numbers.update(ranking_numbers(turn["answer"])[:1])
+            first_numbers.update(numbers[:1])
             counts[FIRST_ELSEWHERE + ", invalid"] += FIRST_ELSEWHERE in chain and "valid" not in kinds
             if "no closed <answer>" in kinds:
                 if budget is None or "completion_tokens" not in turn:

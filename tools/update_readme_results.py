@@ -198,38 +198,39 @@ def start_states_block(run_dirs: list[Path]) -> str:
              "1st / 2nd half | reward, 1st / 2nd half | validation states (drawn of kept) | greedy validation hit@10 at "
              "turn T, SFT start / last (the retriever's own order's) | parse rate, SFT start / last |", "|" + "---|" * 12]
     curves = []
-    for run_dir, folder in [(d, f) for d in run_dirs for f in own_rl_folders(d) or [None]]:
-        if folder is None:
+    for run_dir in run_dirs:
+        folders = own_rl_folders(run_dir)
+        if not folders:
             raise SystemExit(f"no {run_dir}/recommender_rl*/rl_config.json (04_rl_multiturn.py did not run there)")
-        config = json.loads((run_dir / folder / "rl_config.json").read_text())
-        c, states = config["args"], config.get("start_states", {"rule": "all", "kept": "?", "of": "?"})
-        logged = train_log(run_dir, folder)
-        trained = [r for r in logged if r["step"] > 0]
-        half = max(len(trained) // 2, 1)
-        mean = lambda rows, key: sum(key(r) for r in rows) / len(rows)  # noqa: E731
-        halves = lambda key: " / ".join(f"{mean(p, key):.2f}" for p in (trained[:half], trained[half:]) if p)  # noqa: E731
-        # 04 writes rl_config.json at the start since 2026-11-27: a run stopped early shows how far it got
-        steps = c["steps"] if config.get("finished", True) else f"{trained[-1]['step'] if trained else 0} (of {c['steps']})"
-        valid = [r["valid"] for r in logged if "valid" in r]
-        held_out = config.get("eval_states", {"rule": "all"})  # --eval-states, since 2026-11-27
-        drawn = f"{held_out['rule']} ({valid[-1]['episodes'] if valid else 0}" + (
-            f" of {held_out['kept']})" if "kept" in held_out else ")")
-        # the SFT start is validated as step 0 unless 04 ran with --no-eval-start
-        start = next((r["valid"] for r in logged if r["step"] == 0 and "valid" in r), None)
-        at_start = lambda key: "n/a" if start is None else f"{key(start):.2f}"  # noqa: E731
-        order = f" ({at_start(lambda v: v['retriever_hit@10'][-1])} / {valid[-1]['retriever_hit@10'][-1]:.2f})" if valid and all(
-            "retriever_hit@10" in v for v in [valid[-1]] + ([start] if start else [])) else ""
-        name = run_dir.name if folder == "recommender_rl" else f"{run_dir.name}/{folder}"
-        lines.append(
-            f"| `{name}` | {states['rule']} ({states['kept']} of {states['of']}) | {steps} x {c['prompts']} x "
-            f"{c['group_size']} x {c['turns']} | {mean(trained, lambda r: r['target_in_candidates'][0]):.2f} | "
-            f"{mean(trained, lambda r: r['recommend']):.3f} | {mean(trained, lambda r: r['zero_variance_fraction']):.2f} | "
-            f"{halves(lambda r: r['hit@10'][-1])} | {halves(lambda r: r['retriever_hit@10'][-1])} | "
-            f"{halves(lambda r: r['reward'])} | {drawn} | "
-            + (f"{at_start(lambda v: v['hit@10'][-1])} / {valid[-1]['hit@10'][-1]:.2f}{order} | "
-               f"{at_start(lambda v: v['parse_rate'])} / {valid[-1]['parse_rate']:.2f} |" if valid else "| |"))
-        if folder == own_rl_folders(run_dir)[0]:
-            curves.append(f"`{run_dir.name}/`, " + rl_curve_table(run_dir))
+        curves.append(f"`{run_dir.name}/`, " + rl_curve_table(run_dir))  # every folder of the run directory
+        for folder in folders:
+            config = json.loads((run_dir / folder / "rl_config.json").read_text())
+            c, states = config["args"], config.get("start_states", {"rule": "all", "kept": "?", "of": "?"})
+            logged = train_log(run_dir, folder)
+            trained = [r for r in logged if r["step"] > 0]
+            half = max(len(trained) // 2, 1)
+            mean = lambda rows, key: sum(key(r) for r in rows) / len(rows)  # noqa: E731
+            halves = lambda key: " / ".join(f"{mean(p, key):.2f}" for p in (trained[:half], trained[half:]) if p)  # noqa: E731
+            # 04 writes rl_config.json at the start since 2026-11-27: a run stopped early shows how far it got
+            steps = c["steps"] if config.get("finished", True) else f"{trained[-1]['step'] if trained else 0} (of {c['steps']})"
+            valid = [r["valid"] for r in logged if "valid" in r]
+            held_out = config.get("eval_states", {"rule": "all"})  # --eval-states, since 2026-11-27
+            drawn = f"{held_out['rule']} ({valid[-1]['episodes'] if valid else 0}" + (
+                f" of {held_out['kept']})" if "kept" in held_out else ")")
+            # the SFT start is validated as step 0 unless 04 ran with --no-eval-start
+            start = next((r["valid"] for r in logged if r["step"] == 0 and "valid" in r), None)
+            at_start = lambda key: "n/a" if start is None else f"{key(start):.2f}"  # noqa: E731
+            order = f" ({at_start(lambda v: v['retriever_hit@10'][-1])} / {valid[-1]['retriever_hit@10'][-1]:.2f})" if valid and all(
+                "retriever_hit@10" in v for v in [valid[-1]] + ([start] if start else [])) else ""
+            name = run_dir.name if folder == "recommender_rl" else f"{run_dir.name}/{folder}"
+            lines.append(
+                f"| `{name}` | {states['rule']} ({states['kept']} of {states['of']}) | {steps} x {c['prompts']} x "
+                f"{c['group_size']} x {c['turns']} | {mean(trained, lambda r: r['target_in_candidates'][0]):.2f} | "
+                f"{mean(trained, lambda r: r['recommend']):.3f} | {mean(trained, lambda r: r['zero_variance_fraction']):.2f} | "
+                f"{halves(lambda r: r['hit@10'][-1])} | {halves(lambda r: r['retriever_hit@10'][-1])} | "
+                f"{halves(lambda r: r['reward'])} | {drawn} | "
+                + (f"{at_start(lambda v: v['hit@10'][-1])} / {valid[-1]['hit@10'][-1]:.2f}{order} | "
+                   f"{at_start(lambda v: v['parse_rate'])} / {valid[-1]['parse_rate']:.2f} |" if valid else "| |"))
     return "\n".join(lines) + "\n\n" + "\n\n".join(curves)
 
 
