@@ -217,6 +217,13 @@ def test_side_eval_block_copies_each_table_under_its_command(tmp_path):
         block = readme.read_text().split(f"<!-- {name}:start -->")[1].split(f"<!-- {name}:end -->")[0]
         assert "retriever+simulator 25.2 min):\n\n| system |" in block
         assert side_block(readme.read_text()) == side_block(text)
+    # rows merged from two 05 processes: both commands, the earlier first
+    results["merged_args"] = [{**args, "rows": ["sft+simulator"], "threads": 2}]
+    (run_dir / "eval" / "results.json").write_text(json.dumps(results))
+    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--side-eval", str(run_dir)])
+    assert (f"`05_eval.py --dataset inspired --run-dir {run_dir} --rows sft+simulator --limit 192 --no-exclude-seen "
+            f"--threads 2` then `05_eval.py --dataset inspired --run-dir {run_dir} --rows retriever+simulator "
+            "--limit 192 --no-exclude-seen --threads 1` (") in readme.read_text()
     del args["retriever_query"], args["recommender_turn"]  # a results.json from before the flags: what it did then
     assert tool.eval_command(args).endswith("--threads 1 --retriever-query whole-dialogue --recommender-turn list")
 

@@ -343,7 +343,8 @@ def eval_command(args: dict) -> str:
 
 
 def side_eval_block(run_dirs: list[Path]) -> str:
-    """Each run directory's eval/results.md under the 05 command that wrote it, with its seconds per row."""
+    """Each run directory's eval/results.md under the 05 commands that wrote it (one per `--merge` process,
+    earliest first), with its seconds per row."""
     parts = []
     for run_dir in run_dirs:
         path = run_dir / "eval" / "results.json"
@@ -352,7 +353,8 @@ def side_eval_block(run_dirs: list[Path]) -> str:
         results = json.loads(path.read_text())
         seconds = ", ".join(f"{name} {r['seconds'] / 60:.1f} min" for name, r in results["multi_turn"].items())
         stamp = datetime.date.fromtimestamp(path.stat().st_mtime).isoformat()
-        parts.append(f"`{eval_command(results['args'])}` ({stamp}; {seconds or 'single-shot rows only'}):\n\n"
+        commands = " then ".join(f"`{eval_command(a)}`" for a in results.get("merged_args", []) + [results["args"]])
+        parts.append(f"{commands} ({stamp}; {seconds or 'single-shot rows only'}):\n\n"
                      + (path.parent / "results.md").read_text().strip())
         parts += [f"What the feedback did to the retriever's query ({p.stem.split('_', 2)[2]}), by "
                   + p.read_text().strip() for p in sorted(path.parent.glob("feedback_effect_*.md"))]
