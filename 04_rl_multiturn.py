@@ -22,7 +22,9 @@ the policy (trainable, initialised from the SFT adapter), the reference (the fro
 for the KL term) and the simulator (frozen). One step (DESIGN section 6):
  1. Draw --prompts training samples (start states), from (seed, step) alone; with
     --start-states reachable only among those whose true target the retriever recalls in the
-    first turn's K candidates (the policy can then earn the recommend reward by ranking it).
+    first turn's K candidates (the policy can then earn the recommend reward by ranking it), with
+    rerankable only among those whose target is there but not in the retriever's own top 10 (it
+    can only earn it by re-ranking); with --train-pool N from a fixed pool of N of those.
  2. Play G = --group-size episodes from each: up to T = --turns turns of retriever (K candidates
     from the dialogue so far) -> policy (sampled at --temperature) -> simulator (greedy reply to
     the top 3). An episode ends at T or when a true target is ranked first.
@@ -64,6 +66,13 @@ import common
 from common import arg
 
 
+# --start-states / --eval-states: which samples a rule keeps, from (a target among the first turn's
+# K candidates, a target among the first 10 of them); see first_turn_recall
+START_RULES = {"all": lambda in_k, in_top10: True,
+               "reachable": lambda in_k, in_top10: in_k,
+               "rerankable": lambda in_k, in_top10: in_k and not in_top10}
+
+
 @dataclass
 class Args:
     dataset: str = arg("redial", "dataset whose run directory to use", choices=["redial", "inspired"])
@@ -102,15 +111,17 @@ class Args:
     gradient_checkpointing: bool = arg(True, "recompute activations in the backward pass (less memory, slower)")
     exclude_seen: bool = arg(True, "never rank items already mentioned in the dialogue")
     max_train_samples: int = arg(0, "draw start states from the first N training samples only (0 = all)")
-    start_states: str = arg("all", "training samples to start from: all with a target, or only those whose target is among "
-                                   "the first turn's K candidates (where the recommend reward can be earned)",
-                            choices=["all", "reachable"])
+    start_states: str = arg("all", "training samples to start from: all with a target; reachable: a target among the first "
+                                   "turn's K candidates (the recommend reward can be earned); rerankable: among the K but "
+                                   "not the retriever's own top 10 (earned only by re-ranking)",
+                            choices=list(START_RULES))
+    train_pool: int = arg(0, "draw every step's start states from a fixed seeded pool of N kept states, greedy episodes "
+                             "on the pool at each validation (the training curve of a policy that revisits them); 0 = all")
     eval_every: int = arg(0, "greedy validation episodes every N steps and at the end (0 = only at the end)")
     eval_start: bool = arg(True, "greedy validation of the SFT start before step 1 too (the curves' step 0)")
     eval_samples: int = arg(16, "validation start states (seeded draw among samples with a new target; 0 = none)")
-    eval_states: str = arg("all", "validation samples to draw from: all with a new target, or only those whose target is "
-                                  "among the first turn's K candidates (then hit@10 measures re-ranking, not recall)",
-                           choices=["all", "reachable"])
+    eval_states: str = arg("all", "validation samples to draw from, by the rules of --start-states (reachable: hit@10 "
+                                  "measures re-ranking, not recall)", choices=list(START_RULES))
     save_every: int = arg(5, "checkpoint every N steps")
     stop_after: int = arg(0, "stop with a checkpoint once this step is reached (rerun to resume); 0 = run all")
     seed: int = arg(0, "random seed")
@@ -274,13 +285,22 @@ def episode_hits(e: common.Episode, turns: int) -> list[tuple[bool, bool, bool, 
     return out
 
 
-def reachable(conversation: common.Conversation, samples: list[dict]) -> list[bool]:
-    """Whether a true target is among each sample's first-turn candidates: a first turn played
-    with the retriever's own list (no LLM), so the K candidates are recalled as in an episode
-    (from the fold net that did not train on the dialogue, 03's cross-fitting)."""
+def first_turn_recall(conversation: common.Conversation, samples: list[dict]) -> list[tuple[bool, bool]]:
+    """Whether a true target is among each sample's first-turn candidates, and among the first 10
+    of them (the retriever's own top 10): a first turn played with the retriever's own list (no
+    LLM), so the K candidates are recalled as in an episode (from the fold net that did not train
+    on the dialogue, 03's cross-fitting). -> [(in the K, in the top 10)] per sample"""
     episodes = common.start_episodes(samples)
     conversation.recommend(episodes, "retriever")
-    return [any(t in e.truth for t in e.turns[0]["candidates"]) for e in episodes]
+    return [(any(t in e.truth for t in e.turns[0]["candidates"]),
+             any(t in e.truth for t in e.turns[0]["candidates"][:10])) for e in episodes]
+
+
+def keep_states(conversation: common.Conversation, samples: list[dict], rule: str) -> list[dict]:
+    """The samples that START_RULES[rule] keeps (all of them for "all", without playing a turn)."""
+    if rule == "all":
+        return list(samples)
+    return [s for s, recall in zip(samples, first_turn_recall(conversation, samples)) if START_RULES[rule](*recall)]
 
 
 def summarize(raws: list[dict]) -> dict:
@@ -415,25 +435,29 @@ def main(argv=None) -> dict:
 
     # With --start-states reachable, only states whose target the first turn's candidates hold:
     # out of fold, most training states hold none (README, cross-fitting), and a group of those
-    # can differ in format and preference only.
-    if args.start_states == "reachable":
-        kept = reachable(conversation, train)
-        states = {"rule": "reachable", "kept": sum(kept), "of": len(train)}
-        train = [s for s, keep in zip(train, kept) if keep]
-        if len(train) < args.prompts * world:
-            raise SystemExit(f"error: only {len(train)} training states have a target among their first {args.candidates} "
-                             "candidates; use --start-states all, or more --candidates")
-    else:
-        states = {"rule": "all", "kept": len(train), "of": len(train)}
+    # can differ in format and preference only. rerankable: also not in the retriever's own top 10,
+    # so that every recommend reward is earned by re-ranking.
+    states = {"rule": args.start_states, "of": len(train)}
+    train = keep_states(conversation, train, args.start_states)
+    states["kept"] = len(train)
+    if len(train) < args.prompts * world:
+        raise SystemExit(f"error: only {len(train)} training states pass --start-states {args.start_states} with "
+                         f"{args.candidates} candidates; use --start-states all or reachable, or more --candidates")
+    # --train-pool: the same few states every step, so the policy's greedy answers on them show
+    # whether it learns what their rewards teach (on new states, see the validation)
+    pool = [train[i] for i in sorted(random.Random(args.seed).sample(range(len(train)), min(args.train_pool, len(train))))]
+    if pool:
+        train = pool
+        states["pool"] = len(pool)
     # Validation states by the same rule (--eval-states): on reachable ones the retriever's recall is
     # out of the way, and hit@10 against the retriever's own order measures the re-ranking alone.
     eval_states = {"rule": args.eval_states, "of": len(valid)}
-    if args.eval_states == "reachable" and valid:
-        valid = [s for s, keep in zip(valid, reachable(conversation, valid)) if keep]
+    valid = keep_states(conversation, valid, args.eval_states) if valid else valid
     held_out = common.draw_samples(valid, args.eval_samples, args.seed)
     eval_states.update(kept=len(valid), drawn=len(held_out))
     if main_process:
-        print(f"[04] start states: {states['kept']} of {states['of']} ({states['rule']}); validation: "
+        print(f"[04] start states: {states['kept']} of {states['of']} ({states['rule']})"
+              + (f", a pool of {len(pool)}" if pool else "") + "; validation: "
               f"{len(held_out)} drawn of {eval_states['kept']} ({args.eval_states})")
 
     # 3. Resume from out_dir/checkpoint/ when a checkpoint of the same settings is there.
@@ -443,6 +467,8 @@ def main(argv=None) -> dict:
                                                "max_train_samples", "seed", "steps", "retriever_query", "recommender_turn",
                                                "start_states")}
     same_run["world_size"] = world
+    if args.train_pool:  # only then: checkpoints written before --train-pool existed still resume
+        same_run["train_pool"] = args.train_pool
     ckpt_dir, log_path = out_dir / "checkpoint", out_dir / "train_log.jsonl"
     step, log_rows = 0, []
     if (ckpt_dir / "checkpoint.pt").exists():
@@ -463,7 +489,10 @@ def main(argv=None) -> dict:
 
     def validation(policy: dict) -> dict:
         t = time.time()
-        return {**validate(conversation, held_out, policy, items, args), "seconds_validating": round(time.time() - t, 2)}
+        out = validate(conversation, held_out, policy, items, args) if held_out else {}
+        if pool:  # the training pool's greedy episodes, logged beside the held-out ones
+            out["pool"] = validate(conversation, pool, policy, items, args)["valid"]
+        return {**out, "seconds_validating": round(time.time() - t, 2)}
 
     # The settings go to rl_config.json now, so a run stopped early (--stop-after, a kill) still says what
     # it was; the end of the run adds how long it took.
@@ -473,7 +502,8 @@ def main(argv=None) -> dict:
         common.write_json(out_dir / "rl_config.json", config)
 
     # 4. Where the curves start: the SFT adapter's greedy validation, as step 0.
-    if main_process and held_out and args.eval_start and step == 0 and not log_rows:
+    validated = bool(held_out or pool)
+    if main_process and validated and args.eval_start and step == 0 and not log_rows:
         log_row({"step": 0, **validation(reference)})
 
     # 5. The loop: rollouts with the simulator in the loop, rewards, group advantages, update.
@@ -492,7 +522,7 @@ def main(argv=None) -> dict:
         row = {"step": step + 1, **summarize(gather(raw, world)), **update,
                "seconds_generating": round(t1 - t0, 2), "seconds_training": round(t2 - t1, 2)}
         last = step + 1 == end
-        if main_process and held_out and ((args.eval_every and (step + 1) % args.eval_every == 0) or
+        if main_process and validated and ((args.eval_every and (step + 1) % args.eval_every == 0) or
                                           (last and end == args.steps)):
             row.update(validation(common.get_lora_weights(model)))
         if main_process:

@@ -359,3 +359,33 @@ def test_start_states_block_sets_all_against_reachable(tmp_path):
     (reach / "recommender_rl" / "rl_config.json").unlink()
     with pytest.raises(SystemExit, match="did not run"):
         tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--start-states-rl", str(reach)])
+
+
+def test_pool_block_takes_the_greedy_columns_from_the_training_pool(tmp_path):
+    folder = tmp_path / "rl_pool" / "recommender_rl"
+    folder.mkdir(parents=True)
+    (folder / "rl_config.json").write_text(json.dumps({
+        "args": {"steps": 2, "prompts": 1, "group_size": 8, "turns": 1, "lr": 1e-4, "w_preference": 0.5, "temperature": 1.0},
+        "start_states": {"rule": "rerankable", "kept": 78, "of": 1805, "pool": 4},
+        "eval_states": {"rule": "all", "of": 0, "kept": 0, "drawn": 0}}))
+
+    def pool(hit: float) -> dict:  # 04's greedy episodes on the pool (--train-pool), no held-out ones
+        return {"pool": {"episodes": 4, "reward": 1.0 + hit, "parse_rate": 1.0, "recommend": hit / 2, "preference": 0.0,
+                         "hit@10": [hit], "retriever_hit@10": [0.0], "target_in_candidates": [1.0]}}
+
+    rows = [{"step": 0, **pool(0.0)}] + [
+        {"step": s, "reward": 1.0, "format": 1.0, "recommend": 0.1, "preference": 0.0, "return": 1.0, "hit@10": [h],
+         "target_in_candidates": [1.0], "retriever_hit@10": [0.0], "kl": 0.0, "entropy": 1.0, "zero_variance_fraction": 0.5,
+         "seconds_generating": 60, "seconds_training": 30, **pool(h)} for s, h in ((1, 0.25), (2, 0.5))]
+    (folder / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\n#### inspired\n\nkept\n<!-- results:end -->\n<!-- rl_pool:start -->\nstale\n"
+                      "<!-- rl_pool:end -->\n<!-- bench:start -->\n<!-- bench:end -->\n<!-- lora_step:start -->\n<!-- lora_step:end -->\n")
+    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--pool-rl", str(tmp_path / "rl_pool")])
+    block = readme.read_text().split("<!-- rl_pool:start -->")[1].split("<!-- rl_pool:end -->")[0]
+    # the summary's greedy columns: the pool's greedy episodes at step 0 (the SFT adapter) and after the last step
+    assert ("| `rl_pool` | rerankable (78 of 1805; a pool of 4) | 2 x 1 x 8 x 1 | 1.00 | 0.100 | 0.50 | 0.25 / 0.50 | "
+            "0.00 / 0.00 | 1.00 / 1.00 | none; the training pool (4) | 0.00 / 0.50 (0.00 / 0.00) | 1.00 / 1.00 |") in block
+    assert "Greedy episodes (4 start states of the training pool; step 0 = the SFT adapter)" in block
+    assert "| 2 | 1.500 | 1.00 | 0.250 | 0.000 | 0.50 | 0.00 | 1.00 |" in block
+    assert "Greedy validation" not in block and "stale" not in block

@@ -30,13 +30,16 @@ Between <!-- rl_start_states:start --> and <!-- rl_start_states:end -->, with --
 04 runs from every training state against only the states whose target the first turn's candidates
 hold (--start-states), a summary row each and then their per-step curves (and their means over
 quarters of the run); the same for --reachable-rl DIR... between <!-- rl_reachable:start --> and
-<!-- rl_reachable:end --> (runs that also validate on reachable states, --eval-states).
+<!-- rl_reachable:end --> (runs that also validate on reachable states, --eval-states), and for
+--pool-rl DIR... between <!-- rl_pool:start --> and <!-- rl_pool:end --> (runs on a fixed pool of
+start states, --train-pool, whose greedy episodes on the pool are the curve).
 
     python tools/update_readme_results.py [--runs runs] [--datasets inspired] [--command "..."]
                                           [--compare-rl runs/a runs/b] [--sft-quality runs/a runs/b]
                                           [--side-eval runs/a runs/b] [--sim-quality runs/a/simulator]
                                           [--rl-eval runs/a] [--final-eval runs/a] [--candidate-targets runs/a]
                                           [--start-states-rl runs/a runs/b] [--reachable-rl runs/a]
+                                          [--pool-rl runs/a]
 """
 import argparse
 import datetime
@@ -138,17 +141,20 @@ def rl_curve_table(run_dir: Path, chunks: int = 4) -> str:
                              f"{mean(lambda r: r['format']):.2f} | {mean(lambda r: r['recommend']):.3f} | "
                              f"{mean(lambda r: r['hit@10'][-1]):.2f} | {mean(lambda r: r['retriever_hit@10'][-1]):.2f} | "
                              f"{mean(lambda r: r['target_in_candidates'][-1]):.2f} |")
-        validated = [r for r in logged if "valid" in r]
-        if validated:
-            order = all("retriever_hit@10" in r["valid"] for r in validated)  # logged since 2026-11-26
-            lines += [f"\nGreedy validation ({validated[-1]['valid']['episodes']} held-out start states; step 0 = "
-                      "the SFT adapter):\n",
+        # greedy episodes: held-out states ("valid"), and the training pool itself ("pool", --train-pool)
+        for key, what in (("valid", "held-out start states"), ("pool", "start states of the training pool")):
+            validated = [r for r in logged if key in r]
+            if not validated:
+                continue
+            order = all("retriever_hit@10" in r[key] for r in validated)  # logged since 2026-11-26
+            lines += [f"\nGreedy {'validation' if key == 'valid' else 'episodes'} ({validated[-1][key]['episodes']} "
+                      f"{what}; step 0 = the SFT adapter):\n",
                       "| after step | reward | parse rate | recommend | preference | hit@10 by turn |"
                       + (" retriever's own top 10 by turn | target among the K by turn |" if order else ""),
                       "|" + "---|" * (6 + 2 * order)]
-            lines += [f"| {r['step']} | {r['valid']['reward']:.3f} | {r['valid']['parse_rate']:.2f} | "
-                      f"{r['valid']['recommend']:.3f} | {r['valid']['preference']:.3f} | {by_turn(r['valid']['hit@10'])} |"
-                      + (f" {by_turn(r['valid']['retriever_hit@10'])} | {by_turn(r['valid']['target_in_candidates'])} |"
+            lines += [f"| {r['step']} | {r[key]['reward']:.3f} | {r[key]['parse_rate']:.2f} | "
+                      f"{r[key]['recommend']:.3f} | {r[key]['preference']:.3f} | {by_turn(r[key]['hit@10'])} |"
+                      + (f" {by_turn(r[key]['retriever_hit@10'])} | {by_turn(r[key]['target_in_candidates'])} |"
                          if order else "") for r in validated]
         parts.append(head + "\n\n" + "\n".join(lines))
     return "\n\n".join(parts)
@@ -213,18 +219,23 @@ def start_states_block(run_dirs: list[Path]) -> str:
             halves = lambda key: " / ".join(f"{mean(p, key):.2f}" for p in (trained[:half], trained[half:]) if p)  # noqa: E731
             # 04 writes rl_config.json at the start since 2026-11-27: a run stopped early shows how far it got
             steps = c["steps"] if config.get("finished", True) else f"{trained[-1]['step'] if trained else 0} (of {c['steps']})"
-            valid = [r["valid"] for r in logged if "valid" in r]
+            # the greedy columns: held-out states, or the training pool's own when none were drawn (--train-pool)
+            key = "valid" if any("valid" in r for r in logged) or not any("pool" in r for r in logged) else "pool"
+            valid = [r[key] for r in logged if key in r]
             held_out = config.get("eval_states", {"rule": "all"})  # --eval-states, since 2026-11-27
             drawn = f"{held_out['rule']} ({valid[-1]['episodes'] if valid else 0}" + (
                 f" of {held_out['kept']})" if "kept" in held_out else ")")
+            if key == "pool":
+                drawn = f"none; the training pool ({valid[-1]['episodes']})"
             # the SFT start is validated as step 0 unless 04 ran with --no-eval-start
-            start = next((r["valid"] for r in logged if r["step"] == 0 and "valid" in r), None)
+            start = next((r[key] for r in logged if r["step"] == 0 and key in r), None)
             at_start = lambda key: "n/a" if start is None else f"{key(start):.2f}"  # noqa: E731
             order = f" ({at_start(lambda v: v['retriever_hit@10'][-1])} / {valid[-1]['retriever_hit@10'][-1]:.2f})" if valid and all(
                 "retriever_hit@10" in v for v in [valid[-1]] + ([start] if start else [])) else ""
             name = run_dir.name if folder == "recommender_rl" else f"{run_dir.name}/{folder}"
             lines.append(
-                f"| `{name}` | {states['rule']} ({states['kept']} of {states['of']}) | {steps} x {c['prompts']} x "
+                f"| `{name}` | {states['rule']} ({states['kept']} of {states['of']}"
+                + (f"; a pool of {states['pool']}" if states.get("pool") else "") + f") | {steps} x {c['prompts']} x "
                 f"{c['group_size']} x {c['turns']} | {mean(trained, lambda r: r['target_in_candidates'][0]):.2f} | "
                 f"{mean(trained, lambda r: r['recommend']):.3f} | {mean(trained, lambda r: r['zero_variance_fraction']):.2f} | "
                 f"{halves(lambda r: r['hit@10'][-1])} | {halves(lambda r: r['retriever_hit@10'][-1])} | "
@@ -511,6 +522,9 @@ def main(argv=None) -> None:
     parser.add_argument("--reachable-rl", nargs="*", default=None,
                         help="run directories whose recommender_rl/ (04 with --start-states and --eval-states reachable) "
                              "to list, with their curves, in the rl_reachable block")
+    parser.add_argument("--pool-rl", nargs="*", default=None,
+                        help="run directories whose recommender_rl/ (04 with --train-pool) to list, with their curves "
+                             "and the pool's greedy episodes, in the rl_pool block")
     args = parser.parse_args(argv)
     # only runs/<dataset>/: a side run directory (e.g. runs/inspired_sft100) must not replace its dataset's block
     found = [p for p in sorted(Path(args.runs).glob("*/eval/results.json"))
@@ -563,6 +577,8 @@ def main(argv=None) -> None:
         text = replace_between(text, "rl_start_states", start_states_block([Path(d) for d in args.start_states_rl]))
     if args.reachable_rl:
         text = replace_between(text, "rl_reachable", start_states_block([Path(d) for d in args.reachable_rl]))
+    if args.pool_rl:
+        text = replace_between(text, "rl_pool", start_states_block([Path(d) for d in args.pool_rl]))
     readme.write_text(text)
     print(f"updated {readme}: results of {sorted(new)} (kept {sorted(set(blocks) - set(new))})"
           + (", benchmark table" if bench_table else "") + (", LoRA step table" if lora_table else ""))
