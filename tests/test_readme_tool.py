@@ -389,3 +389,8 @@ def test_pool_block_takes_the_greedy_columns_from_the_training_pool(tmp_path):
     assert "Greedy episodes (4 start states of the training pool; step 0 = the SFT adapter)" in block
     assert "| 2 | 1.500 | 1.00 | 0.250 | 0.000 | 0.50 | 0.00 | 1.00 |" in block
     assert "Greedy validation" not in block and "stale" not in block
+    assert "(1 prompt x G 8 x T 1 per step, lr 0.0001, w_pref 0.5); training" in block  # w_fmt shown only when not 1
+    config = json.loads((folder / "rl_config.json").read_text())
+    (folder / "rl_config.json").write_text(json.dumps({**config, "args": {**config["args"], "w_format": 0.0}}))
+    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--pool-rl", str(tmp_path / "rl_pool")])
+    assert "(1 prompt x G 8 x T 1 per step, lr 0.0001, w_pref 0.5, w_fmt 0.0); training" in readme.read_text()

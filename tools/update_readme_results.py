@@ -113,7 +113,8 @@ def rl_curve_table(run_dir: Path, chunks: int = 4) -> str:
         config = json.loads((run_dir / folder / "rl_config.json").read_text())["args"] if (
             run_dir / folder / "rl_config.json").exists() else {}
         head = (f"`{folder}/` ({config.get('prompts', '?')} prompt x G {config.get('group_size', '?')} x "
-                f"T {config.get('turns', '?')} per step, lr {config.get('lr', '?')}, w_pref {config.get('w_preference', '?')}); "
+                f"T {config.get('turns', '?')} per step, lr {config.get('lr', '?')}, w_pref {config.get('w_preference', '?')}"
+                + (f", w_fmt {config['w_format']}" if config.get("w_format", 1.0) != 1.0 else "") + "); "
                 f"training episodes (sampled at temperature {config.get('temperature', '?')}):")
         recall = all("retriever_hit@10" in r for r in rows)  # logged since 2026-11-26
         lines = ["| step | reward | format | recommend | preference | return | hit@10 by turn | "
