@@ -293,7 +293,7 @@ def first_turn_recall(conversation: common.Conversation, samples: list[dict]) ->
     episodes = common.start_episodes(samples)
     conversation.recommend(episodes, "retriever")
     return [(any(t in e.truth for t in e.turns[0]["candidates"]),
-             any(t in e.truth for t in e.turns[0]["candidates"][:10])) for e in episodes]
+             any(t in e.truth for t in e.turns[0]["candidates"][:common.REC_TOP_N])) for e in episodes]
 
 
 def keep_states(conversation: common.Conversation, samples: list[dict], rule: str) -> list[dict]:
@@ -445,8 +445,9 @@ def main(argv=None) -> dict:
                          f"{args.candidates} candidates; use --start-states all or reachable, or more --candidates")
     # --train-pool: the same few states every step, so the policy's greedy answers on them show
     # whether it learns what their rewards teach (on new states, see the validation)
-    pool = [train[i] for i in sorted(random.Random(args.seed).sample(range(len(train)), min(args.train_pool, len(train))))]
-    if pool:
+    pool = []
+    if args.train_pool:
+        pool = [train[i] for i in sorted(random.Random(args.seed).sample(range(len(train)), min(args.train_pool, len(train))))]
         train = pool
         states["pool"] = len(pool)
     # Validation states by the same rule (--eval-states): on reachable ones the retriever's recall is

@@ -221,15 +221,15 @@ def start_states_block(run_dirs: list[Path]) -> str:
             # 04 writes rl_config.json at the start since 2026-11-27: a run stopped early shows how far it got
             steps = c["steps"] if config.get("finished", True) else f"{trained[-1]['step'] if trained else 0} (of {c['steps']})"
             # the greedy columns: held-out states, or the training pool's own when none were drawn (--train-pool)
-            key = "valid" if any("valid" in r for r in logged) or not any("pool" in r for r in logged) else "pool"
-            valid = [r[key] for r in logged if key in r]
+            greedy = "valid" if any("valid" in r for r in logged) or not any("pool" in r for r in logged) else "pool"
+            valid = [r[greedy] for r in logged if greedy in r]
             held_out = config.get("eval_states", {"rule": "all"})  # --eval-states, since 2026-11-27
             drawn = f"{held_out['rule']} ({valid[-1]['episodes'] if valid else 0}" + (
                 f" of {held_out['kept']})" if "kept" in held_out else ")")
-            if key == "pool":
+            if greedy == "pool":
                 drawn = f"none; the training pool ({valid[-1]['episodes']})"
             # the SFT start is validated as step 0 unless 04 ran with --no-eval-start
-            start = next((r[key] for r in logged if r["step"] == 0 and key in r), None)
+            start = next((r[greedy] for r in logged if r["step"] == 0 and greedy in r), None)
             at_start = lambda key: "n/a" if start is None else f"{key(start):.2f}"  # noqa: E731
             order = f" ({at_start(lambda v: v['retriever_hit@10'][-1])} / {valid[-1]['retriever_hit@10'][-1]:.2f})" if valid and all(
                 "retriever_hit@10" in v for v in [valid[-1]] + ([start] if start else [])) else ""
