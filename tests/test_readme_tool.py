@@ -356,6 +356,12 @@ def test_start_states_block_sets_all_against_reachable(tmp_path):
             "0.25 / 0.25 | 0.12 / 0.12 | 1.25 / 1.25 | reachable (16 of 40) | n/a / 0.25 (n/a / 0.20) | n/a / 0.50 |") in block
     assert "| `rl_final` |" not in block and block.count("`recommender_rl/` (") == 1  # rl_long's curves only
     assert "`rl_final/`, `recommender_rl_no_preference/` (1 prompt x G 4" in block
+    # a run without greedy episodes (--eval-samples 0, no pool): its greedy columns say so
+    log_path = reach / "recommender_rl" / "train_log.jsonl"
+    log_path.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "valid"}) + "\n"
+                                for line in log_path.read_text().splitlines()[1:]))
+    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--start-states-rl", str(reach)])
+    assert "| 1.50 / 1.75 | none | n/a | n/a |" in readme.read_text()
     (reach / "recommender_rl" / "rl_config.json").unlink()
     with pytest.raises(SystemExit, match="did not run"):
         tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--start-states-rl", str(reach)])

@@ -228,6 +228,8 @@ def start_states_block(run_dirs: list[Path]) -> str:
                 f" of {held_out['kept']})" if "kept" in held_out else ")")
             if greedy == "pool":
                 drawn = f"none; the training pool ({valid[-1]['episodes']})"
+            elif not valid:  # --eval-samples 0: no greedy episodes at all
+                drawn = "none"
             # the SFT start is validated as step 0 unless 04 ran with --no-eval-start
             start = next((r[greedy] for r in logged if r["step"] == 0 and greedy in r), None)
             at_start = lambda key: "n/a" if start is None else f"{key(start):.2f}"  # noqa: E731
@@ -242,7 +244,7 @@ def start_states_block(run_dirs: list[Path]) -> str:
                 f"{halves(lambda r: r['hit@10'][-1])} | {halves(lambda r: r['retriever_hit@10'][-1])} | "
                 f"{halves(lambda r: r['reward'])} | {drawn} | "
                 + (f"{at_start(lambda v: v['hit@10'][-1])} / {valid[-1]['hit@10'][-1]:.2f}{order} | "
-                   f"{at_start(lambda v: v['parse_rate'])} / {valid[-1]['parse_rate']:.2f} |" if valid else "| |"))
+                   f"{at_start(lambda v: v['parse_rate'])} / {valid[-1]['parse_rate']:.2f} |" if valid else "n/a | n/a |"))
     return "\n".join(lines) + "\n\n" + "\n\n".join(curves)
 
 
