@@ -86,3 +86,16 @@ def test_a_list_that_does_not_start_with_its_ranking_lines_first_is_counted_when
     tool.main(["--run-dir", str(run)])
     out = capsys.readouterr().out
     assert "- sft: #12 in 3 of 3 answers; the list starts with another candidate in 2, 1 of them invalid" in out
+
+
+def test_conversations_whose_candidates_hold_a_target_are_counted_by_turn(tmp_path, capsys):
+    run, titles = twelve_film_run(tmp_path)
+    # turn 1 recalls only films 0-9, turn 2 all 12: a target (film 11) becomes reachable at turn 2
+    turns = [{"candidates": titles[:10], "answer": answer(titles[:10])}, {"candidates": titles, "answer": answer(titles[:10])}]
+    convs = [{"dialog_id": "d1", "truth": [titles[11]], "turns": turns},
+             {"dialog_id": "d2", "truth": [titles[0]], "turns": turns},
+             {"dialog_id": "d3", "truth": ["Not In The Catalogue (1950)"], "turns": turns}]
+    (run / "eval" / "conversations_sft.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convs))
+    tool.main(["--run-dir", str(run)])
+    out = capsys.readouterr().out
+    assert out.endswith("(the ceiling of R@K):\n- sft: 1, 2 of 3\n")

@@ -13,6 +13,8 @@ exactly the candidates their own Ranking line gives, in its order, and answers w
 the Ranking line's first candidate; each row's note gives the Ranking line's most common first number
 (the SFT targets put a true target first, which the prompt does not show: a model that guesses one
 number there must then write that candidate's title first, the lookup that fails most).
+Last, per row, how many conversations hold a true target among the turn's K candidates, by turn: no
+re-ranking can find a target the retriever did not recall, so this is the ceiling of the row's hits.
 
     python tools/parse_failures.py --run-dir runs/inspired [--examples 3]
 """
@@ -54,12 +56,14 @@ def chain_kinds(numbers: list[int], parsed: dict, candidates: list[int], n: int 
 
 
 def count_file(path: Path, titles: common.TitleIndex, id_of: dict[str, int], examples: int,
-               budget: int | None) -> tuple[Counter, int, list, Counter]:
+               budget: int | None) -> tuple[Counter, int, list, Counter, Counter]:
     """Counts of common.PARSE_KINDS and CHAIN (and OUT_OF_TOKENS; "unmeasured" for unclosed answers of
-    unknown length), LLM turns, failed answers described, and the Ranking lines' first numbers."""
-    counts, turns, shown, first_numbers = Counter(), 0, [], Counter()
+    unknown length), LLM turns, failed answers described, the Ranking lines' first numbers, and per
+    turn index (0-based) the conversations whose candidates hold a true target."""
+    counts, turns, shown, first_numbers, reachable = Counter(), 0, [], Counter(), Counter()
     for line_no, conv in common.numbered_jsonl(path):
-        for turn in conv["turns"]:
+        for t, turn in enumerate(conv["turns"]):
+            reachable[t] += any(title in turn["candidates"] for title in conv.get("truth", []))
             if not turn["answer"]:  # a row without an LLM recommender (the retriever's list)
                 continue
             try:
@@ -84,7 +88,7 @@ def count_file(path: Path, titles: common.TitleIndex, id_of: dict[str, int], exa
                 bad = [e for e, i in zip(parsed["entries"], parsed["ids"]) if i is None]
                 shown.append(f"{conv['dialog_id']}: {', '.join(kinds)}; {len(parsed['entries'])} entries"
                              + (f"; unmatched {bad[:3]}" if bad else ""))
-    return counts, turns, shown, first_numbers
+    return counts, turns, shown, first_numbers, reachable
 
 
 def main(argv=None) -> None:
@@ -104,10 +108,12 @@ def main(argv=None) -> None:
     columns = common.PARSE_KINDS + CHAIN
     print("| row | turns | " + " | ".join(columns) + f" | {OUT_OF_TOKENS}{f' ({budget} tokens)' if budget else ''} |"
           "\n|---|---|" + "---|" * (len(columns) + 1))
-    notes, firsts = [], []
+    notes, firsts, ceilings = [], [], []
     for path in files:
-        counts, turns, shown, first_numbers = count_file(path, titles, id_of, args.examples, budget)
+        counts, turns, shown, first_numbers, reachable = count_file(path, titles, id_of, args.examples, budget)
         row = path.stem[len("conversations_"):]
+        conversations = len(common.numbered_jsonl(path))
+        ceilings.append(f"- {row}: {', '.join(str(reachable[t]) for t in sorted(reachable))} of {conversations}")
         if not turns:
             continue
         out_of_tokens = "n/a" if counts["unmeasured"] else f"{counts[OUT_OF_TOKENS]} of {counts['no closed <answer>']}"
@@ -122,6 +128,7 @@ def main(argv=None) -> None:
         print("\nThe Ranking line's most common first number:\n" + "\n".join(firsts))
     if notes:
         print("\nFailed answers (first of each row):\n" + "\n".join(notes))
+    print("\nConversations whose K candidates hold a true target, by turn (the ceiling of R@K):\n" + "\n".join(ceilings))
 
 
 if __name__ == "__main__":
