@@ -58,10 +58,11 @@ def chain_kinds(numbers: list[int], parsed: dict, candidates: list[int], n: int 
 def count_file(path: Path, titles: common.TitleIndex, id_of: dict[str, int], examples: int,
                budget: int | None) -> tuple[Counter, int, list, Counter, Counter]:
     """Counts of common.PARSE_KINDS and CHAIN (and OUT_OF_TOKENS; "unmeasured" for unclosed answers of
-    unknown length), LLM turns, failed answers described, the Ranking lines' first numbers, and per
-    turn index (0-based) the conversations whose candidates hold a true target."""
+    unknown length; "conversations", the file's lines), LLM turns, failed answers described, the Ranking
+    lines' first numbers, and per turn index (0-based) the conversations whose candidates hold a true target."""
     counts, turns, shown, first_numbers, reachable = Counter(), 0, [], Counter(), Counter()
     for line_no, conv in common.numbered_jsonl(path):
+        counts["conversations"] += 1
         for t, turn in enumerate(conv["turns"]):
             reachable[t] += any(title in turn["candidates"] for title in conv.get("truth", []))
             if not turn["answer"]:  # a row without an LLM recommender (the retriever's list)
@@ -112,8 +113,7 @@ def main(argv=None) -> None:
     for path in files:
         counts, turns, shown, first_numbers, reachable = count_file(path, titles, id_of, args.examples, budget)
         row = path.stem[len("conversations_"):]
-        conversations = len(common.numbered_jsonl(path))
-        ceilings.append(f"- {row}: {', '.join(str(reachable[t]) for t in sorted(reachable))} of {conversations}")
+        ceilings.append(f"- {row}: {', '.join(str(reachable[t]) for t in sorted(reachable))} of {counts['conversations']}")
         if not turns:
             continue
         out_of_tokens = "n/a" if counts["unmeasured"] else f"{counts[OUT_OF_TOKENS]} of {counts['no closed <answer>']}"
