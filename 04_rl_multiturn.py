@@ -66,13 +66,6 @@ import common
 from common import arg
 
 
-# --start-states / --eval-states: which samples a rule keeps, from (a target among the first turn's
-# K candidates, a target among the first 10 of them); see first_turn_recall
-START_RULES = {"all": lambda in_k, in_top10: True,
-               "reachable": lambda in_k, in_top10: in_k,
-               "rerankable": lambda in_k, in_top10: in_k and not in_top10}
-
-
 @dataclass
 class Args:
     dataset: str = arg("redial", "dataset whose run directory to use", choices=["redial", "inspired"])
@@ -114,14 +107,14 @@ class Args:
     start_states: str = arg("all", "training samples to start from: all with a target; reachable: a target among the first "
                                    "turn's K candidates (the recommend reward can be earned); rerankable: among the K but "
                                    "not the retriever's own top 10 (earned only by re-ranking)",
-                            choices=list(START_RULES))
+                            choices=list(common.STATE_RULES))
     train_pool: int = arg(0, "draw every step's start states from a fixed seeded pool of N kept states, greedy episodes "
                              "on the pool at each validation (the training curve of a policy that revisits them); 0 = all")
     eval_every: int = arg(0, "greedy validation episodes every N steps and at the end (0 = only at the end)")
     eval_start: bool = arg(True, "greedy validation of the SFT start before step 1 too (the curves' step 0)")
     eval_samples: int = arg(16, "validation start states (seeded draw among samples with a new target; 0 = none)")
     eval_states: str = arg("all", "validation samples to draw from, by the rules of --start-states (reachable: hit@10 "
-                                  "measures re-ranking, not recall)", choices=list(START_RULES))
+                                  "measures re-ranking, not recall)", choices=list(common.STATE_RULES))
     save_every: int = arg(5, "checkpoint every N steps")
     stop_after: int = arg(0, "stop with a checkpoint once this step is reached (rerun to resume); 0 = run all")
     seed: int = arg(0, "random seed")
@@ -285,24 +278,6 @@ def episode_hits(e: common.Episode, turns: int) -> list[tuple[bool, bool, bool, 
     return out
 
 
-def first_turn_recall(conversation: common.Conversation, samples: list[dict]) -> list[tuple[bool, bool]]:
-    """Whether a true target is among each sample's first-turn candidates, and among the first 10
-    of them (the retriever's own top 10): a first turn played with the retriever's own list (no
-    LLM), so the K candidates are recalled as in an episode (from the fold net that did not train
-    on the dialogue, 03's cross-fitting). -> [(in the K, in the top 10)] per sample"""
-    episodes = common.start_episodes(samples)
-    conversation.recommend(episodes, "retriever")
-    return [(any(t in e.truth for t in e.turns[0]["candidates"]),
-             any(t in e.truth for t in e.turns[0]["candidates"][:common.REC_TOP_N])) for e in episodes]
-
-
-def keep_states(conversation: common.Conversation, samples: list[dict], rule: str) -> list[dict]:
-    """The samples that START_RULES[rule] keeps (all of them for "all", without playing a turn)."""
-    if rule == "all":
-        return list(samples)
-    return [s for s, recall in zip(samples, first_turn_recall(conversation, samples)) if START_RULES[rule](*recall)]
-
-
 def summarize(raws: list[dict]) -> dict:
     """Step statistics from the raw statistics of every process: mean reward and each term per
     turn played, mean return R_1 per episode, hit@1, hit@10, target_in_candidates (the
@@ -438,7 +413,7 @@ def main(argv=None) -> dict:
     # can differ in format and preference only. rerankable: also not in the retriever's own top 10,
     # so that every recommend reward is earned by re-ranking.
     states = {"rule": args.start_states, "of": len(train)}
-    train = keep_states(conversation, train, args.start_states)
+    train = common.keep_states(conversation, train, args.start_states)
     states["kept"] = len(train)
     if len(train) < args.prompts * world:
         raise SystemExit(f"error: only {len(train)} training states pass --start-states {args.start_states} with "
@@ -453,7 +428,7 @@ def main(argv=None) -> dict:
     # Validation states by the same rule (--eval-states): on reachable ones the retriever's recall is
     # out of the way, and hit@10 against the retriever's own order measures the re-ranking alone.
     eval_states = {"rule": args.eval_states, "of": len(valid)}
-    valid = keep_states(conversation, valid, args.eval_states) if valid else valid
+    valid = common.keep_states(conversation, valid, args.eval_states) if valid else valid
     held_out = common.draw_samples(valid, args.eval_samples, args.seed)
     eval_states.update(kept=len(valid), drawn=len(held_out))
     if main_process:

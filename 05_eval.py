@@ -26,7 +26,10 @@ Single-shot rows, on the whole split:
   retriever-semantic  the retriever with its semantic view only (ablation)
   retriever-collab    the retriever with its collaborative view only (ablation)
   retriever-fused     the dual-view retriever (cross-attention fusion): what the recommender re-ranks
-Multi-turn rows, on --limit samples drawn (seeded) among those with a new target; T = --turns:
+Multi-turn rows, on --limit samples drawn (seeded) among those with a new target; T = --turns.
+With --test-states reachable the draw is among those whose first-turn K candidates hold a true
+target (the retriever's own first turn, no LLM): a table of conditional figures, where a row can
+gain by ranking and feedback alone, since the retriever's misses are left out for every row alike.
   retriever+simulator          the retriever's top 10 each turn; the simulator's feedback re-queries it
   base-zero-shot               the untuned LLM re-ranks the candidates, one turn
   sft-single-turn              the SFT recommender, one turn (= turn 1 of the next row)
@@ -77,6 +80,9 @@ class Args:
     split: str = arg("test", "split to evaluate", choices=["valid", "test"])
     rows: list = arg([], f"systems to evaluate, among {ALL_ROWS} (default: every row whose inputs exist)")
     limit: int = arg(100, "multi-turn rows: samples (seeded draw among those with a new target); 0 = all")
+    test_states: str = arg("all", "multi-turn rows: test samples to draw from; reachable: a target among the retriever's "
+                                  "first-turn K candidates (the rows then compare re-ranking and feedback, not recall; "
+                                  "rerankable: also not in its top 10)", choices=list(common.STATE_RULES))
     turns: int = arg(5, "multi-turn rows: turns T per conversation")
     candidates: int = arg(20, "candidates K the retriever recalls each turn")
     show_top: int = arg(3, "movies of the list the simulator is shown (and answers)")
@@ -242,10 +248,27 @@ def markdown_tables(results: dict) -> str:
         mt = results["multi_turn_meta"]
         out.append(f"{results['dataset']} {results['split']}, multi-turn (T = {T}, K = {mt['candidates']} candidates): "
                    f"{mt['samples']} samples with a new target ({mt['labels']} labels), "
+                   + test_states_phrase(mt.get("test_states"))
                    + ("all of them; " if not results["limit"] else f"a seeded draw of --limit {results['limit']}; ")
-                   + 
-                   "single-turn rows repeat turn 1 in the turn-T columns\n\n" + "\n".join(lines))
+                   + "single-turn rows repeat turn 1 in the turn-T columns\n\n" + "\n".join(lines))
     return "\n\n".join(out) + "\n"
+
+
+def test_states_phrase(states: dict | None) -> str:
+    """How the multi-turn draw was restricted (--test-states), for the table's heading; '' for all."""
+    if not states or states["rule"] == "all":
+        return ""
+    return (f"among the {states['kept']} of {states['of']} whose first-turn candidates hold a target "
+            f"(--test-states {states['rule']}"
+            + (", and not in the retriever's own top 10" if states["rule"] == "rerankable" else "") + "): ")
+
+
+def test_subset(conversation: common.Conversation | None, samples: list[dict], args: Args) -> tuple[list[dict], dict]:
+    """The multi-turn draw: --limit samples with a new target, seeded, among those --test-states
+    keeps (the rule needs the retriever's first turn, so `conversation`). -> (subset, {rule, kept, of})"""
+    pool = [s for s in samples if s["new_targets"]]
+    kept = common.keep_states(conversation, pool, args.test_states)
+    return common.draw_samples(kept, args.limit, args.seed), {"rule": args.test_states, "kept": len(kept), "of": len(pool)}
 
 
 def plot_recall_by_turn(results: dict, path) -> None:
@@ -273,7 +296,7 @@ def plot_recall_by_turn(results: dict, path) -> None:
 
 
 # the settings two evaluations must share for their rows to sit in one table
-MERGE_KEYS = ("split", "limit", "turns", "candidates", "seed", "exclude_seen", "max_new_tokens", "constrain_answer",
+MERGE_KEYS = ("split", "limit", "test_states", "turns", "candidates", "seed", "exclude_seen", "max_new_tokens", "constrain_answer",
               "no_repeat_ngram", "retriever_query", "recommender_turn")
 # what a results.json written before a flag existed ran with, where that is not the flag's default
 BEFORE_FLAG = {"retriever_query": "whole-dialogue", "recommender_turn": "list"}
@@ -285,7 +308,7 @@ def compare_with_reference(multi_turn: dict, subset: list[dict], args: Args) -> 
     Needs both rows' "lists" (05 writes them since 2026-11-27). A row of an older file keeps the
     comparison it had, unless this process played REFERENCE_ROW again (args.rows): then it has none.
     subset: the --limit draw both rows played, in their order (the same draw: merge_earlier checked
-    that split, limit and seed agree)."""
+    that split, limit, test_states and seed agree)."""
     reference = multi_turn.get(REFERENCE_ROW, {}).get("lists")
     for name, row in multi_turn.items():
         if name in (REFERENCE_ROW, "sft-single-turn"):
@@ -360,10 +383,17 @@ def main(argv=None) -> dict:
 
     # 2. Multi-turn conversations with the simulator on a seeded subset.
     multi = [r for r in args.rows if r in MULTI_TURN_ROWS]
+    subset = None
     if multi:
-        subset = common.draw_samples(samples, args.limit, args.seed)
         folders = sorted({f for r in multi for f in MULTI_TURN_ROWS[r] if f not in ("retriever", "base")})
         conversation, weights = common.load_conversation(run, folders, items, args)
+        subset, test_states = test_subset(conversation, samples, args)
+        if args.test_states != "all":
+            print(f"[05] test states: {test_states['kept']} of {test_states['of']} ({args.test_states}), "
+                  f"{len(subset)} drawn")
+        if not subset:
+            raise SystemExit(f"error: no {args.split} sample passes --test-states {args.test_states} with "
+                             f"{args.candidates} candidates; use --test-states all, or more --candidates")
         # each (recommender, simulator) pair is played once; sft-single-turn reads turn 1 of sft+simulator
         pairs = {}
         for row in multi:
@@ -393,12 +423,14 @@ def main(argv=None) -> dict:
                   f"turn {args.turns} {r['turns'][-1]['new']['recall@10']:.3f} ({r['seconds']} s)")
         first = next(iter(results["multi_turn"].values()))
         results["multi_turn_meta"] = {"samples": len(subset), "labels": first["turns"][0]["labels"]["new"],
-                                      "candidates": args.candidates}
+                                      "candidates": args.candidates, "test_states": test_states}
 
     if args.merge and (out / "results.json").exists():
         results = merge_earlier(results, out / "results.json")
     # RL, the ablation, the retriever: better than the SFT recommender on the same conversations' samples?
-    compare_with_reference(results["multi_turn"], common.draw_samples(samples, args.limit, args.seed), args)
+    # (a process without multi-turn rows keeps the comparisons its merged rows were written with)
+    if subset is not None:
+        compare_with_reference(results["multi_turn"], subset, args)
     common.write_json(out / "results.json", results)
     table = markdown_tables(results)
     common.atomic_write_bytes(out / "results.md", table.encode())

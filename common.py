@@ -2289,6 +2289,32 @@ class Conversation:
         return list(episodes)
 
 
+# Which samples an RL run starts from (04 --start-states, --eval-states) and which test samples 05
+# draws (--test-states), from (a target among the first turn's K candidates, a target among the
+# first 10 of them); see first_turn_recall
+STATE_RULES = {"all": lambda in_k, in_top10: True,
+               "reachable": lambda in_k, in_top10: in_k,
+               "rerankable": lambda in_k, in_top10: in_k and not in_top10}
+
+
+def first_turn_recall(conversation: Conversation, samples: list[dict]) -> list[tuple[bool, bool]]:
+    """Whether a true target is among each sample's first-turn candidates, and among the first 10
+    of them (the retriever's own top 10): a first turn played with the retriever's own list (no
+    LLM), so the K candidates are recalled as in an episode (from the fold net that did not train
+    on the dialogue, 03's cross-fitting). -> [(in the K, in the top 10)] per sample"""
+    episodes = start_episodes(samples)
+    conversation.recommend(episodes, "retriever")
+    return [(any(t in e.truth for t in e.turns[0]["candidates"]),
+             any(t in e.truth for t in e.turns[0]["candidates"][:REC_TOP_N])) for e in episodes]
+
+
+def keep_states(conversation: Conversation, samples: list[dict], rule: str) -> list[dict]:
+    """The samples that STATE_RULES[rule] keeps (all of them for "all", without playing a turn)."""
+    if rule == "all":
+        return list(samples)
+    return [s for s, recall in zip(samples, first_turn_recall(conversation, samples)) if STATE_RULES[rule](*recall)]
+
+
 def load_conversation(run: RunPaths, folders: Sequence[str], items: Sequence[dict], args) -> tuple["Conversation", dict]:
     """One base LLM carrying the adapters of `folders` (e.g. recommender_sft, simulator) as
     swappable weights, the fused retriever, and the Conversation that plays them (04 and 05).

@@ -247,6 +247,21 @@ def test_eval_smtpo_rows(inspired_tiny_adapters, tmp_path, make_run, monkeypatch
     assert "sft+simulator-feedback-only" not in results["multi_turn"]
     assert results["multi_turn"]["smtpo"]["recommender"] == "recommender_rl"
 
+    # --test-states reachable: only conversations whose first-turn candidates hold a true target
+    eval_args = ["--dataset", "inspired", "--run-dir", str(run_dir), "--limit", "3", "--turns", "2", "--candidates",
+                 "200", "--max-new-tokens", "8", "--sim-max-new-tokens", "4", "--bootstrap", "20", "--threads", "1"]
+    reachable = evaluate.main(eval_args + ["--rows", "sft+simulator", "smtpo", "--test-states", "reachable"])
+    states = reachable["multi_turn_meta"]["test_states"]
+    assert states["rule"] == "reachable" and 3 <= states["kept"] < states["of"]
+    assert reachable["multi_turn_meta"]["samples"] == 3 and "vs_reference" in reachable["multi_turn"]["smtpo"]
+    conversations = common.read_jsonl(run_dir / "eval" / "conversations_smtpo.jsonl")
+    assert len(conversations) == 3
+    assert all(set(c["truth"]) & set(c["turns"][0]["candidates"]) for c in conversations)
+    assert f"among the {states['kept']} of {states['of']} whose first-turn candidates hold a target" in \
+        (run_dir / "eval" / "results.md").read_text()
+    with pytest.raises(SystemExit, match="test_states"):  # rows of another draw never share a table
+        evaluate.main(eval_args + ["--rows", "sft+simulator", "--merge"])
+
 
 def test_reachable_start_states_are_those_whose_first_turn_candidates_hold_a_target(rollout):
     conversation, samples = rollout.conversation, [s for s in common.load_samples(
@@ -254,8 +269,8 @@ def test_reachable_start_states_are_those_whose_first_turn_candidates_hold_a_tar
     k = conversation.k
     try:
         conversation.k = 200  # the tiny retriever recalls few targets in 20 of ~1.7k items: both kinds are needed
-        recall = rl.first_turn_recall(conversation, samples)
-        reachable, rerankable = (rl.keep_states(conversation, samples, rule) for rule in ("reachable", "rerankable"))
+        recall = common.first_turn_recall(conversation, samples)
+        reachable, rerankable = (common.keep_states(conversation, samples, rule) for rule in ("reachable", "rerankable"))
         # what an episode's first turn really holds (the retriever's own list, no LLM)
         episodes = conversation.play(common.start_episodes(samples), 1, "retriever")
     finally:
