@@ -201,6 +201,11 @@ def conversation_log(e: common.Episode, items: list[dict]) -> dict:
                        "leaks": t.get("leaks"), "completion_tokens": len(t["completion_ids"])} for t in e.turns]}
 
 
+def format_gain(g: dict | None) -> str:
+    """A common.paired_gain as '+0.004 [-0.013, +0.021] (3 / 2)'; None (single turn, or an older file): n/a."""
+    return "n/a" if g is None else f"{g['gain']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}] ({g['up']} / {g['down']})"
+
+
 def markdown_tables(results: dict) -> str:
     """Single-shot rows x headline metrics (new targets), then multi-turn rows at turn 1 and turn T."""
     out = []
@@ -227,24 +232,20 @@ def markdown_tables(results: dict) -> str:
             v = f"{turn['new'][metric]:.3f}"
             return v + (" [{:.3f}, {:.3f}]".format(*turn["ci"]["new"][metric]) if ci else "")
 
-        def change(g: dict | None) -> str:
-            """A paired_gain as '+0.004 [-0.013, +0.021] (3 / 2)'; None (single turn, or an older file): n/a."""
-            return "n/a" if g is None else f"{g['gain']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}] ({g['up']} / {g['down']})"
-
         for name, r in results["multi_turn"].items():
             first, last = r["turns"][0], r["turns"][-1]
             parse = r["parse_rate_by_turn"][0]
             leak = r["leakage_rate"]
             lines.append(f"| {name} | {cell(first, 'recall@1')} | {cell(first, 'recall@10', True)} | "
                          f"{cell(first, 'ndcg@10')} | {cell(last, 'recall@1')} | {cell(last, 'recall@10', True)} | "
-                         f"{cell(last, 'ndcg@10')} | {change((r.get('gain_first_to_last') or {}).get('recall@10'))} | "
+                         f"{cell(last, 'ndcg@10')} | {format_gain((r.get('gain_first_to_last') or {}).get('recall@10'))} | "
                          f"{'n/a' if r['recommender'] == 'retriever' else f'{parse:.2f}'} | "
                          f"{'n/a' if leak is None else f'{leak:.3f}'} |")
         paired = {name: r["vs_reference"] for name, r in results["multi_turn"].items() if r.get("vs_reference")}
         if paired:
             lines.append("\nEach row minus " + REFERENCE_ROW + " on the same samples (R@10 new, paired 95% CI, samples "
                          f"better / worse):\n\n| system | ΔR@10 t1 | ΔR@10 t{T} |\n|---|---|---|")
-            lines += [f"| {name} | {change(v['turn 1'])} | {change(v[f'turn {T}'])} |" for name, v in paired.items()]
+            lines += [f"| {name} | {format_gain(v['turn 1'])} | {format_gain(v[f'turn {T}'])} |" for name, v in paired.items()]
         mt = results["multi_turn_meta"]
         out.append(f"{results['dataset']} {results['split']}, multi-turn (T = {T}, K = {mt['candidates']} candidates): "
                    f"{mt['samples']} samples with a new target ({mt['labels']} labels), "

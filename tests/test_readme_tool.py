@@ -209,9 +209,16 @@ def test_side_eval_block_copies_each_table_under_its_command(tmp_path):
     assert ("What the feedback did to the retriever's query (retriever+simulator), by `python tools/feedback_effect.py`"
             "\n\n| turn |") in text
     assert "old" not in text and "kept" in text
-    # --rl-eval and --final-eval fill their own blocks the same way and leave the side_eval block as it was
+    (run_dir / "eval" / "paired_gains.md").write_text("Each row minus sft+simulator\n\n| system | ΔR@1 t1 |\n")
+    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--side-eval", str(run_dir)])
+    assert f"By `python tools/paired_gains.py --run-dir {run_dir}`: Each row minus sft+simulator\n\n| system | ΔR@1 t1 |" \
+        in readme.read_text()
+    (run_dir / "eval" / "paired_gains.md").unlink()
+    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--side-eval", str(run_dir)])
+    text = readme.read_text()
+    # --rl-eval, --final-eval and --reachable-eval fill their own blocks the same way and leave the side_eval block as it was
     side_block = lambda t: t.split("<!-- side_eval:start -->")[1].split("<!-- side_eval:end -->")[0]  # noqa: E731
-    for flag, name in (("--rl-eval", "rl_eval"), ("--final-eval", "rl_final")):
+    for flag, name in (("--rl-eval", "rl_eval"), ("--final-eval", "rl_final"), ("--reachable-eval", "rl_reachable_eval")):
         readme.write_text(text.replace("<!-- bench:start -->", f"<!-- {name}:start -->\n<!-- {name}:end -->\n<!-- bench:start -->"))
         tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), flag, str(run_dir)])
         block = readme.read_text().split(f"<!-- {name}:start -->")[1].split(f"<!-- {name}:end -->")[0]

@@ -18,11 +18,14 @@ Between <!-- sim_quality:start --> and <!-- sim_quality:end -->, with --sim-qual
 report of each simulator folder, tuned against the base, one row each (rows of folders not named stay).
 Between <!-- side_eval:start --> and <!-- side_eval:end -->, with --side-eval DIR...: each DIR/eval/results.md
 (05_eval.py in a side run directory, e.g. one row on more samples) under the command that wrote it, and
-the DIR/eval/feedback_effect_<row>.md that tools/feedback_effect.py wrote there.
+the DIR/eval/feedback_effect_<row>.md that tools/feedback_effect.py and the DIR/eval/paired_gains.md that
+tools/paired_gains.py wrote there.
 Between <!-- rl_eval:start --> and <!-- rl_eval:end -->, with --rl-eval DIR...: the same, for side runs
 that set SMTPO against SFT on the same test conversations; between <!-- rl_final:start --> and
 <!-- rl_final:end -->, with --final-eval DIR...: the same, for the latest adapters (the 300-step SFT
-adapter, the RL adapters trained from it).
+adapter, the RL adapters trained from it); between <!-- rl_reachable_eval:start --> and
+<!-- rl_reachable_eval:end -->, with --reachable-eval DIR...: the same, for 05 runs drawn with
+--test-states reachable.
 Between <!-- candidate_targets:start --> and <!-- candidate_targets:end -->, with --candidate-targets DIR...:
 where the target sits among the K candidates of training samples (in sample and out of fold) and of valid
 samples, from each DIR/retriever/report.json (03's cross-fitting); rows of run directories not named stay.
@@ -37,7 +40,8 @@ start states, --train-pool, whose greedy episodes on the pool are the curve).
     python tools/update_readme_results.py [--runs runs] [--datasets inspired] [--command "..."]
                                           [--compare-rl runs/a runs/b] [--sft-quality runs/a runs/b]
                                           [--side-eval runs/a runs/b] [--sim-quality runs/a/simulator]
-                                          [--rl-eval runs/a] [--final-eval runs/a] [--candidate-targets runs/a]
+                                          [--rl-eval runs/a] [--final-eval runs/a] [--reachable-eval runs/a]
+                                          [--candidate-targets runs/a]
                                           [--start-states-rl runs/a runs/b] [--reachable-rl runs/a]
                                           [--pool-rl runs/a]
 """
@@ -372,6 +376,9 @@ def side_eval_block(run_dirs: list[Path]) -> str:
                      + (path.parent / "results.md").read_text().strip())
         parts += [f"What the feedback did to the retriever's query ({p.stem.split('_', 2)[2]}), by "
                   + p.read_text().strip() for p in sorted(path.parent.glob("feedback_effect_*.md"))]
+        gains = path.parent / "paired_gains.md"
+        if gains.exists():
+            parts.append(f"By `python tools/paired_gains.py --run-dir {run_dir}`: " + gains.read_text().strip())
     return "\n\n".join(parts)
 
 
@@ -516,6 +523,9 @@ def main(argv=None) -> None:
                         help="run directories whose eval/results.md (05_eval.py, SMTPO against SFT) to copy into the rl_eval block")
     parser.add_argument("--final-eval", nargs="*", default=None,
                         help="run directories whose eval/results.md (05_eval.py, the latest adapters) to copy into the rl_final block")
+    parser.add_argument("--reachable-eval", nargs="*", default=None,
+                        help="run directories whose eval/results.md (05_eval.py --test-states reachable) to copy into "
+                             "the rl_reachable_eval block")
     parser.add_argument("--candidate-targets", nargs="*", default=None,
                         help="run directories whose retriever/report.json to list in the candidate_targets block "
                              "(rows of other runs already there are kept)")
@@ -573,6 +583,8 @@ def main(argv=None) -> None:
         text = replace_between(text, "rl_eval", side_eval_block([Path(d) for d in args.rl_eval]))
     if args.final_eval:
         text = replace_between(text, "rl_final", side_eval_block([Path(d) for d in args.final_eval]))
+    if args.reachable_eval:
+        text = replace_between(text, "rl_reachable_eval", side_eval_block([Path(d) for d in args.reachable_eval]))
     if args.candidate_targets:
         text = replace_between(text, "candidate_targets", merge_rows(
             text, "candidate_targets", candidate_targets_table([Path(d) for d in args.candidate_targets])))
