@@ -55,3 +55,18 @@ def test_a_row_whose_r10_differs_from_05s_pairing_is_refused(tmp_path):
     wrong = {t: {"gain": 0.5, "ci": [0, 1], "up": 1, "down": 0, "samples": 3} for t in ("turn 1", "turn 2")}
     with pytest.raises(SystemExit, match="differs from 05's own pairing"):
         tool.paired_gains(str(fake_run(tmp_path, wrong)))
+
+
+def test_another_reference_row_pairs_the_others_with_it(tmp_path):
+    run = fake_run(tmp_path)
+    common.write_jsonl(run / "eval" / "conversations_smtpo.jsonl", [{"dialog_id": d, "turn": 2} for d in ("c", "a", "b")])
+    gains = tool.paired_gains(str(run), "smtpo")
+    assert gains["reference"] == "smtpo" and list(gains["rows"]) == ["sft+simulator"]
+    # the same pairs the other way round: every gain changes sign, up and down swap
+    back = tool.paired_gains(str(run))["rows"]["smtpo"]
+    for metric, by_turn in gains["rows"]["sft+simulator"].items():
+        for turn, g in by_turn.items():
+            assert g["gain"] == pytest.approx(-back[metric][turn]["gain"])
+            assert (g["up"], g["down"]) == (back[metric][turn]["down"], back[metric][turn]["up"])
+    text = tool.main(["--run-dir", str(run), "--reference", "smtpo"])
+    assert text.startswith("Each row minus smtpo") and (run / "eval" / "paired_gains_vs_smtpo.md").exists()

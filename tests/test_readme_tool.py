@@ -213,7 +213,11 @@ def test_side_eval_block_copies_each_table_under_its_command(tmp_path):
     tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--side-eval", str(run_dir)])
     assert f"By `python tools/paired_gains.py --run-dir {run_dir}`: Each row minus sft+simulator\n\n| system | ΔR@1 t1 |" \
         in readme.read_text()
+    (run_dir / "eval" / "paired_gains_vs_smtpo.md").write_text("Each row minus smtpo\n")
+    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--side-eval", str(run_dir)])
+    assert f"By `python tools/paired_gains.py --run-dir {run_dir} --reference smtpo`: Each row minus smtpo" in readme.read_text()
     (run_dir / "eval" / "paired_gains.md").unlink()
+    (run_dir / "eval" / "paired_gains_vs_smtpo.md").unlink()
     tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--side-eval", str(run_dir)])
     text = readme.read_text()
     # --rl-eval, --final-eval and --reachable-eval fill their own blocks the same way and leave the side_eval block as it was

@@ -376,9 +376,10 @@ def side_eval_block(run_dirs: list[Path]) -> str:
                      + (path.parent / "results.md").read_text().strip())
         parts += [f"What the feedback did to the retriever's query ({p.stem.split('_', 2)[2]}), by "
                   + p.read_text().strip() for p in sorted(path.parent.glob("feedback_effect_*.md"))]
-        gains = path.parent / "paired_gains.md"
-        if gains.exists():
-            parts.append(f"By `python tools/paired_gains.py --run-dir {run_dir}`: " + gains.read_text().strip())
+        for gains in sorted(path.parent.glob("paired_gains*.md")):
+            reference = gains.stem.partition("_vs_")[2]
+            parts.append(f"By `python tools/paired_gains.py --run-dir {run_dir}"
+                         + (f" --reference {reference}" if reference else "") + "`: " + gains.read_text().strip())
     return "\n\n".join(parts)
 
 
