@@ -70,3 +70,5 @@ def test_another_reference_row_pairs_the_others_with_it(tmp_path):
             assert (g["up"], g["down"]) == (back[metric][turn]["down"], back[metric][turn]["up"])
     text = tool.main(["--run-dir", str(run), "--reference", "smtpo"])
     assert text.startswith("Each row minus smtpo") and (run / "eval" / "paired_gains_vs_smtpo.md").exists()
+    with pytest.raises(SystemExit):  # a single-turn row writes no conversation file to pair by
+        tool.main(["--run-dir", str(run), "--reference", "sft-single-turn"])

@@ -72,8 +72,9 @@ def markdown(gains: dict) -> str:
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run-dir", required=True, help="run directory whose eval/ 05_eval.py wrote")
-    parser.add_argument("--reference", default=evaluate.REFERENCE_ROW, choices=list(evaluate.MULTI_TURN_ROWS),
-                        help="the row the others are paired with")
+    parser.add_argument("--reference", default=evaluate.REFERENCE_ROW, choices=[r for r in evaluate.MULTI_TURN_ROWS if r not in evaluate.SINGLE_TURN_ROWS],
+                        help="the row the others are paired with (a row played over the turns: single-turn rows "
+                             "write no conversations)")
     args = parser.parse_args(argv)
     text = markdown(paired_gains(args.run_dir, args.reference))
     name = "paired_gains.md" if args.reference == evaluate.REFERENCE_ROW else f"paired_gains_vs_{args.reference}.md"
