@@ -26,10 +26,7 @@ Single-shot rows, on the whole split:
   retriever-semantic  the retriever with its semantic view only (ablation)
   retriever-collab    the retriever with its collaborative view only (ablation)
   retriever-fused     the dual-view retriever (cross-attention fusion): what the recommender re-ranks
-Multi-turn rows, on --limit samples drawn (seeded) among those with a new target; T = --turns.
-With --test-states reachable the draw is among those whose first-turn K candidates hold a true
-target (the retriever's own first turn, no LLM): a table of conditional figures, where a row can
-gain by ranking and feedback alone, since the retriever's misses are left out for every row alike.
+Multi-turn rows, on --limit samples drawn (seeded) among those with a new target; T = --turns:
   retriever+simulator          the retriever's top 10 each turn; the simulator's feedback re-queries it
   base-zero-shot               the untuned LLM re-ranks the candidates, one turn
   sft-single-turn              the SFT recommender, one turn (= turn 1 of the next row)
@@ -43,6 +40,9 @@ Each turn: the retriever recalls K candidates from the dialogue so far, the reco
 the simulator answers the top 3 as the seeker. A conversation stops once a true target is ranked
 first, and keeps that list for the later turns. The simulator's leakage rate is the share of its
 replies that name a true target it was neither shown nor told.
+With --test-states reachable the draw is among the samples whose first-turn K candidates hold a
+true target (the retriever's own first turn, no LLM): a table of conditional figures, where a row
+can gain by ranking and feedback alone, since the retriever's misses are left out for every row alike.
 """
 from __future__ import annotations
 
@@ -264,7 +264,7 @@ def test_states_phrase(states: dict | None) -> str:
             + (", and not in the retriever's own top 10" if states["rule"] == "rerankable" else "") + "): ")
 
 
-def test_subset(conversation: common.Conversation | None, samples: list[dict], args: Args) -> tuple[list[dict], dict]:
+def test_subset(conversation: common.Conversation, samples: list[dict], args: Args) -> tuple[list[dict], dict]:
     """The multi-turn draw: --limit samples with a new target, seeded, among those --test-states
     keeps (the rule needs the retriever's first turn, so `conversation`). -> (subset, {rule, kept, of})"""
     pool = [s for s in samples if s["new_targets"]]

@@ -4,7 +4,7 @@
 moves a target from rank 5 to rank 1 gains nothing there, so this tool pairs the rows in the
 three headline metrics (05's GAIN_METRICS) at turns 1 and T, from what 05 already wrote: each row's
 ranked lists at those turns (eval/results.json) and the samples they belong to, matched by dialogue
-and turn through eval/conversations_sft+simulator.jsonl (05's draw, in its order). Nothing is played
+and turn through the reference row's eval/conversations_<row>.jsonl (05's draw, in its order). Nothing is played
 again. The intervals are common.paired_gain's paired 95% bootstrap, with 05's --bootstrap and --seed,
 so the R@10 columns equal 05's own table (checked here). Writes eval/paired_gains.md, or with
 --reference ROW (e.g. retriever+simulator: does a recommender beat the retriever's own order?)
@@ -35,7 +35,8 @@ def drawn_samples(run: common.RunPaths, split: str, reference: str) -> list[dict
 
 def paired_gains(run_dir: str, reference_row: str = evaluate.REFERENCE_ROW) -> dict:
     """{"turns": T, "reference": row, "rows": {row: {metric: {"turn 1": paired_gain, "turn T": paired_gain}}}}
-    for every multi-turn row with lists but the reference and the single-turn rows (turn 1 of another row)."""
+    for every multi-turn row with lists but the reference and sft-single-turn (turn 1 of sft+simulator),
+    the rows 05's own pairing (compare_with_reference) covers."""
     run = common.RunPaths(run_dir)
     results = common.read_json(run.require("eval", "results.json") / "results.json")
     reference = results["multi_turn"].get(reference_row, {}).get("lists")
@@ -46,12 +47,13 @@ def paired_gains(run_dir: str, reference_row: str = evaluate.REFERENCE_ROW) -> d
     args = results["args"]
     out = {}
     for name, row in results["multi_turn"].items():
-        if name == reference_row or name in evaluate.SINGLE_TURN_ROWS or not row.get("lists"):
+        if name in (reference_row, "sft-single-turn") or not row.get("lists"):
             continue
         out[name] = {metric: {turn: common.paired_gain(reference[turn], row["lists"][turn], samples, metric,
                                                        resamples=args["bootstrap"], seed=args["seed"])
                               for turn in reference} for metric in evaluate.GAIN_METRICS}
-        if reference_row == evaluate.REFERENCE_ROW and "vs_reference" in row and out[name]["recall@10"] != {t: row["vs_reference"][t] for t in reference}:
+        same_pairing = {t: row["vs_reference"][t] for t in reference} if "vs_reference" in row else None
+        if reference_row == evaluate.REFERENCE_ROW and same_pairing and out[name]["recall@10"] != same_pairing:
             raise SystemExit(f"error: {name}'s R@10 differs from 05's own pairing; the lists do not match "
                              f"conversations_{evaluate.REFERENCE_ROW}.jsonl")
     return {"turns": results["turns"], "reference": reference_row, "rows": out}
@@ -72,7 +74,8 @@ def markdown(gains: dict) -> str:
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run-dir", required=True, help="run directory whose eval/ 05_eval.py wrote")
-    parser.add_argument("--reference", default=evaluate.REFERENCE_ROW, choices=[r for r in evaluate.MULTI_TURN_ROWS if r not in evaluate.SINGLE_TURN_ROWS],
+    played_over_turns = [r for r in evaluate.MULTI_TURN_ROWS if r not in evaluate.SINGLE_TURN_ROWS]
+    parser.add_argument("--reference", default=evaluate.REFERENCE_ROW, choices=played_over_turns,
                         help="the row the others are paired with (a row played over the turns: single-turn rows "
                              "write no conversations)")
     args = parser.parse_args(argv)
