@@ -99,3 +99,18 @@ def test_conversations_whose_candidates_hold_a_target_are_counted_by_turn(tmp_pa
     tool.main(["--run-dir", str(run)])
     out = capsys.readouterr().out
     assert out.endswith("(the ceiling of R@K):\n- sft: 1, 2 of 3\n")
+
+
+def test_valid_answers_are_split_by_candidates_without_a_year(tmp_path, capsys):
+    run, titles = twelve_film_run(tmp_path)
+    (run / "data" / "items.jsonl").write_text("\n".join(json.dumps({"item_id": i, "title": t})
+                                                        for i, t in enumerate(titles + ["Thor"])))
+    yearless = ["Thor"] + titles[1:10]
+    # with "Thor" among the candidates: one valid answer, one that ran on past the title; without: one valid
+    turns = [{"candidates": yearless, "answer": answer(yearless)},
+             {"candidates": yearless, "answer": answer(["Thor: action; dir. X"] + yearless[1:])},
+             {"candidates": titles[:10], "answer": answer(titles[:10])}]
+    (run / "eval" / "conversations_sft.jsonl").write_text(json.dumps({"dialog_id": "d1", "turns": turns}))
+    tool.main(["--run-dir", str(run)])
+    out = capsys.readouterr().out
+    assert "- sft: a candidate without a year, 1 of 2; every candidate with a year, 1 of 1" in out

@@ -13,6 +13,9 @@ exactly the candidates their own Ranking line gives, in its order, and answers w
 the Ranking line's first candidate; each row's note gives the Ranking line's most common first number
 (the SFT targets put a true target first, which the prompt does not show: a model that guesses one
 number there must then write that candidate's title first, the lookup that fails most).
+Then, per row, the valid share of answers whose candidates include a title without a year and of
+the others: a year closes a title, so an answer that copies a title without one must know where it
+ends (with common.REC_PROMPT_VERSION 1's "Title: attributes" lines it often ran on into them).
 Last, per row, how many conversations hold a true target among the turn's K candidates, by turn: no
 re-ranking can find a target the retriever did not recall, so this is the ceiling of the row's hits.
 
@@ -33,6 +36,8 @@ OUT_OF_TOKENS = "no closed <answer>: used the whole budget"
 FIRST_ELSEWHERE = "a Ranking line, whose first candidate the list does not start with"
 CHAIN = ("Ranking line #1 ... #10", "list follows its Ranking line", "1st entry is the Ranking line's 1st")
 _RANKING = re.compile(r"^\s*Ranking:(.*)$", re.M)
+_YEAR_LAST = re.compile(r"\(\d{4}\)\s*$")
+YEARLESS = ("a candidate without a year", "every candidate with a year")
 
 
 def ranking_numbers(text: str) -> list[int]:
@@ -77,6 +82,9 @@ def count_file(path: Path, titles: common.TitleIndex, id_of: dict[str, int], exa
             numbers = ranking_numbers(turn["answer"])
             chain = chain_kinds(numbers, parsed, candidates)
             counts.update(kinds + chain)
+            yearless = YEARLESS[all(_YEAR_LAST.search(title) for title in turn["candidates"])]
+            counts[yearless] += 1
+            counts[yearless + ", valid"] += "valid" in kinds
             first_numbers.update(numbers[:1])
             counts[FIRST_ELSEWHERE + ", invalid"] += FIRST_ELSEWHERE in chain and "valid" not in kinds
             if "no closed <answer>" in kinds:
@@ -109,7 +117,7 @@ def main(argv=None) -> None:
     columns = common.PARSE_KINDS + CHAIN
     print("| row | turns | " + " | ".join(columns) + f" | {OUT_OF_TOKENS}{f' ({budget} tokens)' if budget else ''} |"
           "\n|---|---|" + "---|" * (len(columns) + 1))
-    notes, firsts, ceilings = [], [], []
+    notes, firsts, ceilings, years = [], [], [], []
     for path in files:
         counts, turns, shown, first_numbers, reachable = count_file(path, titles, id_of, args.examples, budget)
         row = path.stem[len("conversations_"):]
@@ -120,6 +128,7 @@ def main(argv=None) -> None:
         print(f"| {row} | {turns} | " + " | ".join(f"{counts[k]} ({counts[k] / max(turns, 1):.0%})" for k in columns)
               + f" | {out_of_tokens} |")
         notes += [f"- {row}: {s}" for s in shown]
+        years.append(f"- {row}: " + "; ".join(f"{k}, {counts[k + ', valid']} of {counts[k]}" for k in YEARLESS))
         if first_numbers:
             (k, times), = first_numbers.most_common(1)
             firsts.append(f"- {row}: #{k} in {times} of {turns} answers; the list starts with another candidate "
@@ -128,6 +137,8 @@ def main(argv=None) -> None:
         print("\nThe Ranking line's most common first number:\n" + "\n".join(firsts))
     if notes:
         print("\nFailed answers (first of each row):\n" + "\n".join(notes))
+    if years:
+        print("\nValid answers when the candidates include a title without a year, and when not:\n" + "\n".join(years))
     print("\nConversations whose K candidates hold a true target, by turn (the ceiling of R@K):\n" + "\n".join(ceilings))
 
 
