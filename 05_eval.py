@@ -334,6 +334,8 @@ def merge_earlier(results: dict, path) -> dict:
     defaults = {**{f.name: f.default for f in fields(Args)}, **BEFORE_FLAG}
     then = {k: earlier["args"].get(k, defaults[k]) for k in MERGE_KEYS}
     differ = {k: (then[k], results["args"][k]) for k in MERGE_KEYS if then[k] != results["args"][k]}
+    if earlier.get("prompt_version", 1) != results["prompt_version"]:  # rows of recommenders that read other prompts
+        differ["prompt_version"] = (earlier.get("prompt_version", 1), results["prompt_version"])
     if earlier["dataset"] != results["dataset"] or differ:
         raise SystemExit(f"error: {path} was written with other settings {differ or earlier['dataset']} "
                          "(earlier, now); drop --merge to overwrite it, or use another --run-dir")
@@ -365,7 +367,7 @@ def main(argv=None) -> dict:
     samples = common.load_samples(run, args.split)
     out = run.root / "eval"
     results = {"dataset": args.dataset, "split": args.split, "limit": args.limit, "samples": len(samples),
-               "turns": args.turns, "args": asdict(args), "rows": {}, "multi_turn": {}, "seconds": {}}
+               "turns": args.turns, "args": asdict(args), "prompt_version": common.REC_PROMPT_VERSION, "rows": {}, "multi_turn": {}, "seconds": {}}
 
     # 1. Single-shot rankers on the whole split.
     k = max(common.METRIC_KS)

@@ -1778,8 +1778,8 @@ SIM_INSTRUCTIONS = {
 }
 
 
-def format_item(item: dict, max_genres: int = 3, max_stars: int = 3) -> str:
-    """One line per movie for a prompt: 'Knives Out (2019): mystery; dir. Rian Johnson; with A, B, C'."""
+def item_facts(item: dict, max_genres: int = 3, max_stars: int = 3) -> list[str]:
+    """A movie's short attributes: ['mystery, crime', 'dir. Rian Johnson', 'with A, B, C'] (those it has)."""
     parts = []
     if item.get("genres"):
         parts.append(", ".join(item["genres"][:max_genres]))
@@ -1787,6 +1787,12 @@ def format_item(item: dict, max_genres: int = 3, max_stars: int = 3) -> str:
         parts.append("dir. " + ", ".join(item["directors"][:1]))
     if item.get("stars"):
         parts.append("with " + ", ".join(item["stars"][:max_stars]))
+    return parts
+
+
+def format_item(item: dict, max_genres: int = 3, max_stars: int = 3) -> str:
+    """One line per movie for a prompt: 'Knives Out (2019): mystery; dir. Rian Johnson; with A, B, C'."""
+    parts = item_facts(item, max_genres, max_stars)
     return item["title"] + (": " + "; ".join(parts) if parts else "")
 
 
@@ -1886,6 +1892,10 @@ def set_f1(predicted: set, true: set) -> float:
 # --------------------------------------------------------------------------------------
 
 REC_TOP_N = 10  # the recommender's list: 10 numbered titles
+# The recommender's prompt layout. An adapter keeps the version it was trained on (03's
+# recommender_config.json, 04's rl_config.json) and load_conversation refuses another one.
+# 1: candidate lines "Title (year): genres; dir. X; with Y"; 2 (2026-11-27): "Title (year) | genres | ...".
+REC_PROMPT_VERSION = 2
 REC_INSTRUCTION = (
     "You are a movie recommender. Read the conversation, the seeker's latest feedback and the numbered "
     "candidate movies. Reason in five short lines: Preference (what the seeker wants), Matching (which "
@@ -1942,8 +1952,16 @@ class AttributeVocab:
 
 
 def format_candidates(items: Sequence[dict], candidate_ids: Sequence[int]) -> str:
-    """'1. Knives Out (2019): mystery; dir. Rian Johnson; with Daniel Craig' per line (item_attributes)."""
-    return "\n".join(f"{n}. {format_item(items[i], max_genres=2, max_stars=1)}" for n, i in enumerate(candidate_ids, 1))
+    """'1. Knives Out (2019) | mystery, crime | dir. Rian Johnson | with Daniel Craig' per line.
+
+    The recommender's answer copies titles from these lines, so a title must end where no title
+    can go on: " | " is in no ReDial or INSPIRED title, while ": " (format_item's separator) is in
+    455 ReDial ones ("Thor: Ragnarok (2017)"). With ": ", an answer line that copied a title
+    without a year ("Thor") ran on into invented attributes ("Thor: action, adventure; dir. Bryan
+    Singer"): 37% of the 300-step ReDial adapter's answers in 05's conversations failed to parse
+    when a candidate had no year, 14% otherwise (tools/parse_failures.py; README, Latest results)."""
+    return "\n".join(f"{n}. " + " | ".join([items[i]["title"], *item_facts(items[i], max_genres=2, max_stars=1)])
+                     for n, i in enumerate(candidate_ids, 1))
 
 
 def latest_feedback(context: Sequence[dict]) -> str:
@@ -2315,6 +2333,26 @@ def keep_states(conversation: Conversation, samples: list[dict], rule: str) -> l
     return [s for s, recall in zip(samples, first_turn_recall(conversation, samples)) if STATE_RULES[rule](*recall)]
 
 
+def recommender_prompt_version(folder: str | os.PathLike) -> int | None:
+    """The REC_PROMPT_VERSION an adapter folder was trained on: from 03's recommender_config.json
+    or 04's rl_config.json (1 where they predate the field); None for another adapter (the simulator's,
+    or one trained elsewhere)."""
+    for name in ("recommender_config.json", "rl_config.json"):
+        if (Path(folder) / name).exists():
+            return read_json(Path(folder) / name).get("prompt_version", 1)
+    return None
+
+
+def require_prompt_version(folder: str | os.PathLike) -> None:
+    """Stop with what to do when a recommender adapter was trained on prompts this code no longer writes."""
+    version = recommender_prompt_version(folder)
+    if version not in (None, REC_PROMPT_VERSION):
+        raise SystemExit(f"error: {folder} was trained on recommender prompts of version {version}, and this code "
+                         f"writes version {REC_PROMPT_VERSION} (common.REC_PROMPT_VERSION says what changed): train "
+                         "it again with 03_sft_recommender.py (and 04_rl_multiturn.py), or evaluate it at the "
+                         "commit that trained it")
+
+
 def load_conversation(run: RunPaths, folders: Sequence[str], items: Sequence[dict], args) -> tuple["Conversation", dict]:
     """One base LLM carrying the adapters of `folders` (e.g. recommender_sft, simulator) as
     swappable weights, the fused retriever, and the Conversation that plays them (04 and 05).
@@ -2327,6 +2365,7 @@ def load_conversation(run: RunPaths, folders: Sequence[str], items: Sequence[dic
     configs = {}
     for f in folders:
         run.require(f, "adapter_config.json")
+        require_prompt_version(run.root / f)
         configs[f] = read_lora(run.root / f)
     bases = {f: c.get("base_model_name_or_path") for f, (c, _) in configs.items()}
     model_name = args.model or bases.get("recommender_sft") or next(iter(bases.values()), None) or DEFAULT_LLM

@@ -177,12 +177,15 @@ def test_sft_quality_block_lists_each_adapter_report(tmp_path):
     quality_path.write_text(json.dumps(quality))
     longer = sft_run("longer", {"steps": 260, "init_adapter": "runs/x/recommender_sft"}, tuned)
     plain = sft_run("plain", {"steps": 60, "init_adapter": "runs/oof/recommender_sft", "inject_target": False}, tuned)
+    config_path = tmp_path / "plain" / "recommender_sft" / "recommender_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "prompt_version": 2}))
     tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--sft-quality", oof, longer, plain])
     rows = readme.read_text().split("<!-- sft_quality:start -->\n")[1].split("<!-- sft_quality:end -->")[0].splitlines()
     assert rows[:5] == rows_before[:5]  # header, old, report, cited: unchanged and in place
     assert rows[5].startswith("| `oof` |") and "| 1.00 [0.86, 1.00] |" in rows[5] and rows[5] != rows_before[5]
     assert rows[6].startswith("| `longer` | inspired | 260 steps from `runs/x/recommender_sft`, seed 0 |")
-    assert rows[7].startswith("| `plain` | inspired | 60 steps from `runs/oof/recommender_sft`, seed 0, no injected targets |")
+    assert rows[7].startswith("| `plain` | inspired | 60 steps from `runs/oof/recommender_sft`, seed 0, no injected targets, "
+                              "bar-separated candidate lines |")
     assert len(rows) == 8
 
 

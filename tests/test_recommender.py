@@ -120,6 +120,39 @@ def test_parse_accepts_loose_titles_and_fill_keeps_the_model_order():
     assert common.fill_ranking(broken["ids"], CANDIDATES) == [3, 0, 1, 2, 4, 5, 6, 7, 8, 9]
 
 
+def test_candidate_lines_end_each_title_where_no_title_goes_on():
+    # "Thor" has no year and "Thor: Ragnarok" has a colon: with "title: attributes" lines an answer
+    # that copied "Thor" could not tell where the title ended
+    items = [{"title": "Thor", "genres": ["action", "adventure", "fantasy"], "directors": ["Kenneth Branagh"],
+              "stars": ["Chris Hemsworth", "Natalie Portman"]},
+             {"title": "Thor: Ragnarok (2017)", "genres": ["action"], "directors": [], "stars": []},
+             {"title": "Heat (1995)"}]
+    lines = common.format_candidates(items, [0, 1, 2]).splitlines()
+    assert lines == ["1. Thor | action, adventure | dir. Kenneth Branagh | with Chris Hemsworth",
+                     "2. Thor: Ragnarok (2017) | action", "3. Heat (1995)"]
+    assert [line.split(". ", 1)[1].split(" | ")[0] for line in lines] == [it["title"] for it in items]
+    prompt = common.recommender_messages([{"role": "seeker", "text": "hi"}], items, [0, 1, 2])[1]["content"]
+    assert "\n".join(lines) in prompt
+
+
+def test_recommender_adapters_trained_on_other_prompts_are_refused(tmp_path):
+    def folder(name, config_file, config):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / config_file).write_text(json.dumps(config))
+        return tmp_path / name
+
+    sft_now = folder("sft_now", "recommender_config.json", {"prompt_version": common.REC_PROMPT_VERSION})
+    rl_now = folder("rl_now", "rl_config.json", {"prompt_version": common.REC_PROMPT_VERSION})
+    simulator = folder("simulator", "simulator_config.json", {})
+    for ok in (sft_now, rl_now, simulator):
+        common.require_prompt_version(ok)
+    assert common.recommender_prompt_version(simulator) is None
+    for old in (folder("sft_old", "recommender_config.json", {"args": {}}), folder("rl_old", "rl_config.json", {})):
+        assert common.recommender_prompt_version(old) == 1
+        with pytest.raises(SystemExit, match="version 1.*03_sft_recommender.py"):
+            common.require_prompt_version(old)
+
+
 def test_names_title_needs_whole_words_and_years_for_short_titles():
     assert common.names_title("I loved the mask, so funny", "The Mask (1994)") is False  # 4 letters: needs the year
     assert common.names_title("I loved The Mask (1994)!", "The Mask (1994)")
@@ -192,6 +225,7 @@ def test_recommender_sft_smoke_writes_adapter_and_quality(inspired_with_retrieve
         assert q["parse_failures"]["no closed <answer>"] == round(q["samples"] * (1 - q["answer_tag_rate"]))
     config = json.loads((folder / "recommender_config.json").read_text())
     assert config["examples"] > 0 and config["injected_targets"] == 0  # --inject-target is off by default
+    assert config["prompt_version"] == common.REC_PROMPT_VERSION  # what 04 and 05 check before playing it
     assert config["train_candidates"] == "out of fold (5 cross-fitted retrievers)"   # 03's default --retriever-folds
     lengths = config["answer_tokens"]  # five reasoning lines and ten titles: far more than 50 tokens
     assert 50 < lengths["median"] <= lengths["p95"] <= lengths["max"]
@@ -371,6 +405,20 @@ def test_eval_multi_turn_rows_smoke(inspired_tiny_adapters, tmp_path, make_run):
     gain_column = cells["system"].index("ΔR@10 t1→t2 [paired 95% CI] (samples up / down)")
     assert cells["sft-single-turn"][gain_column] == "n/a" and cells["sft+simulator"][gain_column].endswith(")")
     assert paired.startswith(" sft+simulator on the same samples") and "| retriever+simulator | " in paired
+
+
+def test_eval_refuses_a_recommender_trained_on_older_prompts(inspired_tiny_adapters, tmp_path, make_run):
+    import shutil
+
+    run_dir = make_run(inspired_tiny_adapters, tmp_path / "eval", ("data", "retriever", "simulator"))
+    shutil.copytree(inspired_tiny_adapters / "recommender_sft", run_dir / "recommender_sft")
+    config_path = run_dir / "recommender_sft" / "recommender_config.json"
+    config = json.loads(config_path.read_text())
+    del config["prompt_version"]  # as 03 wrote it before the field existed
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="recommender_sft was trained on recommender prompts of version 1"):
+        evaluate.main(["--dataset", "inspired", "--run-dir", str(run_dir), "--rows", "sft+simulator", "--limit", "2",
+                       "--turns", "1", "--threads", "1"])
 
 
 def test_cite_candidates_reaches_the_sft_targets(inspired_with_retriever, tmp_path, run_copy):

@@ -185,6 +185,7 @@ def test_killed_rl_run_resumes_to_identical_weights(inspired_tiny_adapters, tmp_
     assert rl.main(rl_args(resumed, updates=2, stop_after=1)) == {"steps_done": 1, "world_size": 1, "in_sync": True}
     stopped = common.read_json(resumed / "recommender_rl" / "rl_config.json")  # the settings are there from the start
     assert stopped["finished"] is False and stopped["args"]["steps"] == 2 and "seconds" not in stopped
+    assert stopped["prompt_version"] == common.REC_PROMPT_VERSION  # 05 plays the RL adapter only on these prompts
     rl.main(rl_args(resumed, updates=2))
     assert common.read_json(resumed / "recommender_rl" / "rl_config.json")["finished"] is True
     a = load_file(whole / "recommender_rl" / "adapter_model.safetensors")

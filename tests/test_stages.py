@@ -139,6 +139,20 @@ def test_rows_are_paired_with_sft_by_their_kept_lists():
         evaluate.compare_with_reference(multi, subset[:1], args)
 
 
+def test_merge_refuses_rows_of_recommenders_that_read_other_prompts(tmp_path):
+    from dataclasses import asdict
+
+    now = {"dataset": "inspired", "args": asdict(evaluate.Args(dataset="inspired")),
+           "prompt_version": common.REC_PROMPT_VERSION, "rows": {}, "multi_turn": {"smtpo": {}}, "seconds": {}}
+    earlier = {**now, "multi_turn": {"sft+simulator": {}}}
+    common.write_json(tmp_path / "results.json", earlier)
+    assert set(evaluate.merge_earlier(now, tmp_path / "results.json")["multi_turn"]) == {"sft+simulator", "smtpo"}
+    del earlier["prompt_version"]  # a file written before the field: version 1's candidate lines
+    common.write_json(tmp_path / "results.json", earlier)
+    with pytest.raises(SystemExit, match="prompt_version"):
+        evaluate.merge_earlier(now, tmp_path / "results.json")
+
+
 def test_popularity_ranking_excludes_items_already_in_the_dialogue(inspired_run):
     run = common.RunPaths(inspired_run)
     samples = [s for s in common.load_samples(run, "test") if s["context_items"]][:20]

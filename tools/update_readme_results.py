@@ -277,6 +277,8 @@ def sft_quality_table(run_dirs: list[Path]) -> str:
             adapter += ", out-of-fold candidates"
         if a.get("inject_target") is False and a["steps"]:  # the default since 2026-11-27; earlier runs injected
             adapter += ", no injected targets"
+        if config.get("prompt_version", 1) >= 2 and a["steps"]:  # common.REC_PROMPT_VERSION, since 2026-11-27
+            adapter += ", bar-separated candidate lines"
         lengths = config.get("answer_tokens")  # older runs did not record them
         lengths = f"{lengths['median']} / {lengths['p95']} / {lengths['max']}" if lengths else "n/a"
         d = q["decoding"]
