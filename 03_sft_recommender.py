@@ -411,8 +411,8 @@ def train_recommender(args: Args, run: common.RunPaths, items: list[dict], sampl
     quality["eval_loss"] = last["eval_loss"] if last.get("step") == args.steps and "eval_loss" in last \
         else validation_loss()["eval_loss"]
     common.write_json(out_dir / "quality.json", quality)
-    config = {"args": asdict(args), "prompt_version": common.REC_PROMPT_VERSION, "train_candidates": source, "examples": len(pools["recommend"]),
-              "injected_targets": injected,
+    config = {"args": asdict(args), "prompt_version": common.REC_PROMPT_VERSION, "train_candidates": source,
+              "examples": len(pools["recommend"]), "injected_targets": injected,
               "truncated": truncated, "answer_tokens": lengths, "teacher": teacher_report}
     common.write_json(out_dir / "recommender_config.json", config)
     for name in ("tuned", "base"):

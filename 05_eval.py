@@ -367,7 +367,8 @@ def main(argv=None) -> dict:
     samples = common.load_samples(run, args.split)
     out = run.root / "eval"
     results = {"dataset": args.dataset, "split": args.split, "limit": args.limit, "samples": len(samples),
-               "turns": args.turns, "args": asdict(args), "prompt_version": common.REC_PROMPT_VERSION, "rows": {}, "multi_turn": {}, "seconds": {}}
+               "turns": args.turns, "args": asdict(args), "prompt_version": common.REC_PROMPT_VERSION,
+               "rows": {}, "multi_turn": {}, "seconds": {}}
 
     # 1. Single-shot rankers on the whole split.
     k = max(common.METRIC_KS)
