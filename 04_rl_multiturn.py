@@ -473,7 +473,8 @@ def main(argv=None) -> dict:
     # The settings go to rl_config.json now, so a run stopped early (--stop-after, a kill) still says what
     # it was; the end of the run adds how long it took.
     config = {"args": asdict(args), "prompt_version": common.REC_PROMPT_VERSION, "base_model": conversation.base_model,
-              "world_size": world, "train_candidates": candidates_from, "start_states": states, "eval_states": eval_states, "finished": False}
+              "world_size": world, "train_candidates": candidates_from, "start_states": states,
+              "eval_states": eval_states, "finished": False}
     if main_process:
         common.write_json(out_dir / "rl_config.json", config)
 
