@@ -428,6 +428,9 @@ def main(argv=None) -> dict:
     if "recommender" in args.parts and args.steps == 0 and not args.init_adapter:
         # 0 steps from zeros would write the untuned base as recommender_sft/, over a trained adapter
         raise SystemExit("error: --steps 0 only reports on an earlier adapter: give it with --init-adapter DIR")
+    if "recommender" in args.parts and args.steps == 0:
+        # a report on prompts the adapter never saw, and a copy that would claim this code's version
+        common.require_prompt_version(args.init_adapter)
     if args.retriever_folds == 1 or args.retriever_folds < 0:
         # one fold would leave its retriever no training dialogue at all
         raise SystemExit(f"error: --retriever-folds {args.retriever_folds}: give 0 (no cross-fitting) or at least 2")

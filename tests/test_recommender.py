@@ -286,6 +286,12 @@ def test_init_adapter_continues_from_an_earlier_adapter(inspired_with_retriever,
     with pytest.raises(SystemExit, match="--init-adapter"):  # without an adapter, 0 steps would write the base
         rec.main(["--dataset", "inspired", "--run-dir", str(report_only), "--steps", "0"] + tiny)
     assert all(torch.equal(common.read_lora(report_only / "recommender_sft")[1][k], trained[k]) for k in trained)
+    # an adapter trained on older prompts gets no report on this code's prompts (04 and 05 refuse it too)
+    config_path = first / "recommender_sft" / "recommender_config.json"
+    config_path.write_text(json.dumps({k: v for k, v in json.loads(config_path.read_text()).items() if k != "prompt_version"}))
+    with pytest.raises(SystemExit, match="version 1"):
+        rec.main(["--dataset", "inspired", "--run-dir", str(tmp_path / "old_report"), "--steps", "0",
+                  "--init-adapter", str(first / "recommender_sft")] + tiny)
 
 
 def test_teacher_chains_are_kept_only_when_they_parse_and_hit(inspired_with_retriever, tmp_path, monkeypatch):
