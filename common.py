@@ -1956,7 +1956,7 @@ def format_candidates(items: Sequence[dict], candidate_ids: Sequence[int]) -> st
 
     The recommender's answer copies titles from these lines, so a title must end where no title
     can go on: " | " is in no ReDial or INSPIRED title, while ": " (format_item's separator) is in
-    455 ReDial ones ("Thor: Ragnarok (2017)"). With ": ", an answer line that copied a title
+    453 ReDial ones ("Thor: Ragnarok (2017)"). With ": ", an answer line that copied a title
     without a year ("Thor") ran on into invented attributes ("Thor: action, adventure; dir. Bryan
     Singer"): 37% of the 300-step ReDial adapter's answers in 05's conversations failed to parse
     when a candidate had no year, 14% otherwise (tools/parse_failures.py; README, Latest results)."""

@@ -114,3 +114,4 @@ def test_valid_answers_are_split_by_candidates_without_a_year(tmp_path, capsys):
     tool.main(["--run-dir", str(run)])
     out = capsys.readouterr().out
     assert "- sft: a candidate without a year, 1 of 2; every candidate with a year, 1 of 1" in out
+    assert "The catalogue: 13 titles, 1 without a year, 0 holding ': ', 0 holding ' | '" in out

@@ -16,6 +16,7 @@ number there must then write that candidate's title first, the lookup that fails
 Then, per row, the valid share of answers whose candidates include a title without a year and of
 the others: a year closes a title, so an answer that copies a title without one must know where it
 ends (with common.REC_PROMPT_VERSION 1's "Title: attributes" lines it often ran on into them).
+Then how many catalogue titles have no year, and how many hold either version's separator.
 Last, per row, how many conversations hold a true target among the turn's K candidates, by turn: no
 re-ranking can find a target the retriever did not recall, so this is the ceiling of the row's hits.
 
@@ -139,6 +140,10 @@ def main(argv=None) -> None:
         print("\nFailed answers (first of each row):\n" + "\n".join(notes))
     if years:
         print("\nValid answers when the candidates include a title without a year, and when not:\n" + "\n".join(years))
+    names = [it["title"] for it in items]
+    print(f"\nThe catalogue: {len(names)} titles, {sum(not _YEAR_LAST.search(t) for t in names)} without a year, "
+          f"{sum(': ' in t for t in names)} holding ': ', {sum(' | ' in t for t in names)} holding ' | ' "
+          "(the separators of the candidate lines of prompt versions 1 and 2)")
     print("\nConversations whose K candidates hold a true target, by turn (the ceiling of R@K):\n" + "\n".join(ceilings))
 
 
