@@ -16,7 +16,8 @@ Writes  <run-dir>/retriever/
           recommender_config.json  arguments, example counts (metadata chains, teacher chains kept), SFT answer lengths
           train_log.jsonl          step, loss, lr, seconds (validation loss every --eval-every)
           quality.json             on valid: format-parse rate (95% Wilson interval), why the other answers fail
-                                   (common.parse_failure_kinds), hit rates, tuned vs the
+                                   (common.parse_failure_kinds; the first 30 invalid answers whole, with their
+                                   kinds and candidates), hit rates, tuned vs the
                                    untuned base (`--init-adapter DIR --steps 0` only writes DIR's report)
           checkpoint/checkpoint.pt every --save-every steps; the same command again resumes from it
 
@@ -299,6 +300,9 @@ def answer_lengths(examples: list[dict]) -> dict:
     return {"median": lengths[len(lengths) // 2], "p95": lengths[int(0.95 * (len(lengths) - 1))], "max": lengths[-1]}
 
 
+MAX_INVALID_EXAMPLES = 30  # invalid answers kept whole in quality.json (the untuned base fails them all)
+
+
 def recommender_quality(model, tok, samples: list[dict], candidates: list[list[int]], items: list[dict],
                         titles: common.TitleIndex, args: Args, name: str) -> dict:
     """Greedy answers on held-out samples (the retriever's candidates, nothing injected): how many
@@ -309,6 +313,8 @@ def recommender_quality(model, tok, samples: list[dict], candidates: list[list[i
                                         progress=f"quality ({name})")
     n = max(len(answers), 1)
     valid = sum(a["parsed"]["valid"] for a in answers)
+    invalid = [{"sample": i, "kinds": common.parse_failure_kinds(a["parsed"]), "candidates": list(c), "text": a["text"]}
+               for i, (a, c) in enumerate(zip(answers, candidates)) if not a["parsed"]["valid"]]
     return {
         "samples": len(answers),
         "parse_rate": valid / n,
@@ -320,6 +326,9 @@ def recommender_quality(model, tok, samples: list[dict], candidates: list[list[i
         "mean_completion_tokens": sum(len(a["completion_ids"]) for a in answers) / n,
         "reranked": common.score_rankings([a["ranked"] for a in answers], samples, ks=(1, 5, 10))["new"],
         "examples": [a["text"] for a in answers[:3]],
+        # each failure whole, with the candidates it was read against: where a duplicate starts
+        # (the Ranking line or the copy of its titles) can then be read without generating again
+        "invalid_examples": invalid[:MAX_INVALID_EXAMPLES],
     }
 
 

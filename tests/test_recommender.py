@@ -217,12 +217,18 @@ def test_recommender_sft_smoke_writes_adapter_and_quality(inspired_with_retrieve
     quality = out["recommender"]["quality"]
     # the report reuses the last step's validation loss (same weights) instead of computing it again
     assert quality["eval_loss"] == log[-1]["eval_loss"] and len(validations) == 1
+    titles = common.run_title_index(common.RunPaths(run_dir), common.load_items(common.RunPaths(run_dir)))
     for name in ("tuned", "base"):
         q = quality[name]
         assert q["samples"] == 4 and 0 <= q["parse_rate"] <= 1 and q["mean_completion_tokens"] > 0
         invalid = round(q["samples"] * (1 - q["parse_rate"]))  # each invalid answer falls in one kind or more
         assert set(q["parse_failures"]) == set(common.PARSE_KINDS[1:]) and sum(q["parse_failures"].values()) >= invalid
         assert q["parse_failures"]["no closed <answer>"] == round(q["samples"] * (1 - q["answer_tag_rate"]))
+        kept = q["invalid_examples"]  # every invalid answer (fewer than 30 here), whole and re-parsable
+        assert len(kept) == invalid and all(e["kinds"] and "valid" not in e["kinds"] for e in kept)
+        for e in kept:
+            parsed = common.parse_recommendation(e["text"], titles, e["candidates"])
+            assert not parsed["valid"] and common.parse_failure_kinds(parsed) == e["kinds"] and len(e["candidates"]) == 20
     config = json.loads((folder / "recommender_config.json").read_text())
     assert config["examples"] > 0 and config["injected_targets"] == 0  # --inject-target is off by default
     assert config["prompt_version"] == common.REC_PROMPT_VERSION  # what 04 and 05 check before playing it
