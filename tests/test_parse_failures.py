@@ -3,6 +3,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("parse_failures", ROOT / "tools" / "parse_failures.py")
 tool = importlib.util.module_from_spec(spec)
@@ -115,3 +117,27 @@ def test_valid_answers_are_split_by_candidates_without_a_year(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "- sft: a candidate without a year, 1 of 2; every candidate with a year, 1 of 1" in out
     assert "The catalogue: 13 titles, 1 without a year, 0 holding ': ', 0 holding ' | '" in out
+
+
+def test_sft_report_tells_a_repeated_ranking_number_from_a_repeated_copy(tmp_path, capsys):
+    run, titles = twelve_film_run(tmp_path)
+    ranking = lambda order: "Ranking: " + ", ".join(f"#{k}" for k in order) + "\n"  # noqa: E731
+    repeats_number = ranking([1, 2, 3, 4, 5, 6, 7, 8, 9, 1]) + answer(titles[:9] + titles[:1])
+    repeats_copy = ranking(list(range(1, 11))) + answer(titles[:8] + [titles[1], titles[9]])
+    no_candidate = ranking(list(range(1, 11))) + answer(titles[:9] + ["Unknown Movie (1990)"])
+    kept = [{"sample": k, "kinds": kinds, "candidates": list(range(12)), "text": text} for k, (kinds, text) in enumerate(
+        [(["duplicate"], repeats_number), (["duplicate"], repeats_copy), (["names no candidate"], no_candidate)])]
+    (run / "recommender_sft").mkdir()
+    (run / "recommender_sft" / "quality.json").write_text(json.dumps(
+        {"tuned": {"samples": 10, "parse_rate": 0.7, "invalid_examples": kept}}))
+    tool.main(["--run-dir", str(run), "--sft-report"])
+    out = capsys.readouterr().out
+    assert "7 of 10 answers valid; 3 invalid ones kept" in out
+    # no closed, fewer, more, names no candidate, duplicate | no Ranking line, repeats a number, repeats a title
+    assert "| 0 | 0 | 0 | 1 | 2 | 0 | 1 | 1 |" in out
+    assert "- sample 1: duplicate (a distinct Ranking line, the list repeats a title); Ranking #1, #2, #3, #4, #5, " \
+           "#6, #7, #8, #9, #10; list #1, #2, #3, #4, #5, #6, #7, #8, #2, #10" in out
+    assert "list #1, #2, #3, #4, #5, #6, #7, #8, #9, ?" in out
+    (run / "recommender_sft" / "quality.json").write_text(json.dumps({"tuned": {"samples": 10, "parse_rate": 0.7}}))
+    with pytest.raises(SystemExit, match="keeps no invalid answers"):
+        tool.main(["--run-dir", str(run), "--sft-report"])

@@ -21,6 +21,13 @@ Last, per row, how many conversations hold a true target among the turn's K cand
 re-ranking can find a target the retriever did not recall, so this is the ceiling of the row's hits.
 
     python tools/parse_failures.py --run-dir runs/inspired [--examples 3]
+
+With --sft-report it reads 03's <run-dir>/recommender_sft/quality.json instead, whose tuned model's
+invalid answers are kept whole (the first 30): each one's failure kinds, where a duplicate comes
+from (the Ranking line repeats a candidate number, or the line is distinct and the list repeats
+a title), and the candidate numbers of its Ranking line and of its list.
+
+    python tools/parse_failures.py --run-dir runs/redial --sft-report
 """
 import argparse
 import json
@@ -59,6 +66,44 @@ def chain_kinds(numbers: list[int], parsed: dict, candidates: list[int], n: int 
         kinds.append(CHAIN[1])
     kinds.append(CHAIN[2] if parsed["ids"][:1] == [candidates[numbers[0] - 1]] else FIRST_ELSEWHERE)
     return kinds
+
+
+DUPLICATE_ORIGINS = ("no Ranking line", "the Ranking line repeats a number", "a distinct Ranking line, the list repeats a title")
+
+
+def duplicate_origin(numbers: list[int], parsed: dict) -> str | None:
+    """Where an answer's duplicate comes from (one of DUPLICATE_ORIGINS); None for an answer without one.
+    numbers: its Ranking line's (ranking_numbers)."""
+    if "duplicate" not in common.parse_failure_kinds(parsed):
+        return None
+    if not numbers:
+        return DUPLICATE_ORIGINS[0]
+    return DUPLICATE_ORIGINS[1] if len(set(numbers)) < len(numbers) else DUPLICATE_ORIGINS[2]
+
+
+def sft_report(run: common.RunPaths, titles: common.TitleIndex) -> None:
+    """The tuned model's invalid answers kept in 03's quality.json: counts, then one line each."""
+    path = run.require("recommender_sft", "quality.json") / "quality.json"
+    tuned = common.read_json(path)["tuned"]
+    kept = tuned.get("invalid_examples")
+    if kept is None:
+        raise SystemExit(f"error: {path} keeps no invalid answers (03 wrote it before it kept them): rerun "
+                         "03_sft_recommender.py --steps 0 --init-adapter on its adapter for a new report")
+    counts, lines = Counter(), []
+    for e in kept:
+        parsed = common.parse_recommendation(e["text"], titles, e["candidates"])
+        numbers = ranking_numbers(e["text"])
+        origin = duplicate_origin(numbers, parsed)
+        counts.update(common.parse_failure_kinds(parsed) + ([origin] if origin else []))
+        listed = ["#%d" % (e["candidates"].index(i) + 1) if i is not None else "?" for i in parsed["ids"]]
+        lines.append(f"- sample {e['sample']}: {', '.join(e['kinds'])}" + (f" ({origin})" if origin else "")
+                     + f"; Ranking {', '.join(f'#{k}' for k in numbers) or '-'}; list {', '.join(listed) or '-'}")
+    valid = round(tuned["parse_rate"] * tuned["samples"])
+    print(f"{path}: {valid} of {tuned['samples']} answers valid; {len(kept)} invalid ones kept")
+    columns = common.PARSE_KINDS[1:] + DUPLICATE_ORIGINS
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    print("| " + " | ".join(str(counts[k]) for k in columns) + " |")
+    print("\nEach invalid answer (? = an entry that names no candidate):\n" + "\n".join(lines))
 
 
 def count_file(path: Path, titles: common.TitleIndex, id_of: dict[str, int], examples: int,
@@ -105,10 +150,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run-dir", required=True, help="run directory whose eval/conversations_*.jsonl to read")
     parser.add_argument("--examples", type=int, default=2, help="failed answers to describe per row")
+    parser.add_argument("--sft-report", action="store_true",
+                        help="read the invalid answers of 03's recommender_sft/quality.json instead of 05's files")
     args = parser.parse_args(argv)
     run = common.RunPaths(args.run_dir)
     items = common.load_items(run)
     titles = common.run_title_index(run, items)
+    if args.sft_report:
+        return sft_report(run, titles)
     id_of = {it["title"]: i for i, it in enumerate(items)}
     files = sorted(run.require("eval").glob("conversations_*.jsonl"))
     if not files:
