@@ -1,0 +1,48 @@
+"""tools/sft_targets.py counts what 03's metadata reasoning chains ask the recommender to write."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+import common
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("sft_targets", ROOT / "tools" / "sft_targets.py")
+tool = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tool)
+
+# films 0-3 are comedies, 4-11 dramas; 10 and 11 share a title and a year (ReDial has 12 such pairs)
+ITEMS = [{"title": f"Film {k} ({2000 + k})", "genres": ["comedy" if k < 4 else "drama"], "directors": [], "stars": []}
+         for k in range(10)] + [{"title": "Twin (2010)", "genres": ["drama"], "directors": [], "stars": []}] * 2
+
+
+def sample(text, targets):
+    return {"context": [{"role": "seeker", "text": text}], "targets": targets, "new_targets": targets,
+            "liked": [], "context_items": []}
+
+
+def test_chains_are_counted_by_how_their_ranking_is_made():
+    titles = common.TitleIndex(ITEMS)
+    samples = [sample("something with comedy please", [6]),  # comedies jump ahead of the retriever's order
+               sample("hi there", [6]),  # no preference: the retriever's order with the target moved first
+               sample("hi there", [1]),  # the twins are both in the top 10: the chain's list repeats a title
+               sample("hi there", [])]  # no target: no chain
+    candidates = [[4, 5, 6, 7, 8, 9, 0, 1, 2, 3, 10, 11], list(range(12)), [10, 11] + list(range(10)), list(range(12))]
+    counts = tool.chain_counts(ITEMS, samples, candidates, titles)
+    assert counts["chains"] == 3 and counts["valid"] == 2 and counts["duplicate"] == 1
+    assert counts["Ranking = retriever order, targets first"] == 2 and counts["a true target among the candidates"] == 3
+    assert counts["scored 1-5"] == 1 and counts["scored 0-0"] == 2  # the four comedies share the stated genre
+    assert counts["identical titles among the candidates"] == 3
+
+
+def test_counts_on_a_real_run(inspired_with_retriever, capsys):
+    counts = tool.main(["--run-dir", str(inspired_with_retriever), "--max-samples", "30"])
+    out = capsys.readouterr().out
+    assert "SFT chains over 20 candidates (out of fold)" in out
+    assert 0 < counts["chains"] <= 30
+    assert sum(counts[k] for k in counts if k.startswith("scored")) == counts["chains"]  # every chain in one bin
+    # a chain's list can only repeat a title when two candidates share one
+    assert counts["valid"] >= counts["chains"] - counts["identical titles among the candidates"]
+    assert f"| valid | {counts['valid']} |" in out
+    with pytest.raises(SystemExit):
+        tool.main(["--run-dir", str(inspired_with_retriever), "--split", "nope"])
