@@ -11,7 +11,7 @@ spec = importlib.util.spec_from_file_location("sft_targets", ROOT / "tools" / "s
 tool = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(tool)
 
-# films 0-3 are comedies, 4-11 dramas; 10 and 11 share a title and a year (ReDial has 12 such pairs)
+# films 0-3 are comedies, 4-11 dramas; 10 and 11 share a title and a year, as some catalogue entries do
 ITEMS = [{"title": f"Film {k} ({2000 + k})", "genres": ["comedy" if k < 4 else "drama"], "directors": [], "stars": []}
          for k in range(10)] + [{"title": "Twin (2010)", "genres": ["drama"], "directors": [], "stars": []}] * 2
 
