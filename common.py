@@ -1986,6 +1986,25 @@ def recommender_messages(context: Sequence[dict], items: Sequence[dict], candida
     return messages
 
 
+def chain_preference(items: Sequence[dict], vocab: AttributeVocab, context: Sequence[dict], liked: Sequence[int] = (),
+                     context_items: Sequence[int] = (), max_preferences: int = 3) -> list[str]:
+    """The Preference line of reasoning_chain: attributes the seeker states, then those of liked
+    movies already in the dialogue, at most max_preferences, first mention first."""
+    seeker_text = " ".join(t["text"] for t in context if t["role"] == "seeker")
+    mentioned = set(context_items)
+    preference = vocab.stated(seeker_text)
+    for i in [i for i in liked if i in mentioned]:
+        preference += item_attributes(items[i])
+    return list(dict.fromkeys(preference))[:max_preferences]
+
+
+def preference_matches(items: Sequence[dict], preference: Sequence[str], candidate_ids: Sequence[int]) -> dict[int, list[str]]:
+    """{candidate id: its attributes among `preference` (case-insensitive)}; a candidate's score in
+    reasoning_chain is the length of its list."""
+    wanted = {p.lower() for p in preference}
+    return {c: [a for a in item_attributes(items[c]) if a.lower() in wanted] for c in candidate_ids}
+
+
 def reasoning_chain(items: Sequence[dict], vocab: AttributeVocab, context: Sequence[dict], candidate_ids: Sequence[int],
                     targets: Sequence[int], liked: Sequence[int] = (), context_items: Sequence[int] = (),
                     max_preferences: int = 3, cite_candidates: bool = False) -> tuple[str, list[int]]:
@@ -2000,14 +2019,8 @@ def reasoning_chain(items: Sequence[dict], vocab: AttributeVocab, context: Seque
     so that writing the title is a copy of the prompt's line "4. Knives Out (2019): ..." rather
     than a lookup of the Ranking line's fourth candidate, which a small model gets wrong.
     -> (text ending in <answer>1. title ... 10. title</answer>, ranked ids)"""
-    seeker_text = " ".join(t["text"] for t in context if t["role"] == "seeker")
-    mentioned = set(context_items)
-    preference = vocab.stated(seeker_text)
-    for i in [i for i in liked if i in mentioned]:
-        preference += item_attributes(items[i])
-    preference = list(dict.fromkeys(preference))[:max_preferences]
-    wanted = {p.lower() for p in preference}
-    matched = {c: [a for a in item_attributes(items[c]) if a.lower() in wanted] for c in candidate_ids}
+    preference = chain_preference(items, vocab, context, liked, context_items, max_preferences)
+    matched = preference_matches(items, preference, candidate_ids)
     number = {c: n for n, c in enumerate(candidate_ids, 1)}
     first = [c for c in targets if c in number]
     rest = sorted((c for c in candidate_ids if c not in first), key=lambda c: (-len(matched[c]), number[c]))

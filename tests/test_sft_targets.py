@@ -26,13 +26,15 @@ def test_chains_are_counted_by_how_their_ranking_is_made():
     samples = [sample("something with comedy please", [6]),  # comedies jump ahead of the retriever's order
                sample("hi there", [6]),  # no preference: the retriever's order with the target moved first
                sample("hi there", [1]),  # the twins are both in the top 10: the chain's list repeats a title
-               sample("hi there", [])]  # no target: no chain
-    candidates = [[4, 5, 6, 7, 8, 9, 0, 1, 2, 3, 10, 11], list(range(12)), [10, 11] + list(range(10)), list(range(12))]
+               sample("hi there", []),  # no target: no chain
+               sample("hi there", [8, 5])]  # two targets go first in the sample's order, then the retriever's
+    candidates = [[4, 5, 6, 7, 8, 9, 0, 1, 2, 3, 10, 11], list(range(12)), [10, 11] + list(range(10)), list(range(12)),
+                  list(range(12))]
     counts = tool.chain_counts(ITEMS, samples, candidates, titles)
-    assert counts["chains"] == 3 and counts["valid"] == 2 and counts["duplicate"] == 1
-    assert counts["Ranking = retriever order, targets first"] == 2 and counts["a true target among the candidates"] == 3
-    assert counts["scored 1-5"] == 1 and counts["scored 0-0"] == 2  # the four comedies share the stated genre
-    assert counts["identical titles among the candidates"] == 3
+    assert counts["chains"] == 4 and counts["valid"] == 3 and counts["duplicate"] == 1
+    assert counts["Ranking = retriever order, targets first"] == 3 and counts["a true target among the candidates"] == 4
+    assert counts["scored 1-5"] == 1 and counts["scored 0-0"] == 3  # the four comedies share the stated genre
+    assert counts["identical titles among the candidates"] == 4
 
 
 def test_counts_on_a_real_run(inspired_with_retriever, capsys):

@@ -40,10 +40,11 @@ def chain_counts(items: list[dict], samples: list[dict], candidates: list[list[i
         counts["chains"] += 1
         parsed = common.parse_recommendation(chain, titles, cands)
         counts.update(common.parse_failure_kinds(parsed))
-        first = [c for c in cands if c in truth]
+        first = [c for c in truth if c in cands]  # reasoning_chain ranks these first, in this order
         counts["a true target among the candidates"] += bool(first)
         counts["Ranking = retriever order, targets first"] += ranked == (first + [c for c in cands if c not in first])[:len(ranked)]
-        scored = sum(any(a.lower() in parsed["preference"] for a in common.item_attributes(items[c])) for c in cands)
+        preference = common.chain_preference(items, vocab, s["context"], s["liked"], s["context_items"])
+        scored = sum(bool(m) for m in common.preference_matches(items, preference, cands).values())
         low, high = next(b for b in SCORED_BINS if b[0] <= scored <= b[1])
         counts[f"scored {low}-{high}" if high < 10**6 else f"scored {low}+"] += 1
         counts["identical titles among the candidates"] += len({common.normalize_title(items[c]["title"]) for c in cands}) < len(cands)
