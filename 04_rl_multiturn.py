@@ -491,7 +491,7 @@ def main(argv=None) -> dict:
         draw = random.Random(args.seed * 1_000_003 + step).sample(range(len(train)), args.prompts * world)
         samples = [train[i] for i in draw[rank::world]]
         t0 = time.time()
-        groups = rollout(conversation, samples, common.get_lora_weights(model), args)
+        groups = rollout(conversation, samples, common.get_lora_weights(model, device="cpu"), args)
         rows, raw = score_groups(groups, items, args)
         t1 = time.time()
         update = policy_update(model, rows, reference, optimizer, tok.pad_token_id, world, args)
@@ -501,7 +501,7 @@ def main(argv=None) -> dict:
         last = step + 1 == end
         if main_process and validated and ((args.eval_every and (step + 1) % args.eval_every == 0) or
                                           (last and end == args.steps)):
-            row.update(validation(common.get_lora_weights(model)))
+            row.update(validation(common.get_lora_weights(model, device="cpu")))
         if main_process:
             log_row(row)
             bar.set_postfix(reward=f"{row['reward']:.3f}", hit10=f"{row['hit@10'][-1]:.2f}", kl=f"{row['kl']:.4f}")

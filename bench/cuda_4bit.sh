@@ -30,7 +30,7 @@ export TQDM_MININTERVAL=30 PYTHONUNBUFFERED=1
 "$PY" bench/lora_step.py --model "$MODEL" --load-in-4bit --device "$DEVICE" --label "$SHAPE random, nf4" --out "$RESULTS/lora_step.jsonl" \
     2>&1 | tee "$LOGS/lora_step_nf4.log"
 "$PY" bench/rl_step_vs_trl.py --model "$MODEL" --load-in-4bit --device "$DEVICE" --prompts 4 --group-size 8 \
-    --prompt-tokens 512 --completion-tokens 256 --micro-batch 8 --warmup 1 --repeats 3 --label "$SHAPE random" \
+    --prompt-tokens 512 --completion-tokens 256 --micro-batch 8 --warmup 1 --repeats 2 --rounds 2 --label "$SHAPE random" \
     --out "$RESULTS/rl_step_vs_trl.jsonl" \
     2>&1 | tee "$LOGS/rl_step_vs_trl.log"
 "$PY" bench/lora_step.py --model "$MODEL" --device "$DEVICE" --label "$SHAPE random, fp32 base" --out "$RESULTS/lora_step.jsonl" \

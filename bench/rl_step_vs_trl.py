@@ -16,12 +16,13 @@ batch and one optimizer step, as ours.
 
 Each side runs in its own child process (so peak memory is its own): --warmup steps untimed,
 then --repeats timed steps; the parent prints medians and the ratios ours / TRL and appends one
-JSON line per side to --out. Peak memory: the child's max RSS on CPU, torch.cuda.max_memory_allocated
+JSON line per side to --out. --rounds N runs the two sides alternately N times (a GPU machine's
+speed drifts between runs): medians over every round's steps, and each round's ratio. Peak memory: the child's max RSS on CPU, torch.cuda.max_memory_allocated
 on CUDA. TRL is a bench-only dependency: `pip install -r bench/requirements.txt`
 (`bash install.sh --bench`).
 
     OMP_NUM_THREADS=1 python bench/rl_step_vs_trl.py --threads 1             # CPU, SmolLM2-135M
-    python bench/rl_step_vs_trl.py --device cuda --model Qwen/Qwen2.5-1.5B-Instruct --load-in-4bit
+    python bench/rl_step_vs_trl.py --device cuda --model Qwen/Qwen2.5-1.5B-Instruct --load-in-4bit --rounds 2
 """
 import dataclasses
 import importlib
@@ -62,7 +63,9 @@ class Args:
     clip_eps: float = arg(0.2, "PPO ratio clipping epsilon")
     gradient_checkpointing: bool = arg(True, "activation checkpointing in the policy's forward")
     warmup: int = arg(1, "untimed steps first")
-    repeats: int = arg(3, "timed steps; the medians are reported")
+    repeats: int = arg(3, "timed steps per child; the medians are reported")
+    rounds: int = arg(1, "run ours and TRL alternately this many times, each in a fresh child: medians over every "
+                         "round's timed steps, and each round's ratio (GPU step times drift between runs)")
     seed: int = arg(0, "random seed")
     label: str = arg("", "free text stored with the results")
     out: str = arg("bench/results/rl_step_vs_trl.jsonl", "results file (one JSON line per side, appended)")
@@ -122,7 +125,7 @@ def run_ours(args, model, tok, prompts, peaks: PeakMemory) -> list[dict]:
     common.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=0.0)
     if args.gradient_checkpointing:
         common.enable_gradient_checkpointing(model)
-    reference = {k: v.clone() for k, v in common.get_lora_weights(model).items()}
+    reference = common.get_lora_weights(model, device="cpu")  # in host memory, as 04's (read_lora) is
     optimizer = torch.optim.AdamW(common.lora_parameters(model), lr=args.lr, weight_decay=0.0)
     model.generation_config.min_new_tokens = args.completion_tokens  # fixed-length completions, as TRL's below
     update_args = SimpleNamespace(updates=1, micro_batch=args.micro_batch, kl_coef=args.kl_coef, clip_eps=args.clip_eps,
@@ -238,20 +241,42 @@ def machine_name(device: str) -> str:
     return f"{os.uname().machine}, {os.cpu_count()} CPUs"
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One side's child results of several rounds as one: medians over all timed steps, the highest
+    peaks, and each round's own medians and peak under "rounds"."""
+    steps = [s for r in rounds for s in r["steps"]]
+    phases = {}
+    for r in rounds:
+        for k, v in r["peak_memory_by_phase_gib"].items():
+            phases[k] = max(phases.get(k, 0.0), v)
+    out = {"impl": rounds[0]["impl"], "step_s": statistics.median(s["step_s"] for s in steps),
+           "generate_s": statistics.median(s["generate_s"] for s in steps),
+           "tokens_per_step": statistics.median(s["tokens"] for s in steps),
+           "peak_memory_gib": max(r["peak_memory_gib"] for r in rounds), "peak_memory_by_phase_gib": phases,
+           "steps": steps, "rounds": [{k: r[k] for k in ("step_s", "generate_s", "peak_memory_gib")} for r in rounds]}
+    out["train_s"] = out["step_s"] - out["generate_s"]
+    out["generated_tokens_per_s"] = out["tokens_per_step"] / out["generate_s"]
+    return out
+
+
 def compare(args) -> None:
     settings = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("impl", "out", "result_file", "label")}
-    results = {}
-    for impl in ("ours", "trl"):
-        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-            result_file = f.name
-        argv = [sys.executable, __file__, "--impl", impl, "--result-file", result_file]
-        for k, v in settings.items():
-            flag = "--" + k.replace("_", "-")
-            argv += ([flag] if v else ["--no-" + k.replace("_", "-")]) if isinstance(v, bool) else [flag, str(v)]
-        print(f"[bench] {impl}: {' '.join(argv[1:])}", flush=True)
-        subprocess.run(argv, check=True)
-        results[impl] = json.loads(Path(result_file).read_text())
-        os.unlink(result_file)
+    runs = {"ours": [], "trl": []}
+    for round_ in range(args.rounds):
+        for impl in ("ours", "trl"):  # alternating, so a drift of the machine's speed hits both sides
+            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+                result_file = f.name
+            argv = [sys.executable, __file__, "--impl", impl, "--result-file", result_file]
+            for k, v in settings.items():
+                if k == "rounds":
+                    continue
+                flag = "--" + k.replace("_", "-")
+                argv += ([flag] if v else ["--no-" + k.replace("_", "-")]) if isinstance(v, bool) else [flag, str(v)]
+            print(f"[bench] round {round_ + 1}/{args.rounds}, {impl}: {' '.join(argv[1:])}", flush=True)
+            subprocess.run(argv, check=True)
+            runs[impl].append(json.loads(Path(result_file).read_text()))
+            os.unlink(result_file)
+    results = {impl: merge_rounds(r) for impl, r in runs.items()}
     stamp = time.strftime("%Y-%m-%d %H:%M")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
@@ -260,12 +285,22 @@ def compare(args) -> None:
                                 "machine": machine_name(args.device), **r}) + "\n")
     ours, trl = results["ours"], results["trl"]
     print(f"\n{args.prompts} prompts x G {args.group_size}, {args.prompt_tokens} + {args.completion_tokens} tokens, "
-          f"{args.model}{' nf4' if args.load_in_4bit else ''} on {args.device}; medians of {args.repeats} steps")
+          f"{args.model}{' nf4' if args.load_in_4bit else ''} on {args.device}; medians of {args.rounds} x "
+          f"{args.repeats} steps")
     print(comparison_table(ours, trl))
+    if args.rounds > 1:
+        print(round_ratios(ours, trl))
     if ours["peak_memory_by_phase_gib"]:
         print("peak memory by phase (GiB): " + "; ".join(
             f"{name} " + ", ".join(f"{k} {v:.2f}" for k, v in r["peak_memory_by_phase_gib"].items())
             for name, r in (("ours", ours), ("TRL", trl))))
+
+
+def round_ratios(ours: dict, trl: dict) -> str:
+    """Each round's ours / TRL for step time and peak memory, in order (a run of several --rounds)."""
+    return "ours / TRL by round (step time, peak memory): " + "; ".join(
+        f"{o['step_s'] / t['step_s']:.2f}, {o['peak_memory_gib'] / t['peak_memory_gib']:.2f}"
+        for o, t in zip(ours["rounds"], trl["rounds"]))
 
 
 def comparison_table(ours: dict, trl: dict) -> str:

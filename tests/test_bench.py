@@ -65,3 +65,31 @@ def test_random_model_and_the_nf4_lora_step_benchmark(tmp_path):
     assert r["base_parameters"] == v * h + 2 * layer + h
     assert r["step_s"] > 0 and r["peak_memory_gib"] > 0 and len(r["losses"]) == 2
     assert all(loss > 0 for loss in r["losses"])
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("rl_step_vs_trl", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rounds_merge_into_medians_over_all_steps_and_keep_each_rounds_ratio():
+    bench = _bench_module()
+
+    def child(impl, step_times, peak, phases):
+        return {"impl": impl, "step_s": sorted(step_times)[len(step_times) // 2], "generate_s": 1.0,
+                "peak_memory_gib": peak, "peak_memory_by_phase_gib": phases,
+                "steps": [{"step_s": t, "generate_s": t - 1, "tokens": 32} for t in step_times]}
+
+    ours = bench.merge_rounds([child("ours", [10, 11, 30], 5.0, {"generate": 5.0, "train": 4.0}),
+                               child("ours", [12, 13, 14], 5.2, {"generate": 4.9, "train": 4.5})])
+    trl = bench.merge_rounds([child("trl", [20, 21, 22], 5.0, {"generate": 5.0}),
+                              child("trl", [12, 13, 14], 5.0, {"generate": 5.0})])
+    # the median of all six timed steps (10, 11, 12 | 13, 14, 30: 12.5), not of the rounds' medians (11, 13: 12)
+    assert ours["step_s"] == 12.5 and ours["generate_s"] == 11.5 and ours["train_s"] == 1.0
+    assert ours["peak_memory_gib"] == 5.2 and ours["peak_memory_by_phase_gib"] == {"generate": 5.0, "train": 4.5}
+    assert ours["generated_tokens_per_s"] == 32 / 11.5 and len(ours["steps"]) == 6
+    assert [r["step_s"] for r in ours["rounds"]] == [11, 13]
+    # round 1: 11 / 21 and 5.0 / 5.0; round 2: 13 / 13 and 5.2 / 5.0
+    assert bench.round_ratios(ours, trl).endswith("0.52, 1.00; 1.00, 1.04")

@@ -112,6 +112,32 @@ def test_fresh_lora_leaves_logits_unchanged(tok):
         L.add_lora(model, r=8, alpha=8, dropout=0.1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_update_without_grad_is_added_in_row_chunks_with_the_same_result(dtype, monkeypatch):
+    """Without gradients LoRALinear adds its update in place, LORA_NO_GRAD_CHUNK elements of rows at
+    a time (the fp32 copies of a long prefill are never whole); the outputs are those of the
+    gradient path, over an fp32 and a bf16 base, under no_grad and inference_mode."""
+    torch.manual_seed(0)
+    layer = L.LoRALinear(torch.nn.Linear(12, 20, dtype=dtype), r=4, alpha=8, dropout=0.3)
+    torch.nn.init.normal_(layer.lora_B.weight)  # a trained adapter: the update is not zero
+    layer.eval()
+    x = torch.randn(3, 7, 12, dtype=dtype)
+    with torch.enable_grad():
+        expected = layer(x.requires_grad_())  # the gradient path, whole
+    expected = expected.detach()
+    monkeypatch.setattr(L, "LORA_NO_GRAD_CHUNK", 3 * 20)  # 3 rows of the 21 per chunk
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            got = layer(x.detach())
+        assert got.dtype == dtype and got.shape == (3, 7, 20)
+        tol = 1e-6 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+    # the reference of an update: base + scaling * B A x, in fp32
+    manual = x.float() @ layer.base_layer.weight.float().T + layer.base_layer.bias.float() \
+        + 2.0 * (x.float() @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+    torch.testing.assert_close(expected.float(), manual, atol=1e-4 if dtype == torch.float32 else 0.2, rtol=0.02)
+
+
 def test_training_changes_only_lora(tok):
     model = tiny(tok)
     batch = sft_batch(tok)
@@ -209,7 +235,7 @@ def test_swap_adapters_on_one_base(tok):
     batch = sft_batch(tok)
     L.add_lora(model, r=4, alpha=8)
     train_steps(model, batch, 2)
-    reference = L.get_lora_weights(model)  # e.g. the frozen SFT adapter
+    reference = L.get_lora_weights(model, device="cpu")  # e.g. the frozen SFT adapter, in host memory as 04 keeps it
     ref_logits = logits_of(model, batch)
     train_steps(model, batch, 2)
     policy_logits = logits_of(model, batch)

@@ -84,6 +84,22 @@ def test_bench_block_shows_the_latest_pair_per_device_and_the_cuda_history(tmp_p
     assert "| d3 | after | 21.0 | 20.0 | 1.05 | 5.30 | 5.00 | 1.06 |" in block
 
 
+def test_bench_paragraph_of_several_rounds_gives_each_rounds_ratio():
+    settings = {"model": "m", "device": "cuda", "threads": 1, "prompts": 4, "group_size": 8, "prompt_tokens": 512,
+                "completion_tokens": 256, "micro_batch": 8, "repeats": 2, "rounds": 2, "warmup": 1, "lora_r": 16,
+                "kl_coef": 0.02, "gradient_checkpointing": True, "load_in_4bit": True}
+
+    def side(impl, steps, peaks):
+        return {"impl": impl, "date": "d", "label": "", "machine": "GPU", "settings": settings, "step_s": 10.0,
+                "generate_s": 8.0, "train_s": 2.0, "generated_tokens_per_s": 10.0, "peak_memory_gib": max(peaks),
+                "rounds": [{"step_s": t, "generate_s": t - 2, "peak_memory_gib": p} for t, p in zip(steps, peaks)]}
+
+    text = tool.bench_paragraph(side("ours", [8.0, 9.0], [4.5, 4.6]), side("trl", [10.0, 10.0], [5.0, 5.0]))
+    assert "--repeats 2 --load-in-4bit --rounds 2`" in text
+    assert "2 rounds, ours then TRL" in text and "medians of all 2 x 2 timed steps" in text
+    assert "ours / TRL by round (step time, peak memory): 0.80, 0.90; 0.90, 0.92." in text
+
+
 def test_lora_step_block_counts_base_parameters_in_old_and_new_lines(tmp_path):
     settings = {"model": "m", "grad_accum": 2, "batch_size": 2, "seq_len": 1280}
     common = {"date": "d", "device": "GPU", "label": "", "settings": settings, "lora_parameters": 18_000_000,

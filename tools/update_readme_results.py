@@ -417,12 +417,17 @@ def bench_paragraph(ours: dict, trl: dict) -> str:
     out = ["`python bench/rl_step_vs_trl.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in s.items() if k in ("model", "device", "threads", "prompts", "group_size",
                                                                   "prompt_tokens", "completion_tokens", "micro_batch",
-                                                                  "repeats")) + (" --load-in-4bit" if s["load_in_4bit"] else "") + "`"
+                                                                  "repeats")) + (" --load-in-4bit" if s["load_in_4bit"] else "")
+           + (f" --rounds {s['rounds']}" if s.get("rounds", 1) > 1 else "") + "`"
            f" on {ours['date']} ({ours['machine']}{'; ' + ours['label'] if ours.get('label') else ''}): "
            f"{s['prompts']} prompts x G {s['group_size']}, {s['prompt_tokens']} prompt + {s['completion_tokens']} "
            f"completion tokens, LoRA r {s['lora_r']}, micro-batch {s['micro_batch']}, KL {s['kl_coef']}, "
            f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}{', nf4' if s['load_in_4bit'] else ''}; "
-           f"medians of {s['repeats']} steps after {s['warmup']} warm-up step(s).", "", bench.comparison_table(ours, trl)]
+           + (f"{s['rounds']} rounds, ours then TRL, each side in a fresh process per round; medians of all "
+              f"{s['rounds']} x {s['repeats']} timed steps" if s.get("rounds", 1) > 1 else f"medians of {s['repeats']} steps")
+           + f" after {s['warmup']} warm-up step(s) per process.", "", bench.comparison_table(ours, trl)]
+    if ours.get("rounds") and len(ours["rounds"]) > 1:
+        out += ["", bench.round_ratios(ours, trl) + "."]
     if ours.get("peak_memory_by_phase_gib"):
         out += ["", "Peak GPU memory by phase (GiB; generate = `generate` with its KV cache, train = scoring, "
                 "backward and optimizer step, other = the rest: loading the model, and for TRL the end of the run): " + "; ".join(
