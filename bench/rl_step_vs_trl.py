@@ -17,8 +17,8 @@ batch and one optimizer step, as ours.
 Each side runs in its own child process (so peak memory is its own): --warmup steps untimed,
 then --repeats timed steps; the parent prints medians and the ratios ours / TRL and appends one
 JSON line per side to --out. --rounds N runs the two sides alternately N times (a GPU machine's
-speed drifts between runs): medians over every round's steps, and each round's ratio. Peak memory: the child's max RSS on CPU, torch.cuda.max_memory_allocated
-on CUDA. TRL is a bench-only dependency: `pip install -r bench/requirements.txt`
+speed drifts between runs): medians over every round's steps, and each round's ratio. Peak
+memory: the child's max RSS on CPU, torch.cuda.max_memory_allocated on CUDA. TRL is a bench-only dependency: `pip install -r bench/requirements.txt`
 (`bash install.sh --bench`).
 
     OMP_NUM_THREADS=1 python bench/rl_step_vs_trl.py --threads 1             # CPU, SmolLM2-135M
