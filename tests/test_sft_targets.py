@@ -37,6 +37,21 @@ def test_chains_are_counted_by_how_their_ranking_is_made():
     assert counts["identical titles among the candidates"] == 4
 
 
+def test_the_ranking_by_scores_alone_is_set_against_the_retrievers_first_10():
+    titles = common.TitleIndex(ITEMS)
+    # comedies 0-3 share the stated genre: by scores alone they move ahead of the retriever's places 9-12
+    cands = [4, 5, 6, 7, 8, 9, 10, 11, 0, 1, 2, 3]  # retriever's first 10: 4..11, 0, 1; by scores: 0..3, 4..9
+    samples = [sample("a comedy please", [2]),  # only the scores' first 10 hold it
+               sample("a comedy please", [11]),  # only the retriever's
+               sample("a comedy please", [5]),  # both
+               sample("hi there", [3])]  # no preference: the scores' ranking is the retriever's order, neither
+    counts = tool.chain_counts(ITEMS, samples, [cands] * 4, titles)
+    assert counts["a true target in the retriever's first 10"] == 2
+    assert counts["a true target in the first 10 by scores alone"] == 2
+    assert counts["by scores alone: a target the retriever's first 10 miss"] == 1
+    assert counts["by scores alone: no target the retriever's first 10 hold"] == 1
+
+
 def test_counts_on_a_real_run(inspired_with_retriever, capsys):
     counts = tool.main(["--run-dir", str(inspired_with_retriever), "--max-samples", "30"])
     out = capsys.readouterr().out
@@ -46,5 +61,9 @@ def test_counts_on_a_real_run(inspired_with_retriever, capsys):
     # a chain's list can only repeat a title when two candidates share one
     assert counts["valid"] >= counts["chains"] - counts["identical titles among the candidates"]
     assert f"| valid | {counts['valid']} |" in out
+    # the two first-10 counts differ exactly by the samples only one of them holds
+    assert (counts["a true target in the first 10 by scores alone"] - counts["a true target in the retriever's first 10"]
+            == counts["by scores alone: a target the retriever's first 10 miss"]
+            - counts["by scores alone: no target the retriever's first 10 hold"])
     with pytest.raises(SystemExit):
         tool.main(["--run-dir", str(inspired_with_retriever), "--split", "nope"])

@@ -10,7 +10,13 @@ the chain of common.reasoning_chain and counts:
   Scores line writes the first 5 of them, so where more have one, the Ranking sorts candidates by
   scores the chain never writes out, a count the model has to make in its head;
 - chains whose candidates hold two items with the same title and year (the parser reads both lines
-  as one candidate: the chain's list then has a duplicate).
+  as one candidate: the chain's list then has a duplicate);
+- what the chain teaches beyond putting the target first, which the prompt does not show: samples
+  with a true target in the retriever's first 10, and in the first 10 of the chain's ranking built
+  without targets (by the scores alone, ties in the retriever's order), the list of a model that
+  follows the chain exactly but cannot guess the target; and the samples where each of the two holds
+  one and the other does not. On valid or test samples this is the re-ranking's headroom over the
+  retriever's own order that imitating the chains can give.
 
     python tools/sft_targets.py --run-dir runs/redial [--split train] [--max-samples 0]
 """
@@ -48,6 +54,12 @@ def chain_counts(items: list[dict], samples: list[dict], candidates: list[list[i
         low, high = next(b for b in SCORED_BINS if b[0] <= scored <= b[1])
         counts[f"scored {low}-{high}" if high < 10**6 else f"scored {low}+"] += 1
         counts["identical titles among the candidates"] += len({common.normalize_title(items[c]["title"]) for c in cands}) < len(cands)
+        _, by_score = common.reasoning_chain(items, vocab, s["context"], cands, [], s["liked"], s["context_items"])
+        retriever_hit, score_hit = any(c in truth for c in cands[:10]), any(c in truth for c in by_score[:10])
+        counts["a true target in the retriever's first 10"] += retriever_hit
+        counts["a true target in the first 10 by scores alone"] += score_hit
+        counts["by scores alone: a target the retriever's first 10 miss"] += score_hit and not retriever_hit
+        counts["by scores alone: no target the retriever's first 10 hold"] += retriever_hit and not score_hit
     return counts
 
 
@@ -76,11 +88,14 @@ def main(argv=None) -> Counter:
           f"({'out of fold' if fold_nets else 'the full retriever'})")
     order = (list(common.PARSE_KINDS) + ["a true target among the candidates", "Ranking = retriever order, targets first"]
              + [f"scored {lo}-{hi}" if hi < 10**6 else f"scored {lo}+" for lo, hi in SCORED_BINS]
-             + ["identical titles among the candidates"])
+             + ["identical titles among the candidates", "a true target in the retriever's first 10",
+                "a true target in the first 10 by scores alone", "by scores alone: a target the retriever's first 10 miss",
+                "by scores alone: no target the retriever's first 10 hold"])
     print("| count | chains | share |\n|---|---|---|")
     for key in order:
         print(f"| {key} | {counts[key]} | {counts[key] / n:.1%} |")
-    print("(scored a-b: chains where a to b of the candidates share a preferred attribute; the Scores line writes 5)")
+    print("(scored a-b: chains where a to b of the candidates share a preferred attribute; the Scores line writes 5; "
+          "by scores alone: the chain's ranking built without the targets, as a model that cannot guess them would)")
     return counts
 
 
