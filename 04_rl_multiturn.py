@@ -307,25 +307,27 @@ def gather(obj, world: int) -> list:
 
 def policy_update(model, rows: list[dict], reference: dict | None, optimizer, pad_id: int, world: int, args) -> dict:
     """--updates optimizer steps on one batch of recommender turns; returns KL, entropy, ratio stats.
-    The first pass is on-policy: its log-probs (before any step) are pi_old for the later passes,
-    and the reference's log-probs are scored once, in that pass (the micro-batches never change).
+    The reference's log-probs are scored first, for every micro-batch under one swap of its
+    adapter (it is fixed, and each swap copies the adapters between devices). The first pass is
+    on-policy: its log-probs (before any step) are pi_old for the later passes.
     With no KL term, rows with advantage 0 have no gradient and are not run."""
     n_tokens = int(all_sum([sum(len(r["completion_ids"]) for r in rows)], world)[0])
     active = [r for r in rows if r["completion_ids"] and (args.kl_coef > 0 or r["advantage"] != 0)]
+    chunks = [active[s:s + args.micro_batch] for s in range(0, len(active), args.micro_batch)]
+    batches = [[t.to(args.device) for t in left_padded([(r["prompt_ids"], r["completion_ids"]) for r in chunk], pad_id)]
+               for chunk in chunks]  # ids, attn, mask of each micro-batch
     params = common.lora_parameters(model)
     sums = {"kl": 0.0, "entropy": 0.0, "clipped": 0.0, "tokens": 0.0, "loss": 0.0}
     model.train()
+    if args.kl_coef > 0 and chunks:
+        with torch.no_grad(), common.lora_swapped(model, reference):
+            for chunk, (ids, attn, mask) in zip(chunks, batches):
+                for r, lp in zip(chunk, common.token_logprobs(model, ids, attn, args.temperature, last=mask.shape[1])):
+                    r["ref_logp"] = lp
     for update in range(args.updates):
-        for s in range(0, len(active), args.micro_batch):
-            chunk = active[s:s + args.micro_batch]
-            ids, attn, mask = left_padded([(r["prompt_ids"], r["completion_ids"]) for r in chunk], pad_id)
-            ids, attn, mask = ids.to(args.device), attn.to(args.device), mask.to(args.device)
+        for chunk, (ids, attn, mask) in zip(chunks, batches):
             adv = torch.tensor([r["advantage"] for r in chunk], device=args.device)
             L = mask.shape[1]
-            if args.kl_coef > 0 and update == 0:  # the reference is fixed: score it once, before the policy's pass
-                with torch.no_grad(), common.lora_swapped(model, reference):
-                    for r, lp in zip(chunk, common.token_logprobs(model, ids, attn, args.temperature, last=L)):
-                        r["ref_logp"] = lp
             ref_logp = torch.stack([r["ref_logp"] for r in chunk]) if args.kl_coef > 0 else None
             logp, entropy = common.token_logprobs(model, ids, attn, args.temperature, last=L, entropy=True)
             if update == 0:

@@ -177,6 +177,30 @@ def test_kl_is_zero_before_the_first_update_and_one_update_changes_only_lora(rol
     common.set_lora_weights(model, reference)
 
 
+def test_the_reference_is_swapped_in_once_per_update_and_scores_every_micro_batch(rollout, monkeypatch):
+    model, args = rollout.conversation.model, rollout.args
+    reference, pad_id = rollout.weights["recommender_sft"], rollout.conversation.tok.pad_token_id
+    rows, _ = rl.score_groups(rollout.groups, rollout.items, args)
+    for n, r in enumerate(rows):
+        r["advantage"] = 1.0 if n % 2 else -1.0
+    assert len(rows) > args.micro_batch  # several micro-batches
+    policy = {k: v + 0.01 for k, v in reference.items()}  # a policy that has left the reference
+    common.set_lora_weights(model, policy)
+    swaps, swapped = [], common.lora_swapped
+    monkeypatch.setattr(common, "lora_swapped", lambda m, w: swaps.append(w) or swapped(m, w))
+    batch = [dict(r) for r in rows]
+    rl.policy_update(model, batch, reference, torch.optim.SGD(common.lora_parameters(model), lr=0.0), pad_id, 1, args)
+    assert len(swaps) == 1 and swaps[0] is reference
+    # every row's reference log-probs are the reference adapter's own, and the policy's are back
+    common.set_lora_weights(model, reference)
+    with torch.no_grad():
+        for r in batch:
+            ids, attn, mask = rl.left_padded([(r["prompt_ids"], r["completion_ids"])], pad_id)
+            own = common.token_logprobs(model, ids, attn, args.temperature, last=mask.shape[1])[0]
+            assert torch.allclose(r["ref_logp"][-len(r["completion_ids"]):], own, atol=1e-5)
+    common.set_lora_weights(model, reference)
+
+
 def test_killed_rl_run_resumes_to_identical_weights(inspired_tiny_adapters, tmp_path, make_run, monkeypatch):
     monkeypatch.setattr(rl, "turn_reward", varied_reward)
     whole = make_run(inspired_tiny_adapters, tmp_path / "whole", RUN_PARTS)
