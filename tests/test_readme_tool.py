@@ -385,6 +385,13 @@ def test_start_states_block_sets_all_against_reachable(tmp_path):
     assert ("| `rl_final/recommender_rl_no_preference` | reachable (230 of 1805) | 2 x 1 x 4 x 2 | 1.00 | 0.125 | 0.00 | "
             "0.25 / 0.25 | 0.12 / 0.12 | 1.25 / 1.25 | reachable (16 of 40) | n/a / 0.25 (n/a / 0.20) | n/a / 0.50 |") in block
     assert "| `rl_final` |" not in block and block.count("`recommender_rl/` (") == 1  # rl_long's curves only
+    # --cited-rl writes the same summary and curves into its own block, and leaves rl_reachable alone
+    readme.write_text(readme.read_text() + "<!-- rl_cited:start -->\nstale\n<!-- rl_cited:end -->\n")
+    tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--cited-rl", str(long)])
+    text = readme.read_text()
+    assert text.split("<!-- rl_reachable:start -->")[1].split("<!-- rl_reachable:end -->")[0] == block
+    cited = text.split("<!-- rl_cited:start -->")[1].split("<!-- rl_cited:end -->")[0]
+    assert "| `rl_long` | reachable (230 of 1805) | 8 (of 40) x 1 x 4 x 2 |" in cited and "stale" not in cited
     assert "`rl_final/`, `recommender_rl_no_preference/` (1 prompt x G 4" in block
     # a run without greedy episodes (--eval-samples 0, no pool): its greedy columns say so
     log_path = reach / "recommender_rl" / "train_log.jsonl"

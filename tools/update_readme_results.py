@@ -35,7 +35,9 @@ hold (--start-states), a summary row each and then their per-step curves (and th
 quarters of the run); the same for --reachable-rl DIR... between <!-- rl_reachable:start --> and
 <!-- rl_reachable:end --> (runs that also validate on reachable states, --eval-states), and for
 --pool-rl DIR... between <!-- rl_pool:start --> and <!-- rl_pool:end --> (runs on a fixed pool of
-start states, --train-pool, whose greedy episodes on the pool are the curve).
+start states, --train-pool, whose greedy episodes on the pool are the curve), and for --cited-rl DIR...
+between <!-- rl_cited:start --> and <!-- rl_cited:end --> (runs from an SFT adapter trained with
+03's --cite-candidates).
 
     python tools/update_readme_results.py [--runs runs] [--datasets inspired] [--command "..."]
                                           [--compare-rl runs/a runs/b] [--sft-quality runs/a runs/b]
@@ -43,7 +45,7 @@ start states, --train-pool, whose greedy episodes on the pool are the curve).
                                           [--rl-eval runs/a] [--final-eval runs/a] [--reachable-eval runs/a]
                                           [--candidate-targets runs/a]
                                           [--start-states-rl runs/a runs/b] [--reachable-rl runs/a]
-                                          [--pool-rl runs/a]
+                                          [--pool-rl runs/a] [--cited-rl runs/a]
 """
 import argparse
 import datetime
@@ -546,6 +548,9 @@ def main(argv=None) -> None:
     parser.add_argument("--pool-rl", nargs="*", default=None,
                         help="run directories whose recommender_rl/ (04 with --train-pool) to list, with their curves "
                              "and the pool's greedy episodes, in the rl_pool block")
+    parser.add_argument("--cited-rl", nargs="*", default=None,
+                        help="run directories whose recommender_rl/ (04 from an SFT adapter of 03 --cite-candidates) to "
+                             "list, with their curves, in the rl_cited block")
     args = parser.parse_args(argv)
     # only runs/<dataset>/: a side run directory (e.g. runs/inspired_sft100) must not replace its dataset's block
     found = [p for p in sorted(Path(args.runs).glob("*/eval/results.json"))
@@ -596,12 +601,10 @@ def main(argv=None) -> None:
     if args.candidate_targets:
         text = replace_between(text, "candidate_targets", merge_rows(
             text, "candidate_targets", candidate_targets_table([Path(d) for d in args.candidate_targets])))
-    if args.start_states_rl:
-        text = replace_between(text, "rl_start_states", start_states_block([Path(d) for d in args.start_states_rl]))
-    if args.reachable_rl:
-        text = replace_between(text, "rl_reachable", start_states_block([Path(d) for d in args.reachable_rl]))
-    if args.pool_rl:
-        text = replace_between(text, "rl_pool", start_states_block([Path(d) for d in args.pool_rl]))
+    for dirs, block in ((args.start_states_rl, "rl_start_states"), (args.reachable_rl, "rl_reachable"),
+                        (args.pool_rl, "rl_pool"), (args.cited_rl, "rl_cited")):
+        if dirs:
+            text = replace_between(text, block, start_states_block([Path(d) for d in dirs]))
     readme.write_text(text)
     print(f"updated {readme}: results of {sorted(new)} (kept {sorted(set(blocks) - set(new))})"
           + (", benchmark table" if bench_table else "") + (", LoRA step table" if lora_table else ""))
