@@ -239,9 +239,11 @@ def test_side_eval_block_copies_each_table_under_its_command(tmp_path):
     (run_dir / "eval" / "paired_gains_vs_smtpo.md").unlink()
     tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), "--side-eval", str(run_dir)])
     text = readme.read_text()
-    # --rl-eval, --final-eval and --reachable-eval fill their own blocks the same way and leave the side_eval block as it was
+    # --rl-eval, --final-eval, --reachable-eval and --cited-eval fill their own blocks the same way and leave the
+    # side_eval block as it was
     side_block = lambda t: t.split("<!-- side_eval:start -->")[1].split("<!-- side_eval:end -->")[0]  # noqa: E731
-    for flag, name in (("--rl-eval", "rl_eval"), ("--final-eval", "rl_final"), ("--reachable-eval", "rl_reachable_eval")):
+    for flag, name in (("--rl-eval", "rl_eval"), ("--final-eval", "rl_final"), ("--reachable-eval", "rl_reachable_eval"),
+                       ("--cited-eval", "rl_cited_eval")):
         readme.write_text(text.replace("<!-- bench:start -->", f"<!-- {name}:start -->\n<!-- {name}:end -->\n<!-- bench:start -->"))
         tool.main(["--runs", str(tmp_path / "runs"), "--readme", str(readme), flag, str(run_dir)])
         block = readme.read_text().split(f"<!-- {name}:start -->")[1].split(f"<!-- {name}:end -->")[0]

@@ -25,7 +25,8 @@ that set SMTPO against SFT on the same test conversations; between <!-- rl_final
 <!-- rl_final:end -->, with --final-eval DIR...: the same, for the latest adapters (the 300-step SFT
 adapter, the RL adapters trained from it); between <!-- rl_reachable_eval:start --> and
 <!-- rl_reachable_eval:end -->, with --reachable-eval DIR...: the same, for 05 runs drawn with
---test-states reachable.
+--test-states reachable; between <!-- rl_cited_eval:start --> and <!-- rl_cited_eval:end -->, with
+--cited-eval DIR...: the same, for adapters of 03 --cite-candidates and the RL runs from them.
 Between <!-- candidate_targets:start --> and <!-- candidate_targets:end -->, with --candidate-targets DIR...:
 where the target sits among the K candidates of training samples (in sample and out of fold) and of valid
 samples, from each DIR/retriever/report.json (03's cross-fitting); rows of run directories not named stay.
@@ -43,6 +44,7 @@ between <!-- rl_cited:start --> and <!-- rl_cited:end --> (runs from an SFT adap
                                           [--compare-rl runs/a runs/b] [--sft-quality runs/a runs/b]
                                           [--side-eval runs/a runs/b] [--sim-quality runs/a/simulator]
                                           [--rl-eval runs/a] [--final-eval runs/a] [--reachable-eval runs/a]
+                                          [--cited-eval runs/a]
                                           [--candidate-targets runs/a]
                                           [--start-states-rl runs/a runs/b] [--reachable-rl runs/a]
                                           [--pool-rl runs/a] [--cited-rl runs/a]
@@ -536,6 +538,9 @@ def main(argv=None) -> None:
     parser.add_argument("--reachable-eval", nargs="*", default=None,
                         help="run directories whose eval/results.md (05_eval.py --test-states reachable) to copy into "
                              "the rl_reachable_eval block")
+    parser.add_argument("--cited-eval", nargs="*", default=None,
+                        help="run directories whose eval/results.md (05_eval.py with adapters of 03 --cite-candidates) to "
+                             "copy into the rl_cited_eval block")
     parser.add_argument("--candidate-targets", nargs="*", default=None,
                         help="run directories whose retriever/report.json to list in the candidate_targets block "
                              "(rows of other runs already there are kept)")
@@ -592,12 +597,10 @@ def main(argv=None) -> None:
             text, "sim_quality", sim_quality_table([Path(d) for d in args.sim_quality])))
     if args.side_eval:
         text = replace_between(text, "side_eval", side_eval_block([Path(d) for d in args.side_eval]))
-    if args.rl_eval:
-        text = replace_between(text, "rl_eval", side_eval_block([Path(d) for d in args.rl_eval]))
-    if args.final_eval:
-        text = replace_between(text, "rl_final", side_eval_block([Path(d) for d in args.final_eval]))
-    if args.reachable_eval:
-        text = replace_between(text, "rl_reachable_eval", side_eval_block([Path(d) for d in args.reachable_eval]))
+    for dirs, block in ((args.rl_eval, "rl_eval"), (args.final_eval, "rl_final"), (args.reachable_eval, "rl_reachable_eval"),
+                        (args.cited_eval, "rl_cited_eval")):
+        if dirs:
+            text = replace_between(text, block, side_eval_block([Path(d) for d in dirs]))
     if args.candidate_targets:
         text = replace_between(text, "candidate_targets", merge_rows(
             text, "candidate_targets", candidate_targets_table([Path(d) for d in args.candidate_targets])))
