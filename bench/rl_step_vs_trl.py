@@ -18,8 +18,8 @@ Each side runs in its own child process (so peak memory is its own): --warmup st
 then --repeats timed steps; the parent prints medians and the ratios ours / TRL and appends one
 JSON line per side to --out. --rounds N runs the two sides alternately N times (a GPU machine's
 speed drifts between runs): medians over every round's steps, and each round's ratio. Peak
-memory: the child's max RSS on CPU, torch.cuda.max_memory_allocated on CUDA. TRL is a bench-only dependency: `pip install -r bench/requirements.txt`
-(`bash install.sh --bench`).
+memory: the child's max RSS on CPU, torch.cuda.max_memory_allocated on CUDA. TRL is a bench-only
+dependency: `pip install -r bench/requirements.txt` (`bash install.sh --bench`).
 
     OMP_NUM_THREADS=1 python bench/rl_step_vs_trl.py --threads 1             # CPU, SmolLM2-135M
     python bench/rl_step_vs_trl.py --device cuda --model Qwen/Qwen2.5-1.5B-Instruct --load-in-4bit --rounds 2

@@ -191,7 +191,9 @@ def test_the_reference_is_swapped_in_once_per_update_and_scores_every_micro_batc
     batch = [dict(r) for r in rows]
     rl.policy_update(model, batch, reference, torch.optim.SGD(common.lora_parameters(model), lr=0.0), pad_id, 1, args)
     assert len(swaps) == 1 and swaps[0] is reference
-    # every row's reference log-probs are the reference adapter's own, and the policy's are back
+    # the policy's weights are back after the swap (lr 0: the step leaves them), and every row's
+    # reference log-probs are the reference adapter's own
+    assert all(torch.equal(w, policy[k]) for k, w in common.get_lora_weights(model).items())
     common.set_lora_weights(model, reference)
     with torch.no_grad():
         for r in batch:
