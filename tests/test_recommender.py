@@ -207,6 +207,21 @@ def test_recommender_sft_smoke_writes_adapter_and_quality(inspired_with_retrieve
     validations = []
     loss = common.mean_token_loss
     monkeypatch.setattr(common, "mean_token_loss", lambda *a, **k: validations.append(1) or loss(*a, **k))
+    # The tiny model's 24-token answers never parse, so a parse rate of 0 would pass whatever 03 counted:
+    # answer 1 is swapped for a valid list of its first 10 candidates and answer 2 for one of 9 (both tags,
+    # does not parse); the model's tokens stay. The report must then say 1 valid of 4, samples 0, 2, 3 invalid.
+    real_recommend = common.recommend_with_llm
+
+    def one_valid(model, tok, items, titles, contexts, candidates, *a, **k):
+        answers = real_recommend(model, tok, items, titles, contexts, candidates, *a, **k)
+        for i, n in ((1, 10), (2, 9)):
+            lines = "\n".join(f"{m}. {items[x]['title']}" for m, x in enumerate(candidates[i][:n], 1))
+            parsed = common.parse_recommendation(f"<answer>\n{lines}\n</answer>", titles, candidates[i])
+            answers[i] = {**answers[i], "text": f"<answer>\n{lines}\n</answer>", "parsed": parsed,
+                          "ranked": common.fill_ranking(parsed["ids"], candidates[i])}
+        return answers
+
+    monkeypatch.setattr(common, "recommend_with_llm", one_valid)
     out = rec.main(["--dataset", "inspired", "--run-dir", str(run_dir)] + rec_tiny(steps=3, eval_every=3))
     folder = run_dir / "recommender_sft"
     for f in ("adapter_config.json", "adapter_model.safetensors", "recommender_config.json", "train_log.jsonl",
@@ -220,12 +235,18 @@ def test_recommender_sft_smoke_writes_adapter_and_quality(inspired_with_retrieve
     titles = common.run_title_index(common.RunPaths(run_dir), common.load_items(common.RunPaths(run_dir)))
     for name in ("tuned", "base"):
         q = quality[name]
-        assert q["samples"] == 4 and 0 <= q["parse_rate"] <= 1 and q["mean_completion_tokens"] > 0
-        invalid = round(q["samples"] * (1 - q["parse_rate"]))  # each invalid answer falls in one kind or more
-        assert set(q["parse_failures"]) == set(common.PARSE_KINDS[1:]) and sum(q["parse_failures"].values()) >= invalid
-        assert q["parse_failures"]["no closed <answer>"] == round(q["samples"] * (1 - q["answer_tag_rate"]))
+        assert q["samples"] == 4 and q["mean_completion_tokens"] > 0
         kept = q["invalid_examples"]  # every invalid answer (fewer than 30 here), whole and re-parsable
-        assert len(kept) == invalid and all(e["kinds"] and "valid" not in e["kinds"] for e in kept)
+        # the swapped answers: 1 valid of 4 (an answer with tags that does not parse is not counted), the
+        # rate and its interval from those counts, each kept failure under its own sample's index
+        assert [e["sample"] for e in kept] == [0, 2, 3] and kept[1]["kinds"] == ["fewer than 10"]
+        assert q["parse_rate"] == (q["samples"] - len(kept)) / q["samples"] == 1 / 4
+        assert q["parse_rate_ci"] == common.wilson_interval(1, 4)
+        invalid = len(kept)  # each invalid answer falls in one kind or more
+        assert set(q["parse_failures"]) == set(common.PARSE_KINDS[1:])
+        assert sum(q["parse_failures"].values()) >= invalid
+        assert q["parse_failures"]["no closed <answer>"] == round(q["samples"] * (1 - q["answer_tag_rate"]))
+        assert all(e["kinds"] and "valid" not in e["kinds"] for e in kept)
         for e in kept:
             parsed = common.parse_recommendation(e["text"], titles, e["candidates"])
             assert not parsed["valid"] and common.parse_failure_kinds(parsed) == e["kinds"] and len(e["candidates"]) == 20
@@ -287,8 +308,14 @@ def test_init_adapter_continues_from_an_earlier_adapter(inspired_with_retriever,
     assert all(torch.equal(same[k], trained[k]) for k in trained)
     assert (report_only / "recommender_sft" / "train_log.jsonl").read_text() == ""
     quality = json.loads((report_only / "recommender_sft" / "quality.json").read_text())
-    low, high = quality["tuned"]["parse_rate_ci"]
-    assert 0 <= low <= quality["tuned"]["parse_rate"] <= high <= 1
+    # the report is on the earlier adapter: its answers are those the first run's report gave (greedy, same
+    # weights and samples), unlike the untuned base's; its rate and interval are counts of those answers
+    earlier = json.loads((first / "recommender_sft" / "quality.json").read_text())
+    tuned = quality["tuned"]
+    assert tuned == earlier["tuned"] and tuned["examples"] != quality["base"]["examples"]
+    valid = tuned["samples"] - len(tuned["invalid_examples"])  # every invalid answer is kept (fewer than 30)
+    assert tuned["samples"] == 1 and tuned["parse_rate"] == valid / tuned["samples"]
+    assert tuned["parse_rate_ci"] == common.wilson_interval(valid, tuned["samples"])
     with pytest.raises(SystemExit, match="--init-adapter"):  # without an adapter, 0 steps would write the base
         rec.main(["--dataset", "inspired", "--run-dir", str(report_only), "--steps", "0"] + tiny)
     assert all(torch.equal(common.read_lora(report_only / "recommender_sft")[1][k], trained[k]) for k in trained)

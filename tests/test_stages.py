@@ -5,6 +5,7 @@ import importlib
 import json
 
 import pytest
+import torch
 
 import common
 
@@ -39,12 +40,24 @@ def test_retriever_then_eval_smoke(inspired_run):
 
     retriever_only = ["--parts", "retriever", "--max-samples", "120", "--dim", "32"]
     report = sft_recommender.main(run + retriever_only + ["--epochs", "2", "--retriever-batch-size", "64"])
+    # each variant's reported recall, counted here label by label from the lists its saved net ranks (the
+    # cached encoder vectors of the same 120 samples): a report of another epoch's weights than the saved
+    # best, of the wrong split or of "all" targets, a cut at the wrong k or a miscounted label fails
+    features = torch.load(inspired_run / "retriever" / "features.pt", weights_only=False)["features"]
+    held_out = {split: common.load_samples(common.RunPaths(inspired_run), split)[:120] for split in ("valid", "test")}
     for variant in ("fused", "semantic", "collaborative"):
         assert (inspired_run / "retriever" / variant / "retriever.pt").exists()
         rep = report["variants"][variant]
         assert 1 <= rep["best_epoch"] <= 2
-        for split in ("valid", "test"):
-            assert 0.0 <= rep[split]["new"]["recall@20"] <= rep[split]["new"]["recall@50"] <= 1.0
+        net = common.DualViewRetriever.load(inspired_run / "retriever" / variant)
+        for split, rows in held_out.items():
+            assert len(features[split]) == len(rows)
+            ranked = common.rank_items(net, features[split], [s["context_items"] for s in rows], 50)
+            labels = [(r, t) for r, s in zip(ranked, rows) for t in s["new_targets"]]
+            assert rep[split]["labels"]["new"] == len(labels) > 0
+            for k in (20, 50):
+                hits = sum(t in r[:k] for r, t in labels)
+                assert rep[split]["new"][f"recall@{k}"] == hits / len(labels), (variant, split, k)
     log = [json.loads(line) for line in (inspired_run / "retriever" / "train_log.jsonl").read_text().splitlines()]
     assert [row["variant"] for row in log] == [v for v in ("fused", "semantic", "collaborative")
                                                + tuple(f"fused/fold{f}" for f in range(5)) for _ in range(2)]
