@@ -116,7 +116,8 @@ class Args:
     max_eval_samples: int = arg(40, "valid samples for validation loss and quality.json")
     gen_batch_size: int = arg(8, "prompts per generation batch")
     max_new_tokens: int = arg(320, "generation budget of one recommender answer")
-    no_repeat_ngram: int = arg(10, "quality report: forbid the answer to repeat one of its own n-grams (greedy loop guard; 0 = off)")
+    no_repeat_ngram: int = arg(common.GREEDY_NO_REPEAT_NGRAM, "quality report: forbid the answer to repeat one of "
+                                                              "its own n-grams (greedy loop guard; 0 = off)")
     constrain_answer: bool = arg(False, "quality report: decode an opened <answer> block constrained to 10 distinct "
                                         "candidate titles (common.AnswerListConstraint); off = the model's own format")
     threads: int = arg(0, "torch CPU threads (0 = torch's default; 1 when jobs share the cores, else all of them)")

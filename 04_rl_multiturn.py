@@ -27,21 +27,32 @@ for the KL term) and the simulator (frozen). One step (DESIGN section 6):
     can only earn it by re-ranking); with --train-pool N from a fixed pool of N of those.
  2. Play G = --group-size episodes from each: up to T = --turns turns of retriever (K candidates
     from the dialogue so far) -> policy (sampled at --temperature) -> simulator (greedy reply to
-    the top 3). An episode ends at T or when a true target is ranked first.
+    the top 3). An episode ends at T, or by success at turn n < T: the answer's own list (its
+    parsed titles, not the retriever's filler) ranks a true target first.
  3. Reward every recommender turn: r_t = w_fmt * format + w_rec * recommend + w_pref * preference
       format      1 when the answer parses: both <answer> tags, 10 distinct titles, all candidates
       recommend   1 / log2(1 + rank) of the best-placed true target in the answer's own list, else 0
       preference  F1 of the attributes on the Preference line against the true targets' attributes
- 4. Return-to-go R_t = sum_{k >= t} gamma^(k - t) r_k. Advantage A_t = (R_t - mean) / std over the
-    group's episodes that played turn t; 0 when fewer than two did or all are equal (a
-    zero-variance group teaches nothing and is counted in the log).
+    Each term lies in [0, 1], so a turn earns at most r_max = w_fmt + w_rec + w_pref.
+ 4. Return-to-go with success as an absorbing state. An episode that succeeded at turn n < T is
+    credited r_max for each turn it did not play:
+      R_t = sum_{k=t..n} gamma^(k - t) r_k  +  [success at n] * sum_{k=n+1..T} gamma^(k - t) r_max
+    Any continuation from turn n earns R_n' <= r_n' + sum_{k=n+1..T} gamma^(k - n) r_max, so ending
+    by success is never worth less than playing on from the same turn reward; without the credit a
+    success at turn 1 forfeits the later turns' format reward and scores below never listing the
+    target (returns_to_go's docstring). Advantage A_t = (R_t - mean) / std over the group's
+    episodes that played turn t; 0 when fewer than two did or all are equal (a zero-variance group
+    teaches nothing and is counted in the log).
  5. Token-level loss over the recommender's generated tokens only (the prompt, which holds the
     dialogue and the simulator's replies, is masked):
       L = (1 / N) * sum_tokens [ -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A) + beta * k3 ]
       rho = pi(x_t) / pi_old(x_t),  k3 = pi_ref / pi - log(pi_ref / pi) - 1  (>= 0, 0 at pi = pi_ref)
     N = the generated tokens of the whole batch (of all processes). --updates passes over the
     batch (PPO-style; the first is on-policy, rho = 1); --clip-eps 0 disables clipping,
-    --kl-coef 0 the KL term.
+    --kl-coef 0 the KL term. With the default --updates 1 every pass is on-policy: rho = 1
+    exactly, clipping never acts, and the loss is REINFORCE with the group baseline plus the KL term.
+Validation decodes greedily with 05's loop guard (common.GREEDY_NO_REPEAT_NGRAM), so its lists are
+05's; rollouts sample without it, so their log-probs are the policy's own.
 Multi-process: under torchrun (or accelerate launch) each process plays its own --prompts start
 states; the gradients are summed over processes after each divided its loss by the global N, so
 the update is the token mean over every process's tokens and all copies stay identical. Process 0
@@ -82,7 +93,6 @@ class Args:
     temperature: float = arg(1.0, "sampling temperature of the policy during rollouts (> 0)")
     top_p: float = arg(1.0, "nucleus of the policy's sampling")
     max_new_tokens: int = arg(288, "generation budget of one recommender answer")
-    no_repeat_ngram: int = arg(0, "loop guard of the recommender's decoding (0 = off: rollouts must sample the policy itself)")
     sim_max_new_tokens: int = arg(60, "generation budget of one simulator reply")
     retriever_query: str = arg("latest-feedback", "what the retriever reads each turn: the real dialogue + the simulator's "
                                                   "latest reply (DESIGN 1), or every simulated turn too (before 2026-11-26)",
@@ -96,7 +106,7 @@ class Args:
     w_preference: float = arg(0.5, "reward weight of preference (F1 of claimed vs the target's attributes); 0 = ablation")
     gamma: float = arg(0.9, "discount of the return-to-go over turns")
     lr: float = arg(2e-5, "AdamW learning rate (constant)")
-    updates: int = arg(1, "optimizer steps per batch of episodes (PPO-style; > 1 makes clipping matter)")
+    updates: int = arg(1, "optimizer steps per batch of episodes (PPO-style; at 1 the ratio is 1: clipping never acts)")
     clip_eps: float = arg(0.2, "PPO ratio clipping epsilon (0 = no clipping)")
     kl_coef: float = arg(0.02, "weight beta of the k3 KL estimate to the SFT reference (0 = no KL term)")
     max_grad_norm: float = arg(1.0, "clip the gradient's global norm (0 = no clipping)")
@@ -131,8 +141,8 @@ def turn_reward(turn: dict, truth: list[int], items: list[dict], args) -> dict[s
     -> {format, recommend, preference, reward}; reward = the weighted sum with args.w_*."""
     parsed = turn["parsed"]
     fmt = 1.0 if parsed["valid"] else 0.0
-    own_list = parsed["ids"][:common.REC_TOP_N]
-    rank = next((n for n, i in enumerate(own_list, 1) if i is not None and i in truth), None)
+    # the answer's own list, as Conversation.recommend's own_rank, which decides success
+    rank = common.best_rank(parsed["ids"][:common.REC_TOP_N], truth)
     recommend = 1.0 / math.log2(1 + rank) if rank else 0.0
     target_attributes = {a.lower() for t in truth for a in common.item_attributes(items[t])}
     claimed = parsed["preference"]
@@ -141,13 +151,26 @@ def turn_reward(turn: dict, truth: list[int], items: list[dict], args) -> dict[s
     return {"format": fmt, "recommend": recommend, "preference": preference, "reward": reward}
 
 
-def returns_to_go(rewards: list[float], gamma: float) -> list[float]:
-    """[r_1 .. r_n] -> [R_1 .. R_n], R_t = r_t + gamma * R_{t+1}."""
+def max_turn_reward(args) -> float:
+    """r_max: each reward term lies in [0, 1], so a turn earns at most the sum of the weights."""
+    return args.w_format + args.w_recommend + args.w_preference
+
+
+def returns_to_go(rewards: list[float], gamma: float, horizon: int | None = None,
+                  absorbing_reward: float = 0.0) -> list[float]:
+    """[r_1 .. r_n] -> [R_1 .. R_n], R_t = r_t + gamma * R_{t+1}, where an episode that ended by
+    success at turn n sits in an absorbing state worth `absorbing_reward` (r_max) on each of the
+    horizon - n turns it did not play: R_n = r_n + sum_{k=1..horizon-n} gamma^k r_max.
+    By hand (gamma 0.9, T 3, r_max 2.5): success at turn 1 with r_1 = 2 -> R_1 = 2 + 0.9 * 2.5 +
+    0.81 * 2.5 = 6.275, above the 4.42 of the target second on all three turns (r = 1.631 each);
+    without the credit (horizon None) it was 2.0, below even 2.71 for never listing the target."""
+    played = len(rewards)
+    padded = list(rewards) + [absorbing_reward] * max((horizon or played) - played, 0)
     out, running = [], 0.0
-    for r in reversed(rewards):
+    for r in reversed(padded):
         running = r + gamma * running
         out.append(running)
-    return out[::-1]
+    return out[::-1][:played]
 
 
 def group_advantages(returns: list[list[float]], eps: float = 1e-6) -> tuple[list[list[float]], int, int]:
@@ -239,7 +262,7 @@ def all_sum(values: list[float], world: int) -> list[float]:
 def rollout(conversation: common.Conversation, samples: list[dict], policy: dict, args) -> list[list[common.Episode]]:
     """G episodes per start state with the policy sampling -> one group (list of G episodes) per sample."""
     episodes = conversation.play(common.start_episodes(samples, args.group_size), args.turns, policy,
-                                 temperature=args.temperature, top_p=args.top_p)
+                                 temperature=args.temperature, top_p=args.top_p, stop_on_success=True)
     return [episodes[i:i + args.group_size] for i in range(0, len(episodes), args.group_size)]
 
 
@@ -251,7 +274,9 @@ def score_groups(groups: list[list[common.Episode]], items: list[dict], args) ->
     raw = {"terms": [], "returns": [], "hits": [], "zero_variance_groups": 0, "groups": 0}
     for group in groups:
         rewards = [[turn_reward(t, e.truth, items, args) for t in e.turns] for e in group]
-        returns = [returns_to_go([r["reward"] for r in rs], args.gamma) for rs in rewards]
+        # an episode that ended by success is credited r_max for the turns it did not play
+        returns = [returns_to_go([r["reward"] for r in rs], args.gamma, args.turns if e.done else None,
+                                 max_turn_reward(args)) for e, rs in zip(group, rewards)]
         adv, zero, total = group_advantages(returns)
         raw["zero_variance_groups"] += zero
         raw["groups"] += total
@@ -360,9 +385,11 @@ def policy_update(model, rows: list[dict], reference: dict | None, optimizer, pa
 
 
 def validate(conversation: common.Conversation, samples: list[dict], policy: dict, items: list[dict], args) -> dict:
-    """Greedy episodes of the current policy on held-out start states: reward terms, hit@1/@10 by
-    turn (summarize) and the parse rate."""
-    episodes = conversation.play(common.start_episodes(samples), args.turns, policy, progress="validation")
+    """Greedy episodes of the current policy on held-out start states, ended by success as in
+    training, decoded as 05 decodes (greedy, its loop guard): reward terms, hit@1/@10 by turn
+    (summarize) and the parse rate."""
+    episodes = conversation.play(common.start_episodes(samples), args.turns, policy, progress="validation",
+                                 stop_on_success=True)
     stats = summarize([{"terms": [turn_reward(t, e.truth, items, args) for e in episodes for t in e.turns],
                         "returns": [], "hits": [episode_hits(e, args.turns) for e in episodes],
                         "zero_variance_groups": 0, "groups": 0, "tokens_generated": 0}])
@@ -380,6 +407,9 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     if args.temperature <= 0:
         raise SystemExit("error: --temperature must be > 0: the policy gradient needs sampled episodes")
+    if min(args.w_format, args.w_recommend, args.w_preference) < 0:
+        raise SystemExit("error: the reward weights --w-format, --w-recommend, --w-preference must be >= 0 "
+                         "(r_max, the absorbing success's credit, is their sum)")
     rank, world = init_distributed(args)
     main_process = rank == 0
     started = time.time()

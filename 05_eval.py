@@ -13,7 +13,9 @@ Writes  <run-dir>/eval/
 
 Protocol (DESIGN section 7): each recommendation sample is scored against its `new_targets`
 (items not mentioned earlier in the dialogue: the headline) and against all its `targets`.
-One label per target item; Recall@k, NDCG@k and MRR@k each look at the first k of the list only.
+One label per target item (the CRS convention): a sample with two targets counts as two labels,
+each with one relevant item, so NDCG@k's ideal DCG is 1 for each. Recall@k, NDCG@k and MRR@k each
+look at the first k of the list only.
 Confidence intervals resample samples (percentile bootstrap). Whether the turns help is the change
 of each multi-turn row from turn 1 to turn T on the same conversations, with a paired bootstrap
 interval (common.paired_gain): the two turns' own intervals overlap even when the change is clear.
@@ -37,9 +39,13 @@ Multi-turn rows, on --limit samples drawn (seeded) among those with a new target
 By default every row whose inputs exist is evaluated (the others are named and skipped).
 Each turn: the retriever recalls K candidates from the dialogue so far, the recommender ranks 10
 (an answer that does not parse keeps its valid titles, then the retriever's order fills the list),
-the simulator answers the top 3 as the seeker. A conversation stops once a true target is ranked
-first, and keeps that list for the later turns. The simulator's leakage rate is the share of its
-replies that name a true target it was neither shown nor told.
+the simulator answers the top 3 as the seeker. Every conversation plays all T turns and every
+turn's list is scored: nothing the recommender or the simulator sees depends on the label, so a
+list can get worse as well as better. --stop-on-label is iEvaLM's label-using protocol instead: a
+conversation ends once the recommender's own list ranks a true target first and keeps that list,
+so R@1 can never fall over the turns and the gains of R@10 and NDCG lean upward; the table says
+which protocol it used. The simulator's leakage rate is the share of its replies that name a true
+target it was neither shown nor told.
 With --test-states reachable the draw is among the samples whose first-turn K candidates hold a
 true target (the retriever's own first turn, no LLM): a table of conditional figures, where a row
 can gain by ranking and feedback alone, since the retriever's misses are left out for every row alike.
@@ -84,12 +90,15 @@ class Args:
                                   "first-turn K candidates (the rows then compare re-ranking and feedback, not recall; "
                                   "rerankable: also not in its top 10)", choices=list(common.STATE_RULES))
     turns: int = arg(5, "multi-turn rows: turns T per conversation")
+    stop_on_label: bool = arg(False, "label-using (iEvaLM): end a conversation once the recommender's own list ranks a "
+                                     "true target first; default: every conversation plays all T turns (label-free)")
     candidates: int = arg(20, "candidates K the retriever recalls each turn")
     show_top: int = arg(3, "movies of the list the simulator is shown (and answers)")
     model: str = arg("", "base LLM (default: the one recommender_sft/ was trained on)")
     load_in_4bit: bool = arg(False, "load the base in nf4 4-bit")
     max_new_tokens: int = arg(320, "generation budget of one recommender answer")
-    no_repeat_ngram: int = arg(10, "forbid a recommender answer to repeat one of its own n-grams (greedy loop guard; 0 = off)")
+    no_repeat_ngram: int = arg(common.GREEDY_NO_REPEAT_NGRAM, "forbid a recommender answer to repeat one of its own "
+                                                              "n-grams (greedy loop guard; 0 = off)")
     constrain_answer: bool = arg(False, "decode an opened <answer> block constrained to 10 distinct candidate titles "
                                         "(common.AnswerListConstraint); off = the model's own format")
     sim_max_new_tokens: int = arg(60, "generation budget of one simulator reply")
@@ -188,6 +197,8 @@ def score_episodes(episodes: list[common.Episode], turns: int, args: Args) -> di
         "simulator_replies": len(replies),
         "reply_names_target_rate": sum(r["names_target"] for r in replies) / len(replies) if replies else None,
         "leakage_rate": sum(r["leaks"] for r in replies) / len(replies) if replies else None,
+        # a reply that repeats the recommender's turn tells the retriever nothing new (common.copies_turn)
+        "reply_copy_rate": sum(r["copies"] for r in replies) / len(replies) if replies else None,
     }
 
 
@@ -198,7 +209,8 @@ def conversation_log(e: common.Episode, items: list[dict]) -> dict:
             "turns": [{"candidates": [items[i]["title"] for i in t["candidates"]], "answer": t["text"],
                        "valid": t["parsed"]["valid"], "list": [items[i]["title"] for i in t["ranked"]],
                        "rank_of_target": t["rank"], "said": t.get("said"), "reply": t.get("reply"),
-                       "leaks": t.get("leaks"), "completion_tokens": len(t["completion_ids"])} for t in e.turns]}
+                       "copies": t.get("copies"), "leaks": t.get("leaks"),
+                       "completion_tokens": len(t["completion_ids"])} for t in e.turns]}
 
 
 def format_gain(g: dict | None) -> str:
@@ -247,7 +259,10 @@ def markdown_tables(results: dict) -> str:
                          f"better / worse):\n\n| system | ΔR@10 t1 | ΔR@10 t{T} |\n|---|---|---|")
             lines += [f"| {name} | {format_gain(v['turn 1'])} | {format_gain(v[f'turn {T}'])} |" for name, v in paired.items()]
         mt = results["multi_turn_meta"]
-        out.append(f"{results['dataset']} {results['split']}, multi-turn (T = {T}, K = {mt['candidates']} candidates): "
+        protocol = ("stopped on the label (--stop-on-label, iEvaLM)" if results["args"].get("stop_on_label")
+                    else "label-free, all T turns played")
+        out.append(f"{results['dataset']} {results['split']}, multi-turn (T = {T}, K = {mt['candidates']} candidates, "
+                   f"{protocol}): "
                    f"{mt['samples']} samples with a new target ({mt['labels']} labels), "
                    + test_states_phrase(mt.get("test_states"))
                    + ("all of them; " if not results["limit"] else f"a seeded draw of --limit {results['limit']}; ")
@@ -297,10 +312,10 @@ def plot_recall_by_turn(results: dict, path) -> None:
 
 
 # the settings two evaluations must share for their rows to sit in one table
-MERGE_KEYS = ("split", "limit", "test_states", "turns", "candidates", "seed", "exclude_seen", "max_new_tokens", "constrain_answer",
-              "no_repeat_ngram", "retriever_query", "recommender_turn")
+MERGE_KEYS = ("split", "limit", "test_states", "turns", "stop_on_label", "candidates", "seed", "exclude_seen",
+              "max_new_tokens", "constrain_answer", "no_repeat_ngram", "retriever_query", "recommender_turn")
 # what a results.json written before a flag existed ran with, where that is not the flag's default
-BEFORE_FLAG = {"retriever_query": "whole-dialogue", "recommender_turn": "list"}
+BEFORE_FLAG = {"retriever_query": "whole-dialogue", "recommender_turn": "list", "stop_on_label": True}
 
 
 def compare_with_reference(multi_turn: dict, subset: list[dict], args: Args) -> None:
@@ -409,7 +424,8 @@ def main(argv=None) -> dict:
             rec_weights = {"retriever": "retriever", "base": None}[recommender] if recommender in ("retriever", "base") \
                 else weights[recommender]
             played[recommender, simulator] = conversation.play(common.start_episodes(subset), turns, rec_weights,
-                                                               progress=f"{recommender} + {simulator}")
+                                                               progress=f"{recommender} + {simulator}",
+                                                               stop_on_success=args.stop_on_label)
             seconds[recommender, simulator] = round(time.time() - started, 1)
         for row in multi:
             key = MULTI_TURN_ROWS[row]

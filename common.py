@@ -2175,7 +2175,8 @@ class Episode:
     context: the dialogue so far (the sample's, then the simulated turns appended);
     truth: the items a list should hold (new targets, else all targets);
     turns: one dict per recommender turn (see Conversation.recommend and Conversation.reply);
-    done: a true target was ranked first, so the seeker has what they came for."""
+    done: the episode ended by success (Conversation.play with stop_on_success): the recommender's
+    own list ranked a true target first, so the seeker has what they came for."""
     sample: dict
     context: list
     truth: list
@@ -2185,6 +2186,12 @@ class Episode:
     def ranking_at(self, turn: int) -> list[int]:
         """The list after `turn` turns (1-based); a finished conversation keeps its last list."""
         return self.turns[min(turn, len(self.turns)) - 1]["ranked"]
+
+
+def best_rank(ranked: Sequence[int | None], truth: Sequence[int]) -> int | None:
+    """The 1-based position of the best-placed true target in a list (None entries are lines that
+    named no candidate), or None when the list holds none."""
+    return next((n for n, i in enumerate(ranked, 1) if i is not None and i in truth), None)
 
 
 def start_episodes(samples: Sequence[dict], copies: int = 1) -> list[Episode]:
@@ -2211,6 +2218,9 @@ def names_title(text: str, title: str) -> bool:
     return f" {normalize_title(title)} " in words
 
 
+# greedy decoding (05's lists, 04's validation, 03's report) forbids an answer to repeat one of its
+# own 10-grams: a small model's greedy answer otherwise loops until the budget; sampling never uses it
+GREEDY_NO_REPEAT_NGRAM = 10
 RETRIEVER_QUERIES = ("latest-feedback", "whole-dialogue")
 # how the recommender's turn reads to the simulator: a question, as the data's recommenders ask
 # ("Have you seen Psycho (1960)?"), or a list sentence, which the simulator mostly copies back
@@ -2264,12 +2274,16 @@ class Conversation:
 
     def recommend(self, episodes: Sequence[Episode], weights, temperature: float = 0.0, top_p: float = 1.0,
                   progress: str | None = None) -> None:
-        """Append a turn {candidates, text, prompt_ids, completion_ids, parsed, ranked, rank} to each
-        episode: K candidates from the retriever (a training dialogue's from its fold's net), then
-        the recommender's answer under `weights`
-        (None: the base model; "retriever": no LLM, the retriever's top 10). rank: the 1-based
-        position of the best-placed true target in the list, or None. progress: a bar over the
-        generation batches with this description (None = none)."""
+        """Append a turn {candidates, text, prompt_ids, completion_ids, parsed, ranked, rank, own_rank}
+        to each episode: K candidates from the retriever (a training dialogue's from its fold's net),
+        then the recommender's answer under `weights` (None: the base model; "retriever": no LLM,
+        the retriever's top 10). ranked: the scored list (the answer's titles, then the retriever's
+        order fills it to 10); rank: the 1-based position of the best-placed true target in it;
+        own_rank: the same in the recommender's own list (its parsed titles only, no filler), which
+        decides success and the recommend reward (an answer that does not parse is never credited
+        with the retriever's order). Greedy decoding (temperature 0) uses the loop guard
+        no_repeat_ngram; sampling never does, so a rollout's log-probs are those of the policy.
+        progress: a bar over the generation batches with this description (None = none)."""
         cands = self.retriever.search([retriever_context(e.sample["context"], e.context, self.retriever_query)
                                        for e in episodes], [e.sample["context_items"] for e in episodes],
                                       self.k, self.exclude_seen, dialog_ids=[e.sample["dialog_id"] for e in episodes])
@@ -2281,11 +2295,12 @@ class Conversation:
                 answers = recommend_with_llm(self.model, self.tok, self.items, self.titles,
                                              [e.context for e in episodes], cands, self.rec_max_new_tokens,
                                              temperature, top_p, self.batch_size, self.max_turns,
-                                             self.no_repeat_ngram, self.constrain_answer, progress)
+                                             self.no_repeat_ngram if temperature == 0 else 0,
+                                             self.constrain_answer, progress)
         for e, c, answer in zip(episodes, cands, answers):
-            rank = min((answer["ranked"].index(t) + 1 for t in e.truth if t in answer["ranked"]), default=None)
-            e.turns.append({"candidates": c, **answer, "rank": rank})
-            e.done = rank == 1
+            own = answer["ranked"] if weights == "retriever" else answer["parsed"]["ids"][:REC_TOP_N]
+            e.turns.append({"candidates": c, **answer, "rank": best_rank(answer["ranked"], e.truth),
+                            "own_rank": best_rank(own, e.truth)})
 
     def recommender_says(self, turn: dict) -> str:
         """The recommender's turn as the seeker hears it: the top movies (recommender_turn "list":
@@ -2305,8 +2320,9 @@ class Conversation:
 
     def reply(self, episodes: Sequence[Episode], progress: str | None = None) -> None:
         """The simulator answers each episode's latest recommender turn; both turns join the
-        dialogue. Adds to the turn: said, shown, reply, names_target (the reply names a true
-        target) and leaks (it names one that was neither shown to it nor said in the dialogue)."""
+        dialogue. Adds to the turn: said, shown, reply, copies (the reply mostly repeats what the
+        recommender said: copies_turn), names_target (the reply names a true target; label-using,
+        only scored) and leaks (it names one that was neither shown to it nor said in the dialogue)."""
         said = [self.recommender_says(e.turns[-1]) for e in episodes]
         shown = [e.turns[-1]["ranked"][:self.show_top] for e in episodes]
         prompts = [simulator_messages("feedback", e.context, self.items, s, ids, max_turns=self.simulator_max_turns)
@@ -2319,12 +2335,16 @@ class Conversation:
             history = " ".join(t["text"] for t in e.context) + " " + s
             named = [t for t in e.truth if names_title(r, self.items[t]["title"])]
             leaked = [t for t in named if t not in ids and not names_title(history, self.items[t]["title"])]
-            e.turns[-1].update(said=s, shown=ids, reply=r, names_target=bool(named), leaks=bool(leaked))
+            e.turns[-1].update(said=s, shown=ids, reply=r, copies=copies_turn(r, s), names_target=bool(named),
+                               leaks=bool(leaked))
             e.context += [{"role": "recommender", "text": s}, {"role": "seeker", "text": r}]
 
     def play(self, episodes: Sequence[Episode], turns: int, weights, progress: str = "",
-             temperature: float = 0.0, top_p: float = 1.0) -> list[Episode]:
-        """Up to `turns` turns; a conversation stops once a true target is ranked first.
+             temperature: float = 0.0, top_p: float = 1.0, stop_on_success: bool = False) -> list[Episode]:
+        """`turns` turns of every conversation (label-free: nothing the players see depends on the
+        true target). stop_on_success: an episode ends once the recommender's own list ranks a true
+        target first (own_rank 1: 04's absorbing success; 05's label-using --stop-on-label) and
+        keeps that list for the later turns.
         temperature, top_p: the recommender's decoding (0 = greedy, for evaluation; RL samples).
         progress: a bar over the turns with this description, and one over each turn's generation batches."""
         bar = tqdm(range(1, turns + 1), desc=progress or "turns", disable=not progress)
@@ -2335,6 +2355,8 @@ class Conversation:
             # a turn of 100 conversations takes minutes on a CPU: show its batches too
             inner = f"turn {t} recommender" if progress and weights != "retriever" else None
             self.recommend(active, weights, temperature, top_p, progress=inner)
+            for e in active:
+                e.done = stop_on_success and e.turns[-1]["own_rank"] == 1
             if t < turns:
                 still = [e for e in active if not e.done]
                 if still:
@@ -2394,8 +2416,9 @@ def load_conversation(run: RunPaths, folders: Sequence[str], items: Sequence[dic
     swappable weights, the fused retriever, and the Conversation that plays them (04 and 05).
     The base is args.model, else the one recommender_sft/ (else the first adapter) was trained
     on. args: model, load_in_4bit, device, candidates, show_top, max_new_tokens,
-    sim_max_new_tokens, gen_batch_size, exclude_seen, no_repeat_ngram (the recommender's loop guard), retriever_query, recommender_turn and,
-    where args has it, constrain_answer (05's; 04 has none: its rollouts decode freely). LoRA dropout is 0: the swapped adapters
+    sim_max_new_tokens, gen_batch_size, exclude_seen, retriever_query, recommender_turn and, where
+    args has them, no_repeat_ngram (05's greedy loop guard; else GREEDY_NO_REPEAT_NGRAM) and
+    constrain_answer (05's; 04 has none: its rollouts decode freely). LoRA dropout is 0: the swapped adapters
     are evaluated or trained as RL policies, where dropout would make old and new log-probs differ.
     -> (conversation, {folder: LoRA weights}); the model's live adapter is a fresh zero-B one."""
     configs = {}
@@ -2420,7 +2443,8 @@ def load_conversation(run: RunPaths, folders: Sequence[str], items: Sequence[dic
         model, tok, items, retriever, simulator_weights=None, candidates=args.candidates, show_top=args.show_top,
         rec_max_new_tokens=args.max_new_tokens, sim_max_new_tokens=args.sim_max_new_tokens,
         batch_size=args.gen_batch_size, exclude_seen=args.exclude_seen, popularity=popularity,
-        no_repeat_ngram=args.no_repeat_ngram, constrain_answer=getattr(args, "constrain_answer", False),
+        no_repeat_ngram=getattr(args, "no_repeat_ngram", GREEDY_NO_REPEAT_NGRAM),
+        constrain_answer=getattr(args, "constrain_answer", False),
         retriever_query=args.retriever_query, recommender_turn=args.recommender_turn)
     conversation.base_model = model_name  # written into the adapters 04 saves
     return conversation, weights

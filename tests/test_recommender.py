@@ -360,7 +360,7 @@ class FixedRetriever:
         return [list(self.candidates[:k]) for _ in contexts]
 
 
-def test_conversation_stops_when_a_target_is_ranked_first_and_feeds_replies_back():
+def test_conversation_stops_on_success_only_when_asked_and_feeds_replies_back():
     model, tok = common.tiny_causal_lm()
     common.add_lora(model, r=4, alpha=8)
     sample = {"dialog_id": "d", "turn": 1, "context": [{"role": "seeker", "text": "something funny"}],
@@ -369,7 +369,12 @@ def test_conversation_stops_when_a_target_is_ranked_first_and_feeds_replies_back
     retriever = FixedRetriever(list(range(20)))
     conv = common.Conversation(model, tok, ITEMS, retriever, simulator_weights=common.get_lora_weights(model),
                                sim_max_new_tokens=6, batch_size=2)
-    episodes = conv.play(common.start_episodes([sample, miss]), turns=3, weights="retriever")
+    # label-free (the default): every conversation plays all its turns, success or not
+    label_free = conv.play(common.start_episodes([sample, miss]), turns=3, weights="retriever")
+    assert [len(e.turns) for e in label_free] == [3, 3] and not any(e.done for e in label_free)
+    assert [t["own_rank"] for t in label_free[0].turns] == [1, 1, 1]
+    retriever.calls, retriever.dialog_ids, retriever.texts = [], [], []
+    episodes = conv.play(common.start_episodes([sample, miss]), turns=3, weights="retriever", stop_on_success=True)
     hit, missed = episodes
     assert hit.done and len(hit.turns) == 1 and hit.turns[0]["rank"] == 1   # Liar Liar is the retriever's first
     assert not missed.done and len(missed.turns) == 3 and missed.turns[0]["rank"] is None  # item 19 is 20th
@@ -389,12 +394,48 @@ def test_conversation_stops_when_a_target_is_ranked_first_and_feeds_replies_back
     conv = common.Conversation(model, tok, ITEMS, whole, simulator_weights=common.get_lora_weights(model),
                                sim_max_new_tokens=6, batch_size=2, retriever_query="whole-dialogue")
     conv.play(common.start_episodes([sample, miss]), turns=3, weights="retriever")
-    assert whole.calls == [[1, 1], [3], [5]]
+    assert whole.calls == [[1, 1], [3, 3], [5, 5]]  # label-free: both conversations play all turns
     # the list form of the recommender's turn (before 2026-11-26)
     conv = common.Conversation(model, tok, ITEMS, FixedRetriever(list(range(20))), simulator_weights=common.get_lora_weights(model),
                                sim_max_new_tokens=6, batch_size=2, recommender_turn="list")
     listed = conv.play(common.start_episodes([miss]), turns=2, weights="retriever")[0]
     assert listed.context[1]["text"].startswith("I would recommend Liar Liar (1997), The Exorcist (1973) or")
+
+
+def test_eval_loop_prompts_do_not_depend_on_the_label(inspired_tiny_adapters, monkeypatch):
+    """05's loop (label-free): every prompt the recommender and the simulator get is the same whatever
+    the true targets are, and a simulator prompt names a true target only when it was shown the movie or
+    the dialogue had named it."""
+    run = common.RunPaths(inspired_tiny_adapters)
+    args = common.parse_args(evaluate.Args, ["--dataset", "inspired", "--run-dir", str(run.root), "--model", "tiny",
+                                             "--max-new-tokens", "12", "--sim-max-new-tokens", "6"])
+    items = common.load_items(run)
+    conversation, weights = common.load_conversation(run, ["recommender_sft", "simulator"], items, args)
+    conversation.simulator_weights = weights["simulator"]
+    samples = [s for s in common.load_samples(run, "test") if s["new_targets"]][:3]
+    prompts = []
+    real_generate = common.generate
+
+    def recording(model, tokenizer, batch, **kwargs):
+        prompts.extend(common.render_chat(tokenizer, p, add_generation_prompt=True) for p in batch)
+        return real_generate(model, tokenizer, batch, **kwargs)
+
+    monkeypatch.setattr(common, "generate", recording)
+    played = conversation.play(common.start_episodes(samples), 3, weights["recommender_sft"])
+    with_truth = list(prompts)
+    # the same conversations with other targets: items none of them mentions
+    others = [i for i in range(len(items)) if all(i not in s["context_items"] + s["targets"] for s in samples)][:3]
+    relabelled = [{**s, "new_targets": [o], "targets": [o]} for s, o in zip(samples, others)]
+    prompts.clear()
+    conversation.play(common.start_episodes(relabelled), 3, weights["recommender_sft"])
+    assert len(with_truth) == 3 * 3 + 3 * 2 and prompts == with_truth  # 3 recommender turns, 2 replies each
+    for e in played:
+        for turn in e.turns[:-1]:
+            simulator_prompt = next(p for p in with_truth if turn["said"] in p)
+            for t in e.truth:
+                named_before = any(common.names_title(x["text"], items[t]["title"]) for x in e.sample["context"])
+                if t not in turn["shown"] and not named_before:
+                    assert not common.names_title(simulator_prompt, items[t]["title"])
 
 
 def test_eval_multi_turn_rows_smoke(inspired_tiny_adapters, tmp_path, make_run):
@@ -413,7 +454,13 @@ def test_eval_multi_turn_rows_smoke(inspired_tiny_adapters, tmp_path, make_run):
         for t in r["turns"]:
             lo, hi = t["ci"]["new"]["recall@10"]
             assert lo <= t["new"]["recall@10"] <= hi
-        assert r["leakage_rate"] is None or 0 <= r["leakage_rate"] <= 1
+        if name not in evaluate.SINGLE_TURN_ROWS:  # the rates are the shares of the replies the log keeps
+            log = common.read_jsonl(run_dir / "eval" / f"conversations_{name}.jsonl")
+            replies = [t for c in log for t in c["turns"] if t["reply"] is not None]
+            assert r["simulator_replies"] == len(replies) == 3  # label-free: all 3 conversations reach turn 2
+            assert r["leakage_rate"] == sum(t["leaks"] for t in replies) / 3
+            assert r["reply_copy_rate"] == sum(t["copies"] for t in replies) / 3
+            assert [len(c["turns"]) for c in log] == [2, 2, 2]
         gain = r["gain_first_to_last"]
         if name in evaluate.SINGLE_TURN_ROWS:
             assert gain is None

@@ -73,6 +73,63 @@ def test_returns_to_go_and_group_advantages_by_hand():
     assert (zero, total) == (2, 3)
 
 
+def success_group(turns: int) -> list[list[float]]:
+    """The returns of one group at the default weights (format 1, recommend 1, preference 0.5; every
+    answer parses, claims no preference): the target first at turn 1 (success: the episode ends),
+    second every turn, tenth every turn, never listed."""
+    r_max = rl.max_turn_reward(WEIGHTS)
+    second, tenth, never = 1 + 1 / math.log2(3), 1 + 1 / math.log2(11), 1.0
+    played_on = [rl.returns_to_go([r] * turns, 0.9) for r in (second, tenth, never)]
+    return [rl.returns_to_go([2.0], 0.9, turns, r_max)] + played_on
+
+
+@pytest.mark.parametrize("turns", [2, 3, 5])
+def test_success_is_absorbing_and_earns_the_highest_return_and_advantage(turns):
+    returns = success_group(turns)
+    # by hand: R_1 of the success = 2 + sum_{k=1..T-1} 0.9^k * 2.5 (r_max of the weights 1, 1, 0.5)
+    assert returns[0] == pytest.approx([2 + sum(0.9 ** k * 2.5 for k in range(1, turns))])
+    assert [len(r) for r in returns] == [1] + [turns] * 3  # the success played one turn
+    first_turn = [r[0] for r in returns]
+    assert first_turn[0] == max(first_turn) and first_turn.count(first_turn[0]) == 1
+    adv, _, _ = rl.group_advantages(returns)
+    assert adv[0][0] == max(a[0] for a in adv) and adv[0][0] > 0
+
+
+def test_without_the_absorbing_credit_success_scored_lowest():
+    """The defect the absorbing state fixes (T 3, the issue's table): without crediting the unplayed
+    turns, success at turn 1 (R_1 2.00) had the group's lowest advantage, below never listing the target."""
+    second, tenth = 1 + 1 / math.log2(3), 1 + 1 / math.log2(11)
+    old = [rl.returns_to_go(r, 0.9) for r in ([2.0], [second] * 3, [tenth] * 3, [1.0] * 3)]
+    assert [round(r[0], 2) for r in old] == [2.00, 4.42, 3.49, 2.71]
+    adv, _, _ = rl.group_advantages(old)
+    assert [a[0] for a in adv] == pytest.approx([-1.28, 1.40, 0.38, -0.50], abs=0.01)  # the table's, to its rounding
+    # with the credit (horizon 3, r_max 2.5): 6.275, the group's highest
+    assert rl.returns_to_go([2.0], 0.9, 3, 2.5) == pytest.approx([6.275])
+    # an episode that played every turn gets no credit, whatever the horizon says
+    assert rl.returns_to_go([1.0, 2.0, 3.0], 0.9, 3, 2.5) == rl.returns_to_go([1.0, 2.0, 3.0], 0.9)
+
+
+def test_score_groups_credits_the_turns_a_success_did_not_play():
+    """score_groups on hand-made episodes (T 3): one ends by success at turn 1, one plays all three
+    turns with the target second; the success's turn-1 return carries r_max for turns 2 and 3."""
+    ten = [3, 0, 1, 2, 4, 5, 6, 7, 8, 9]
+    titles = common.TitleIndex(ITEMS)
+
+    def turn(ids):
+        return {"parsed": common.parse_recommendation(answer(ids, "nothing"), titles, CANDIDATES),
+                "prompt_ids": [1], "completion_ids": [2], "candidates": CANDIDATES, "ranked": ids}
+
+    sample = {"context": [], "new_targets": [3], "targets": [3]}
+    success = common.Episode(sample, [], [3], turns=[turn(ten)], done=True)
+    second = [0, 3, 1, 2, 4, 5, 6, 7, 8, 9]
+    played = common.Episode(sample, [], [3], turns=[turn(second)] * 3)
+    args = SimpleNamespace(**vars(WEIGHTS), gamma=0.9, turns=3)
+    rows, raw = rl.score_groups([[success, played]], ITEMS, args)
+    r2 = 1 + 1 / math.log2(3)
+    assert raw["returns"] == pytest.approx([2 + 0.9 * 2.5 + 0.81 * 2.5, r2 * (1 + 0.9 + 0.81)])
+    assert [r["advantage"] for r in rows] == pytest.approx([1.0, -1.0, 0.0, 0.0])  # two episodes at turn 1
+
+
 def test_policy_loss_gradient_and_clipping_by_hand():
     logp = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5]], requires_grad=True)
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
