@@ -30,7 +30,7 @@ it trained on far better than new ones, so it also trains --retriever-folds copi
 one fold of the training dialogues: the SFT examples here and 04's training episodes get a
 training dialogue's candidates from the copy that never saw it, as a test dialogue gets them.
 
-Part 2, the recommender (DESIGN section 5): the prompt is the dialogue, the seeker's latest
+Part 2, the recommender (docs/design.md section 5): the prompt is the dialogue, the seeker's latest
 feedback and the retriever's K numbered candidates with short attributes
 (common.recommender_messages); the target is a five-line reasoning chain (Preference, Matching,
 Scores, Ranking, Explanation) and then `<answer>` with 10 numbered candidate titles, built from

@@ -19,7 +19,7 @@ Writes  <run-dir>/recommender_rl/ (or --out, e.g. recommender_rl_no_preference w
 
 One base LLM carries three adapters, swapped in place (common.lora_swapped, no second model copy):
 the policy (trainable, initialised from the SFT adapter), the reference (the frozen SFT adapter,
-for the KL term) and the simulator (frozen). One step (DESIGN section 6):
+for the KL term) and the simulator (frozen). One step (docs/design.md section 6):
  1. Draw --prompts training samples (start states), from (seed, step) alone; with
     --start-states reachable only among those whose true target the retriever recalls in the
     first turn's K candidates (the policy can then earn the recommend reward by ranking it), with
@@ -94,8 +94,9 @@ class Args:
     top_p: float = arg(1.0, "nucleus of the policy's sampling")
     max_new_tokens: int = arg(288, "generation budget of one recommender answer")
     sim_max_new_tokens: int = arg(60, "generation budget of one simulator reply")
-    retriever_query: str = arg("latest-feedback", "what the retriever reads each turn: the real dialogue + the simulator's "
-                                                  "latest reply (DESIGN 1), or every simulated turn too (before 2026-11-26)",
+    retriever_query: str = arg("latest-feedback", "what the retriever reads each turn: the real dialogue + the "
+                                                  "simulator's latest reply (docs/design.md section 1), or every "
+                                                  "simulated turn too (before 2026-11-26)",
                                choices=list(common.RETRIEVER_QUERIES))
     recommender_turn: str = arg("question", "how the simulator hears the recommender's top movies: 'Have you seen A? You "
                                             "might also like B or C.' or 'I would recommend A, B or C.' (before 2026-11-26)",

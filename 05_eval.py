@@ -11,7 +11,7 @@ Writes  <run-dir>/eval/
           recall_by_turn.png    Recall@10 (new targets) by turn for the multi-turn rows
           conversations_<row>.jsonl  every simulated conversation: lists, answers, simulator replies
 
-Protocol (DESIGN section 7): each recommendation sample is scored against its `new_targets`
+Protocol (docs/design.md section 7): each recommendation sample is scored against its `new_targets`
 (items not mentioned earlier in the dialogue: the headline) and against all its `targets`.
 One label per target item (the CRS convention): a sample with two targets counts as two labels,
 each with one relevant item, so NDCG@k's ideal DCG is 1 for each. Recall@k, NDCG@k and MRR@k each
@@ -102,8 +102,9 @@ class Args:
     constrain_answer: bool = arg(False, "decode an opened <answer> block constrained to 10 distinct candidate titles "
                                         "(common.AnswerListConstraint); off = the model's own format")
     sim_max_new_tokens: int = arg(60, "generation budget of one simulator reply")
-    retriever_query: str = arg("latest-feedback", "what the retriever reads each turn: the real dialogue + the simulator's "
-                                                  "latest reply (DESIGN 1), or every simulated turn too (before 2026-11-26)",
+    retriever_query: str = arg("latest-feedback", "what the retriever reads each turn: the real dialogue + the "
+                                                  "simulator's latest reply (docs/design.md section 1), or every "
+                                                  "simulated turn too (before 2026-11-26)",
                                choices=list(common.RETRIEVER_QUERIES))
     recommender_turn: str = arg("question", "how the simulator hears the recommender's top movies: 'Have you seen A? You "
                                             "might also like B or C.' or 'I would recommend A, B or C.' (before 2026-11-26)",

@@ -2031,7 +2031,7 @@ def preference_matches(items: Sequence[dict], preference: Sequence[str], candida
 def reasoning_chain(items: Sequence[dict], vocab: AttributeVocab, context: Sequence[dict], candidate_ids: Sequence[int],
                     targets: Sequence[int], liked: Sequence[int] = (), context_items: Sequence[int] = (),
                     max_preferences: int = 3, cite_candidates: bool = False) -> tuple[str, list[int]]:
-    """The SFT target built from metadata (DESIGN section 5) and the ranking it encodes.
+    """The SFT target built from metadata (docs/design.md section 5) and the ranking it encodes.
 
     Preference: attributes the seeker states, then those of liked movies already in the dialogue
     (at most max_preferences). Only what the prompt shows goes there: a Preference line that
@@ -2238,7 +2238,7 @@ def retriever_context(real: Sequence[dict], context: Sequence[dict], query: str)
 
 
 class Conversation:
-    """The multi-turn protocol of DESIGN sections 1 and 7 on one base LLM that carries the
+    """The multi-turn protocol of docs/design.md sections 1 and 7 on one base LLM that carries the
     recommender's and the simulator's adapters in turn (lora_swapped: no second model copy).
 
     Each turn: the retriever recalls K candidates from the dialogue (history + the simulator's
@@ -2248,7 +2248,7 @@ class Conversation:
     recommender showed are not added to the items masked as already seen: masking them would
     remove a target ranked 2-10 from the next turn's candidates.
 
-    retriever_query: what the retriever reads. "latest-feedback" (DESIGN section 1): the real
+    retriever_query: what the retriever reads. "latest-feedback" (docs/design.md section 1): the real
     dialogue plus the simulator's latest reply. "whole-dialogue": every simulated turn too, as 04
     and 05 did before 2026-11-26; the encoder keeps the last 256 tokens, so by turn 5 the simulated
     turns filled most of its window (tools/feedback_effect.py)."""
