@@ -12,7 +12,8 @@ Writes  <run-dir>/recommender_rl/ (or --out, e.g. recommender_rl_no_preference w
                                  kept (--start-states), the validation states drawn (--eval-states), seconds
           train_log.jsonl        one row per step (reward terms, return, hit@1/@10 by turn, the share of
                                  episodes with a target among the turn's candidates and in the retriever's
-                                 own top 10 of them (the hit@10 without re-ranking), KL, entropy,
+                                 own top 10 of them (the hit@10 without re-ranking), episodes ended by
+                                 success and their success turn's mean advantage, KL, entropy,
                                  zero-variance groups, tokens, seconds generating vs training; validation),
                                  and a row of step 0 with the SFT start's validation (--eval-start)
           checkpoint/checkpoint.pt  every --save-every steps and at the end; a rerun resumes from it
@@ -272,7 +273,7 @@ def score_groups(groups: list[list[common.Episode]], items: list[dict], args) ->
     -> (one training row {prompt_ids, completion_ids, advantage} per turn,
         raw statistics of this process's episodes, merged over processes by summarize)"""
     rows = []
-    raw = {"terms": [], "returns": [], "hits": [], "zero_variance_groups": 0, "groups": 0}
+    raw = {"terms": [], "returns": [], "hits": [], "success_advantages": [], "zero_variance_groups": 0, "groups": 0}
     for group in groups:
         rewards = [[turn_reward(t, e.truth, items, args) for t in e.turns] for e in group]
         # an episode that ended by success is credited r_max for the turns it did not play
@@ -285,6 +286,8 @@ def score_groups(groups: list[list[common.Episode]], items: list[dict], args) ->
             raw["terms"] += rs
             raw["returns"].append(rets[0])
             raw["hits"].append(episode_hits(e, args.turns))
+            if e.done:  # the advantage of the turn that ranked the target first: it should be high
+                raw["success_advantages"].append(advs[-1])
             for t, a in zip(e.turns, advs):
                 rows.append({"prompt_ids": t["prompt_ids"], "completion_ids": t["completion_ids"], "advantage": a})
     raw["tokens_generated"] = sum(len(r["completion_ids"]) for r in rows)
@@ -307,7 +310,8 @@ def episode_hits(e: common.Episode, turns: int) -> list[tuple[bool, bool, bool, 
 def summarize(raws: list[dict]) -> dict:
     """Step statistics from the raw statistics of every process: mean reward and each term per
     turn played, mean return R_1 per episode, hit@1, hit@10, target_in_candidates (the
-    retriever's recall of K) and retriever_hit@10 (its own order's) by turn, zero-variance groups."""
+    retriever's recall of K) and retriever_hit@10 (its own order's) by turn, zero-variance groups,
+    episodes ended by success and the mean advantage of their success turn."""
     terms = [t for r in raws for t in r["terms"]]
     hits = [h for r in raws for h in r["hits"]]
     returns = [x for r in raws for x in r["returns"]]
@@ -318,6 +322,9 @@ def summarize(raws: list[dict]) -> dict:
     for k in ("zero_variance_groups", "groups", "tokens_generated"):
         out[k] = sum(r[k] for r in raws)
     out["zero_variance_fraction"] = out["zero_variance_groups"] / max(out["groups"], 1)
+    successes = [a for r in raws for a in r.get("success_advantages", [])]
+    out["success_episodes"] = len(successes)
+    out["success_advantage"] = sum(successes) / len(successes) if successes else None
     out["turns_played"], out["episodes"] = len(terms), len(hits)
     return out
 

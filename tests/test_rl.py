@@ -128,6 +128,8 @@ def test_score_groups_credits_the_turns_a_success_did_not_play():
     r2 = 1 + 1 / math.log2(3)
     assert raw["returns"] == pytest.approx([2 + 0.9 * 2.5 + 0.81 * 2.5, r2 * (1 + 0.9 + 0.81)])
     assert [r["advantage"] for r in rows] == pytest.approx([1.0, -1.0, 0.0, 0.0])  # two episodes at turn 1
+    stats = rl.summarize([raw])
+    assert stats["success_episodes"] == 1 and stats["success_advantage"] == pytest.approx(1.0)
 
 
 def test_policy_loss_gradient_and_clipping_by_hand():
