@@ -23,9 +23,7 @@ the policy (trainable, initialised from the SFT adapter), the reference (the fro
 for the KL term) and the simulator (frozen). One step (docs/design.md section 6):
  1. Draw --prompts training samples (start states), from (seed, step) alone; with
     --start-states reachable only among those whose true target the retriever recalls in the
-    first turn's K candidates (the policy can then earn the recommend reward by ranking it), with
-    rerankable only among those whose target is there but not in the retriever's own top 10 (it
-    can only earn it by re-ranking); with --train-pool N from a fixed pool of N of those.
+    first turn's K candidates (the policy can then earn the recommend reward by ranking it).
  2. Play G = --group-size episodes from each: up to T = --turns turns of retriever (K candidates
     from the dialogue so far) -> policy (sampled at --temperature) -> simulator (greedy reply to
     the top 3). An episode ends at T, or by success at turn n < T: the answer's own list (its
@@ -95,13 +93,6 @@ class Args:
     top_p: float = arg(1.0, "nucleus of the policy's sampling")
     max_new_tokens: int = arg(288, "generation budget of one recommender answer")
     sim_max_new_tokens: int = arg(60, "generation budget of one simulator reply")
-    retriever_query: str = arg("latest-feedback", "what the retriever reads each turn: the real dialogue + the "
-                                                  "simulator's latest reply (docs/design.md section 1), or every "
-                                                  "simulated turn too (before 2026-11-26)",
-                               choices=list(common.RETRIEVER_QUERIES))
-    recommender_turn: str = arg("question", "how the simulator hears the recommender's top movies: 'Have you seen A? You "
-                                            "might also like B or C.' or 'I would recommend A, B or C.' (before 2026-11-26)",
-                                choices=list(common.RECOMMENDER_TURNS))
     gen_batch_size: int = arg(8, "prompts per generation batch")
     w_format: float = arg(1.0, "reward weight of format (the answer parses into 10 distinct candidates)")
     w_recommend: float = arg(1.0, "reward weight of recommend (1/log2(1+rank) of a true target)")
@@ -117,11 +108,8 @@ class Args:
     exclude_seen: bool = arg(True, "never rank items already mentioned in the dialogue")
     max_train_samples: int = arg(0, "draw start states from the first N training samples only (0 = all)")
     start_states: str = arg("all", "training samples to start from: all with a target; reachable: a target among the first "
-                                   "turn's K candidates (the recommend reward can be earned); rerankable: among the K but "
-                                   "not the retriever's own top 10 (earned only by re-ranking)",
+                                   "turn's K candidates (the recommend reward can be earned)",
                             choices=list(common.STATE_RULES))
-    train_pool: int = arg(0, "draw every step's start states from a fixed seeded pool of N kept states, greedy episodes "
-                             "on the pool at each validation (the training curve of a policy that revisits them); 0 = all")
     eval_every: int = arg(0, "greedy validation episodes every N steps and at the end (0 = only at the end)")
     eval_start: bool = arg(True, "greedy validation of the SFT start before step 1 too (the curves' step 0)")
     eval_samples: int = arg(16, "validation start states (seeded draw among samples with a new target; 0 = none)")
@@ -450,21 +438,13 @@ def main(argv=None) -> dict:
 
     # With --start-states reachable, only states whose target the first turn's candidates hold:
     # out of fold, most training states hold none (README, cross-fitting), and a group of those
-    # can differ in format and preference only. rerankable: also not in the retriever's own top 10,
-    # so that every recommend reward is earned by re-ranking.
+    # can differ in format and preference only.
     states = {"rule": args.start_states, "of": len(train)}
     train = common.keep_states(conversation, train, args.start_states)
     states["kept"] = len(train)
     if len(train) < args.prompts * world:
         raise SystemExit(f"error: only {len(train)} training states pass --start-states {args.start_states} with "
                          f"{args.candidates} candidates; use --start-states all or reachable, or more --candidates")
-    # --train-pool: the same few states every step, so the policy's greedy answers on them show
-    # whether it learns what their rewards teach (on new states, see the validation)
-    pool = []
-    if args.train_pool:
-        pool = [train[i] for i in sorted(random.Random(args.seed).sample(range(len(train)), min(args.train_pool, len(train))))]
-        train = pool
-        states["pool"] = len(pool)
     # Validation states by the same rule (--eval-states): on reachable ones the retriever's recall is
     # out of the way, and hit@10 against the retriever's own order measures the re-ranking alone.
     eval_states = {"rule": args.eval_states, "of": len(valid)}
@@ -473,18 +453,15 @@ def main(argv=None) -> dict:
     eval_states.update(kept=len(valid), drawn=len(held_out))
     if main_process:
         print(f"[04] start states: {states['kept']} of {states['of']} ({states['rule']})"
-              + (f", a pool of {len(pool)}" if pool else "") + "; validation: "
+              "; validation: "
               f"{len(held_out)} drawn of {eval_states['kept']} ({args.eval_states})")
 
     # 3. Resume from out_dir/checkpoint/ when a checkpoint of the same settings is there.
     same_run = {k: getattr(args, k) for k in ("model", "load_in_4bit", "prompts", "group_size", "turns", "candidates",
                                                "temperature", "top_p", "max_new_tokens", "w_format", "w_recommend",
                                                "w_preference", "gamma", "lr", "updates", "clip_eps", "kl_coef",
-                                               "max_train_samples", "seed", "steps", "retriever_query", "recommender_turn",
-                                               "start_states")}
+                                               "max_train_samples", "seed", "steps", "start_states")}
     same_run["world_size"] = world
-    if args.train_pool:  # only then: checkpoints written before --train-pool existed still resume
-        same_run["train_pool"] = args.train_pool
     ckpt_dir, log_path = out_dir / "checkpoint", out_dir / "train_log.jsonl"
     step, log_rows = 0, []
     if (ckpt_dir / "checkpoint.pt").exists():
@@ -506,8 +483,6 @@ def main(argv=None) -> dict:
     def validation(policy: dict) -> dict:
         t = time.time()
         out = validate(conversation, held_out, policy, items, args) if held_out else {}
-        if pool:  # the training pool's greedy episodes, logged beside the held-out ones
-            out["pool"] = validate(conversation, pool, policy, items, args)["valid"]
         return {**out, "seconds_validating": round(time.time() - t, 2)}
 
     # The settings go to rl_config.json now, so a run stopped early (--stop-after, a kill) still says what
@@ -519,7 +494,7 @@ def main(argv=None) -> dict:
         common.write_json(out_dir / "rl_config.json", config)
 
     # 4. Where the curves start: the SFT adapter's greedy validation, as step 0.
-    validated = bool(held_out or pool)
+    validated = bool(held_out)
     if main_process and validated and args.eval_start and step == 0 and not log_rows:
         log_row({"step": 0, **validation(reference)})
 

@@ -87,8 +87,8 @@ class Args:
     rows: list = arg([], f"systems to evaluate, among {ALL_ROWS} (default: every row whose inputs exist)")
     limit: int = arg(100, "multi-turn rows: samples (seeded draw among those with a new target); 0 = all")
     test_states: str = arg("all", "multi-turn rows: test samples to draw from; reachable: a target among the retriever's "
-                                  "first-turn K candidates (the rows then compare re-ranking and feedback, not recall; "
-                                  "rerankable: also not in its top 10)", choices=list(common.STATE_RULES))
+                                  "first-turn K candidates (the rows then compare re-ranking and feedback, not recall)",
+                           choices=list(common.STATE_RULES))
     turns: int = arg(5, "multi-turn rows: turns T per conversation")
     stop_on_label: bool = arg(False, "label-using (iEvaLM): end a conversation once the recommender's own list ranks a "
                                      "true target first; default: every conversation plays all T turns (label-free)")
@@ -102,13 +102,6 @@ class Args:
     constrain_answer: bool = arg(False, "decode an opened <answer> block constrained to 10 distinct candidate titles "
                                         "(common.AnswerListConstraint); off = the model's own format")
     sim_max_new_tokens: int = arg(60, "generation budget of one simulator reply")
-    retriever_query: str = arg("latest-feedback", "what the retriever reads each turn: the real dialogue + the "
-                                                  "simulator's latest reply (docs/design.md section 1), or every "
-                                                  "simulated turn too (before 2026-11-26)",
-                               choices=list(common.RETRIEVER_QUERIES))
-    recommender_turn: str = arg("question", "how the simulator hears the recommender's top movies: 'Have you seen A? You "
-                                            "might also like B or C.' or 'I would recommend A, B or C.' (before 2026-11-26)",
-                                choices=list(common.RECOMMENDER_TURNS))
     gen_batch_size: int = arg(8, "prompts per generation batch")
     exclude_seen: bool = arg(True, "never rank items already mentioned in the dialogue")
     bootstrap: int = arg(1000, "bootstrap resamples for the 95% confidence intervals")
@@ -276,8 +269,7 @@ def test_states_phrase(states: dict | None) -> str:
     if not states or states["rule"] == "all":
         return ""
     return (f"among the {states['kept']} of {states['of']} whose first-turn candidates hold a target "
-            f"(--test-states {states['rule']}"
-            + (", and not in the retriever's own top 10" if states["rule"] == "rerankable" else "") + "): ")
+            f"(--test-states {states['rule']}): ")
 
 
 def test_subset(conversation: common.Conversation, samples: list[dict], args: Args) -> tuple[list[dict], dict]:
@@ -314,9 +306,9 @@ def plot_recall_by_turn(results: dict, path) -> None:
 
 # the settings two evaluations must share for their rows to sit in one table
 MERGE_KEYS = ("split", "limit", "test_states", "turns", "stop_on_label", "candidates", "seed", "exclude_seen",
-              "max_new_tokens", "constrain_answer", "no_repeat_ngram", "retriever_query", "recommender_turn")
+              "max_new_tokens", "constrain_answer", "no_repeat_ngram")
 # what a results.json written before a flag existed ran with, where that is not the flag's default
-BEFORE_FLAG = {"retriever_query": "whole-dialogue", "recommender_turn": "list", "stop_on_label": True}
+BEFORE_FLAG = {"stop_on_label": True}
 
 
 def compare_with_reference(multi_turn: dict, subset: list[dict], args: Args) -> None:
@@ -350,6 +342,12 @@ def merge_earlier(results: dict, path) -> dict:
     defaults = {**{f.name: f.default for f in fields(Args)}, **BEFORE_FLAG}
     then = {k: earlier["args"].get(k, defaults[k]) for k in MERGE_KEYS}
     differ = {k: (then[k], results["args"][k]) for k in MERGE_KEYS if then[k] != results["args"][k]}
+    # conversations that read the whole dialogue or heard a list sentence (the flags of 2026-11-26 to -12-04;
+    # before them, files have neither key): a protocol this code no longer plays
+    old = earlier["args"]
+    protocol = (old.get("retriever_query", "whole-dialogue"), old.get("recommender_turn", "list"))
+    if ("retriever_query" in old or "stop_on_label" not in old) and protocol != ("latest-feedback", "question"):
+        differ["retriever_query, recommender_turn"] = (protocol, ("latest-feedback", "question"))
     if earlier.get("prompt_version", 1) != results["prompt_version"]:  # rows of recommenders that read other prompts
         differ["prompt_version"] = (earlier.get("prompt_version", 1), results["prompt_version"])
     if earlier["dataset"] != results["dataset"] or differ:

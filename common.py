@@ -2221,19 +2221,13 @@ def names_title(text: str, title: str) -> bool:
 # greedy decoding (05's lists, 04's validation, 03's report) forbids an answer to repeat one of its
 # own 10-grams: a small model's greedy answer otherwise loops until the budget; sampling never uses it
 GREEDY_NO_REPEAT_NGRAM = 10
-RETRIEVER_QUERIES = ("latest-feedback", "whole-dialogue")
-# how the recommender's turn reads to the simulator: a question, as the data's recommenders ask
-# ("Have you seen Psycho (1960)?"), or a list sentence, which the simulator mostly copies back
-# (82% of ReDial replies against 5%; README, "Does the simulator's feedback raise recall?")
-RECOMMENDER_TURNS = ("question", "list")
 
 
-def retriever_context(real: Sequence[dict], context: Sequence[dict], query: str) -> list[dict]:
-    """The turns the retriever encodes in a conversation: `context` is the sample's `real` turns
-    followed by the (recommender, seeker) pairs Conversation.reply appended; query "whole-dialogue"
-    keeps them all, "latest-feedback" only the last seeker reply (see Conversation)."""
-    if query == "whole-dialogue":
-        return list(context)
+def retriever_context(real: Sequence[dict], context: Sequence[dict]) -> list[dict]:
+    """The turns the retriever encodes in a conversation (docs/design.md section 1): the sample's
+    `real` turns and the simulator's latest reply, the last of the (recommender, seeker) pairs that
+    Conversation.reply appended to `context`. Reading every simulated turn too lost twice as many
+    conversations over 5 turns on valid (docs/findings.md)."""
     return list(real) + list(context[len(real):])[-1:]
 
 
@@ -2248,28 +2242,21 @@ class Conversation:
     recommender showed are not added to the items masked as already seen: masking them would
     remove a target ranked 2-10 from the next turn's candidates.
 
-    retriever_query: what the retriever reads. "latest-feedback" (docs/design.md section 1): the real
-    dialogue plus the simulator's latest reply. "whole-dialogue": every simulated turn too, as 04
-    and 05 did before 2026-11-26; the encoder keeps the last 256 tokens, so by turn 5 the simulated
-    turns filled most of its window (tools/feedback_effect.py)."""
+    The simulator hears the top movies as a question, as the data's recommenders ask ("Have you
+    seen A? You might also like B or C."): a list sentence ("I would recommend A, B or C.") was
+    copied back by 75-93% of its replies on valid (docs/findings.md)."""
 
     def __init__(self, model: nn.Module, tokenizer, items: Sequence[dict], retriever: "Retriever",
                  simulator_weights: dict[str, torch.Tensor] | None, candidates: int = 20, show_top: int = 3,
                  max_turns: int = 4, simulator_max_turns: int = 8, rec_max_new_tokens: int = 320,
                  sim_max_new_tokens: int = 60, batch_size: int = 8, exclude_seen: bool = True,
-                 popularity: Sequence[float] | None = None, no_repeat_ngram: int = 0, constrain_answer: bool = False,
-                 retriever_query: str = "latest-feedback", recommender_turn: str = "question"):
-        if retriever_query not in RETRIEVER_QUERIES:
-            raise ValueError(f"retriever_query {retriever_query!r}: expected one of {RETRIEVER_QUERIES}")
-        if recommender_turn not in RECOMMENDER_TURNS:
-            raise ValueError(f"recommender_turn {recommender_turn!r}: expected one of {RECOMMENDER_TURNS}")
-        self.recommender_turn = recommender_turn
+                 popularity: Sequence[float] | None = None, no_repeat_ngram: int = 0, constrain_answer: bool = False):
         self.model, self.tok, self.items, self.retriever = model, tokenizer, items, retriever
         self.simulator_weights = simulator_weights
         self.k, self.show_top, self.max_turns, self.simulator_max_turns = candidates, show_top, max_turns, simulator_max_turns
         self.rec_max_new_tokens, self.sim_max_new_tokens = rec_max_new_tokens, sim_max_new_tokens
         self.batch_size, self.exclude_seen, self.no_repeat_ngram = batch_size, exclude_seen, no_repeat_ngram
-        self.constrain_answer, self.retriever_query = constrain_answer, retriever_query
+        self.constrain_answer = constrain_answer
         self.titles = TitleIndex(items, popularity)
 
     def recommend(self, episodes: Sequence[Episode], weights, temperature: float = 0.0, top_p: float = 1.0,
@@ -2284,7 +2271,7 @@ class Conversation:
         with the retriever's order). Greedy decoding (temperature 0) uses the loop guard
         no_repeat_ngram; sampling never does, so a rollout's log-probs are those of the policy.
         progress: a bar over the generation batches with this description (None = none)."""
-        cands = self.retriever.search([retriever_context(e.sample["context"], e.context, self.retriever_query)
+        cands = self.retriever.search([retriever_context(e.sample["context"], e.context)
                                        for e in episodes], [e.sample["context_items"] for e in episodes],
                                       self.k, self.exclude_seen, dialog_ids=[e.sample["dialog_id"] for e in episodes])
         if weights == "retriever":
@@ -2303,15 +2290,11 @@ class Conversation:
                             "own_rank": best_rank(own, e.truth)})
 
     def recommender_says(self, turn: dict) -> str:
-        """The recommender's turn as the seeker hears it: the top movies (recommender_turn "list":
-        "I would recommend A, B or C."; "question": "Have you seen A? You might also like B or C.")
+        """The recommender's turn as the seeker hears it: "Have you seen A? You might also like B or C."
         and the chain's explanation."""
         shown = [self.items[i]["title"] for i in turn["ranked"][:self.show_top]]
         either = lambda titles: ", ".join(titles[:-1]) + " or " + titles[-1] if len(titles) > 1 else titles[0]  # noqa: E731
-        if self.recommender_turn == "question":
-            said = f"Have you seen {shown[0]}?" + (f" You might also like {either(shown[1:])}." if len(shown) > 1 else "")
-        else:
-            said = "I would recommend " + either(shown) + "."
+        said = f"Have you seen {shown[0]}?" + (f" You might also like {either(shown[1:])}." if len(shown) > 1 else "")
         found = re.search(r"^\s*Explanation:(.*)$", turn["text"], re.M)
         if found:
             numbered = {str(n): self.items[c]["title"] for n, c in enumerate(turn["candidates"], 1)}
@@ -2369,8 +2352,7 @@ class Conversation:
 # draws (--test-states), from (a target among the first turn's K candidates, a target among the
 # first 10 of them); see first_turn_recall
 STATE_RULES = {"all": lambda in_k, in_top10: True,
-               "reachable": lambda in_k, in_top10: in_k,
-               "rerankable": lambda in_k, in_top10: in_k and not in_top10}
+               "reachable": lambda in_k, in_top10: in_k}
 
 
 def first_turn_recall(conversation: Conversation, samples: list[dict]) -> list[tuple[bool, bool]]:
@@ -2416,7 +2398,7 @@ def load_conversation(run: RunPaths, folders: Sequence[str], items: Sequence[dic
     swappable weights, the fused retriever, and the Conversation that plays them (04 and 05).
     The base is args.model, else the one recommender_sft/ (else the first adapter) was trained
     on. args: model, load_in_4bit, device, candidates, show_top, max_new_tokens,
-    sim_max_new_tokens, gen_batch_size, exclude_seen, retriever_query, recommender_turn and, where
+    sim_max_new_tokens, gen_batch_size, exclude_seen and, where
     args has them, no_repeat_ngram (05's greedy loop guard; else GREEDY_NO_REPEAT_NGRAM) and
     constrain_answer (05's; 04 has none: its rollouts decode freely). LoRA dropout is 0: the swapped adapters
     are evaluated or trained as RL policies, where dropout would make old and new log-probs differ.
@@ -2444,7 +2426,6 @@ def load_conversation(run: RunPaths, folders: Sequence[str], items: Sequence[dic
         rec_max_new_tokens=args.max_new_tokens, sim_max_new_tokens=args.sim_max_new_tokens,
         batch_size=args.gen_batch_size, exclude_seen=args.exclude_seen, popularity=popularity,
         no_repeat_ngram=getattr(args, "no_repeat_ngram", GREEDY_NO_REPEAT_NGRAM),
-        constrain_answer=getattr(args, "constrain_answer", False),
-        retriever_query=args.retriever_query, recommender_turn=args.recommender_turn)
+        constrain_answer=getattr(args, "constrain_answer", False))
     conversation.base_model = model_name  # written into the adapters 04 saves
     return conversation, weights

@@ -389,17 +389,6 @@ def test_conversation_stops_on_success_only_when_asked_and_feeds_replies_back():
     assert retriever.texts[2] == [["something funny", missed.turns[1]["reply"]]]
     assert hit.ranking_at(3) == hit.turns[0]["ranked"]  # a finished conversation keeps its list
     assert sample["context"] == [{"role": "seeker", "text": "something funny"}]  # the sample is not modified
-    # the older query: the whole dialogue, every simulated turn included
-    whole = FixedRetriever(list(range(20)))
-    conv = common.Conversation(model, tok, ITEMS, whole, simulator_weights=common.get_lora_weights(model),
-                               sim_max_new_tokens=6, batch_size=2, retriever_query="whole-dialogue")
-    conv.play(common.start_episodes([sample, miss]), turns=3, weights="retriever")
-    assert whole.calls == [[1, 1], [3, 3], [5, 5]]  # label-free: both conversations play all turns
-    # the list form of the recommender's turn (before 2026-11-26)
-    conv = common.Conversation(model, tok, ITEMS, FixedRetriever(list(range(20))), simulator_weights=common.get_lora_weights(model),
-                               sim_max_new_tokens=6, batch_size=2, recommender_turn="list")
-    listed = conv.play(common.start_episodes([miss]), turns=2, weights="retriever")[0]
-    assert listed.context[1]["text"].startswith("I would recommend Liar Liar (1997), The Exorcist (1973) or")
 
 
 def test_eval_loop_prompts_do_not_depend_on_the_label(inspired_tiny_adapters, monkeypatch):

@@ -356,7 +356,7 @@ def test_reachable_start_states_are_those_whose_first_turn_candidates_hold_a_tar
     try:
         conversation.k = 200  # the tiny retriever recalls few targets in 20 of ~1.7k items: both kinds are needed
         recall = common.first_turn_recall(conversation, samples)
-        reachable, rerankable = (common.keep_states(conversation, samples, rule) for rule in ("reachable", "rerankable"))
+        reachable = common.keep_states(conversation, samples, "reachable")
         # what an episode's first turn really holds (the retriever's own list, no LLM)
         episodes = conversation.play(common.start_episodes(samples), 1, "retriever")
     finally:
@@ -365,9 +365,6 @@ def test_reachable_start_states_are_those_whose_first_turn_candidates_hold_a_tar
     in_top10 = [any(t in e.truth for t in e.turns[0]["candidates"][:10]) for e in episodes]
     assert recall == list(zip(held, in_top10)) and 0 < sum(held) < len(held)
     assert reachable == [s for s, h in zip(samples, held) if h]
-    # rerankable: held, but not in the retriever's own top 10 (the policy's list must move it up)
-    assert rerankable == [s for s, h, top in zip(samples, held, in_top10) if h and not top]
-    assert 0 < len(rerankable) < len(reachable)
     stats = rl.summarize([{"terms": [{"reward": 0, "format": 0, "recommend": 0, "preference": 0}], "returns": [],
                            "hits": [rl.episode_hits(e, 2) for e in episodes], "zero_variance_groups": 0, "groups": 0,
                            "tokens_generated": 0}])
@@ -376,20 +373,6 @@ def test_reachable_start_states_are_those_whose_first_turn_candidates_hold_a_tar
     top10 = [any(t in e.truth for t in e.turns[0]["candidates"][:10]) for e in episodes]
     assert stats["retriever_hit@10"] == stats["hit@10"] == [sum(top10) / len(top10)] * 2
     assert sum(top10) < sum(held)  # with K = 200, the first 10 miss targets the candidates hold
-
-
-def test_train_pool_revisits_a_few_rerankable_states_and_plays_them_greedily(inspired_tiny_adapters, tmp_path, make_run):
-    run_dir = make_run(inspired_tiny_adapters, tmp_path / "pool", RUN_PARTS)
-    log = rl.main(rl_args(run_dir, steps=2, eval_samples=0, eval_every=1, candidates=200, start_states="rerankable",
-                          train_pool=2))["log"]
-    states = common.read_json(run_dir / "recommender_rl" / "rl_config.json")["start_states"]
-    assert states["rule"] == "rerankable" and states["pool"] == 2 and 2 <= states["kept"] < states["of"]
-    # every drawn state holds a target among its K candidates, none in the retriever's own top 10
-    assert all(r["target_in_candidates"][0] == 1.0 and r["retriever_hit@10"][0] == 0.0 for r in log if r["step"])
-    # greedy episodes on the 2 pool states before step 1 and after each step; no held-out states drawn
-    assert [r["step"] for r in log] == [0, 1, 2]
-    assert all(r["pool"]["episodes"] == 2 and "valid" not in r for r in log)
-    assert all(r["pool"]["retriever_hit@10"][0] == 0.0 and r["pool"]["target_in_candidates"][0] == 1.0 for r in log)
 
 
 def test_reachable_start_states_run(inspired_tiny_adapters, tmp_path, make_run):

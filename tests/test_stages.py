@@ -122,15 +122,21 @@ def test_retriever_then_eval_smoke(inspired_run):
         evaluate.SINGLE_SHOT_ROWS
     alone = evaluate.main(run + ["--rows", "popularity", "--bootstrap", "50"])
     assert list(alone["rows"]) == ["popularity"]
-    # ... except where the default changed: before --retriever-query, conversations read the whole dialogue
+    # ... except where the default changed: before --stop-on-label, conversations stopped on the label
+    older = json.loads(path.read_text())  # a file of 2026-11-26 to -12-04: before --stop-on-label, after --retriever-query
+    del older["args"]["stop_on_label"]
+    older["args"].update(retriever_query="latest-feedback", recommender_turn="question")
+    path.write_text(json.dumps(older))
+    with pytest.raises(SystemExit, match="stop_on_label"):
+        evaluate.main(run + ["--rows", "retriever-fused", "--bootstrap", "50", "--merge"])
+    again = evaluate.main(run + ["--rows", "retriever-fused", "--bootstrap", "50", "--merge", "--stop-on-label"])
+    assert list(again["rows"]) == ["popularity", "retriever-fused"]
+    # rows of the protocol before 2026-12-04's flags were removed (whole dialogue, a list sentence) never merge
     older = json.loads(path.read_text())
-    del older["args"]["retriever_query"], older["args"]["recommender_turn"]
+    older["args"].update(retriever_query="whole-dialogue", recommender_turn="question")
     path.write_text(json.dumps(older))
     with pytest.raises(SystemExit, match="retriever_query"):
-        evaluate.main(run + ["--rows", "retriever-fused", "--bootstrap", "50", "--merge"])
-    again = evaluate.main(run + ["--rows", "retriever-fused", "--bootstrap", "50", "--merge", "--retriever-query",
-                                 "whole-dialogue", "--recommender-turn", "list"])
-    assert list(again["rows"]) == ["popularity", "retriever-fused"]
+        evaluate.main(run + ["--rows", "popularity", "--bootstrap", "50", "--merge", "--stop-on-label"])
 
 
 def test_rows_are_paired_with_sft_by_their_kept_lists():
