@@ -51,8 +51,10 @@ ZERO_SHOT_CRS = "https://raw.githubusercontent.com/AaronHeee/LLMs-as-Zero-Shot-C
 SOURCES = {
     "redial": {
         "train_data.jsonl": (f"{REDIAL_ZIP}#train_data.jsonl", None),
-        "test_data.jsonl": (f"{REDIAL_ZIP}#test_data.jsonl", "d7781750787d104ac005e829cc7e6277d25b14644a223b0c2445aaaded6b19ac"),
-        "movies_with_mentions.csv": (f"{REDIAL_ZIP}#movies_with_mentions.csv", "0d408daa474ac95b959a739a261dddd997dd800f5ea585da15a434a26187dbb0"),
+        "test_data.jsonl": (f"{REDIAL_ZIP}#test_data.jsonl",
+                            "d7781750787d104ac005e829cc7e6277d25b14644a223b0c2445aaaded6b19ac"),
+        "movies_with_mentions.csv": (f"{REDIAL_ZIP}#movies_with_mentions.csv",
+                                     "0d408daa474ac95b959a739a261dddd997dd800f5ea585da15a434a26187dbb0"),
         "id2info.json": ("https://raw.githubusercontent.com/RUCAIBox/iEvaLM-CRS/main/data/redial/id2info.json",
                          "7bdfe9a9c7f1b4d59aa9a5aeba0029071fd5a7232b61c8257212a335ffe424f7"),
     },
@@ -60,10 +62,14 @@ SOURCES = {
         "train.jsonl": (f"{UNICRS}/train.jsonl", "f185878d61f4cf95036711612befbec2e587b42fcb7bf855fba3af08016e7743"),
         "dev.jsonl": (f"{UNICRS}/dev.jsonl", "8cde8cf7f55d4f2a71f1c7c8e4b921ca9caaee615999fd3728c7bea214b01839"),
         "test.jsonl": (f"{UNICRS}/test.jsonl", "d1ab79e33858224983de938f6401a18fab7bd99bb4580512fbe804459539f593"),
-        "entity2id.json": (f"{ZERO_SHOT_CRS}/entity2id.json", "6ea0f59be9da55a78e2b48eff35928bf62a7232d143eb905d350ed38268583d2"),
-        "item_ids.json": (f"{ZERO_SHOT_CRS}/item_ids.json", "6e300dc6b89ab483f1474ee550e94709cdbcd09354928546fa32dc3b48fe12c1"),
-        "dbpedia_subkg.json": (f"{UNICRS}/dbpedia_subkg.json", "33245f36bdded33368a7988fe340dd3cb4bc0d8156a6afee56226741cb647a19"),
-        "relation2id.json": (f"{UNICRS}/relation2id.json", "6a36fdf987d0597e8346c6d9a0e6333b6d3aea67cfe03bebce0114a0deaabda1"),
+        "entity2id.json": (f"{ZERO_SHOT_CRS}/entity2id.json",
+                           "6ea0f59be9da55a78e2b48eff35928bf62a7232d143eb905d350ed38268583d2"),
+        "item_ids.json": (f"{ZERO_SHOT_CRS}/item_ids.json",
+                          "6e300dc6b89ab483f1474ee550e94709cdbcd09354928546fa32dc3b48fe12c1"),
+        "dbpedia_subkg.json": (f"{UNICRS}/dbpedia_subkg.json",
+                               "33245f36bdded33368a7988fe340dd3cb4bc0d8156a6afee56226741cb647a19"),
+        "relation2id.json": (f"{UNICRS}/relation2id.json",
+                             "6a36fdf987d0597e8346c6d9a0e6333b6d3aea67cfe03bebce0114a0deaabda1"),
     },
 }
 INSPIRED_SPLIT_FILES = {"train": "train.jsonl", "valid": "dev.jsonl", "test": "test.jsonl"}

@@ -84,7 +84,7 @@ class Args:
     max_eval_samples: int = arg(100, "samples of valid (validation loss) and of the quality split, drawn with --seed")
     gen_batch_size: int = arg(8, "prompts per generation batch")
     reply_tokens: int = arg(60, "quality report: generation budget of a feedback reply (05's --sim-max-new-tokens)")
-    max_train_samples: int = arg(0, "use only the first N training samples (smoke tests); 0 = all")
+    max_train_samples: int = arg(0, "limit: use only the first N training samples (a quick run); 0 = all")
     seed: int = arg(0, "random seed")
     threads: int = arg(0, "torch CPU threads (0 = torch's default; 1 when jobs share the cores, else all of them)")
     device: str = arg(str(common.default_device()), "torch device")
@@ -100,6 +100,29 @@ def accepted_items(samples: list[dict]) -> dict[str, list[int]]:
     return {d: [i for i in dict.fromkeys(ids) if i in liked[d]] for d, ids in recommended.items()}
 
 
+def attribute_answer(items: list[dict], ids: list[int], max_genres: int = 6, max_people: int = 8) -> str:
+    """'Genres: action, mystery; People: Rian Johnson, Daniel Craig' for the movies `ids`: their
+    genres, then directors and the first two stars of each, de-duplicated in order."""
+    genres, people = [], []
+    for i in ids:
+        genres += items[i].get("genres", [])
+        people += items[i].get("directors", [])[:1] + items[i].get("stars", [])[:2]
+    genres = list(dict.fromkeys(genres))[:max_genres]
+    people = list(dict.fromkeys(people))[:max_people]
+    return f"Genres: {', '.join(genres) or 'none'}; People: {', '.join(people) or 'none'}"
+
+
+def target_answer(items: list[dict], ids: list[int]) -> str:
+    """'Knives Out (2019); Joker (2019)': the titles of the movies `ids`."""
+    return "; ".join(items[i]["title"] for i in ids)
+
+
+def parse_titles(text: str) -> list[str]:
+    """Titles in a target_answer-style string (separated by ';' or new lines, list bullets dropped)."""
+    parts = (re.sub(r"^\s*(?:[-*]|\d+[.)])\s*", "", p).strip() for p in re.split(r"[;\n]", text))
+    return [p for p in parts if p]
+
+
 def task_messages(task: str, sample: dict, items: list[dict], accepted: dict, max_turns: int) -> list[dict] | None:
     """The chat (instruction, prompt, answer) of one task for one sample; None when the sample has
     no answer for it (no seeker reply; no liked movie)."""
@@ -112,9 +135,9 @@ def task_messages(task: str, sample: dict, items: list[dict], accepted: dict, ma
         if not sample["liked"]:
             return None
         return common.simulator_messages("attributes", sample["context"], max_turns=max_turns,
-                                         answer=common.attribute_answer(items, sample["liked"]))
+                                         answer=attribute_answer(items, sample["liked"]))
     targets = accepted.get(sample["dialog_id"]) or sample["targets"]
-    return common.simulator_messages("target", sample["context"], answer=common.target_answer(items, targets),
+    return common.simulator_messages("target", sample["context"], answer=target_answer(items, targets),
                                      max_turns=max_turns)
 
 
@@ -241,14 +264,14 @@ def simulator_quality(model, tok, samples: list[dict], items: list[dict], accept
     target_prompts, truths = target_task(samples, items, accepted, args.max_turns)
     outputs = common.generate(model, tok, target_prompts, max_new_tokens=48, batch_size=args.gen_batch_size,
                               progress="target prediction")
-    matched = [[titles.match(t) for t in common.parse_titles(text)] for text in outputs]
+    matched = [[titles.match(t) for t in parse_titles(text)] for text in outputs]
     targets = model_target_scores([m[1]["content"] for m in target_prompts], matched, truths, items)
     with_liked = [s for s in samples if s["liked"]]
     attr_prompts = [task_messages("attributes", s, items, accepted, args.max_turns)[:-1] for s in with_liked]
     outputs_attr = common.generate(model, tok, attr_prompts, max_new_tokens=64, batch_size=args.gen_batch_size,
                                    progress="attribute alignment")
     f1 = [common.set_f1(common.parse_attributes(text),
-                        common.parse_attributes(common.attribute_answer(items, s["liked"])))
+                        common.parse_attributes(attribute_answer(items, s["liked"])))
           for s, text in zip(with_liked, outputs_attr)]
     with_reply = [s for s in samples if s["seeker_reply"].strip()]
     reply_prompts = [task_messages("feedback", s, items, accepted, args.max_turns)[:-1] for s in with_reply]

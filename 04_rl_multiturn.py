@@ -9,13 +9,13 @@ Writes  <run-dir>/recommender_rl/ (or --out, e.g. recommender_rl_no_preference w
           rl_config.json         (written at the start, completed at the end: "finished", seconds)
                                  the arguments, the base model, the world size, where training candidates
                                  come from (out of fold: 03's cross-fitted retrievers), the start states
-                                 kept (--start-states), the validation states drawn (--eval-states), seconds
+                                 kept (--start-states) and the validation states drawn, seconds
           train_log.jsonl        one row per step (reward terms, return, hit@1/@10 by turn, the share of
                                  episodes with a target among the turn's candidates and in the retriever's
                                  own top 10 of them (the hit@10 without re-ranking), episodes ended by
                                  success and their success turn's mean advantage, KL, entropy,
                                  zero-variance groups, tokens, seconds generating vs training; validation),
-                                 and a row of step 0 with the SFT start's validation (--eval-start)
+                                 and a row of step 0 with the SFT start's validation
           checkpoint/checkpoint.pt  every --save-every steps and at the end; a rerun resumes from it
 
 One base LLM carries three adapters, swapped in place (common.lora_swapped, no second model copy):
@@ -39,9 +39,9 @@ for the KL term) and the simulator (frozen). One step (docs/design.md section 6)
     Any continuation from turn n earns R_n' <= r_n' + sum_{k=n+1..T} gamma^(k - n) r_max, so ending
     by success is never worth less than playing on from the same turn reward; without the credit a
     success at turn 1 forfeits the later turns' format reward and scores below never listing the
-    target (returns_to_go's docstring). Advantage A_t = (R_t - mean) / std over the group's
-    episodes that played turn t; 0 when fewer than two did or all are equal (a zero-variance group
-    teaches nothing and is counted in the log).
+    target (returns_to_go's docstring works it by hand). Advantage A_t = (R_t - mean) / std over the
+    group's episodes that played turn t; 0 when fewer than two did or all are equal (a zero-variance
+    group teaches nothing and is counted in the log).
  5. Token-level loss over the recommender's generated tokens only (the prompt, which holds the
     dialogue and the simulator's replies, is masked):
       L = (1 / N) * sum_tokens [ -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A) + beta * k3 ]
@@ -51,13 +51,14 @@ for the KL term) and the simulator (frozen). One step (docs/design.md section 6)
     --kl-coef 0 the KL term. With the default --updates 1 every pass is on-policy: rho = 1
     exactly, clipping never acts, and the loss is REINFORCE with the group baseline plus the KL term.
 Validation decodes greedily with 05's loop guard (common.GREEDY_NO_REPEAT_NGRAM), so its lists are
-05's; rollouts sample without it, so their log-probs are the policy's own.
+05's; rollouts sample the full distribution at --temperature without it, so their log-probs are the
+policy's own.
 Multi-process: under torchrun (or accelerate launch) each process plays its own --prompts start
 states; the gradients are summed over processes after each divided its loss by the global N, so
 the update is the token mean over every process's tokens and all copies stay identical. Process 0
 writes the log, checkpoints and the adapter.
-Every step reseeds from (seed, step, rank), so a run that is killed (or stopped with --stop-after)
-and started again ends with the same weights.
+Every step reseeds from (seed, step, rank), so a run that is killed and started again ends with the
+same weights.
 """
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -75,48 +77,47 @@ from tqdm import tqdm
 import common
 from common import arg
 
+# The conversation 05 evaluates (its defaults), fixed so that RL trains in it: the simulator is shown the
+# list's top 3 and replies in at most 60 tokens; the retriever never recalls an item the dialogue names.
+ENVIRONMENT = {"show_top": 3, "sim_max_new_tokens": 60, "exclude_seen": True}
+MAX_GRAD_NORM = 1.0  # the gradient's global norm is clipped at 1 before every optimizer step
+
+# the settings a checkpoint must share with the run that resumes it
+SAME_RUN = ("model", "load_in_4bit", "prompts", "group_size", "turns", "candidates", "temperature", "max_new_tokens",
+            "w_format", "w_recommend", "w_preference", "gamma", "lr", "updates", "clip_eps", "kl_coef", "seed",
+            "steps", "start_states")
+
 
 @dataclass
 class Args:
     dataset: str = arg("redial", "dataset whose run directory to use", choices=["redial", "inspired"])
     run_dir: str = arg("", "run directory (default: runs/<dataset>)")
-    out: str = arg("recommender_rl", "output folder in the run directory (recommender_rl_no_preference for the ablation)")
+    out: str = arg("recommender_rl", "output folder in the run directory (recommender_rl_no_preference: ablation)")
     model: str = arg("", "base LLM (default: the one recommender_sft/ was trained on)")
     load_in_4bit: bool = arg(False, "load the base in nf4 4-bit (QLoRA): the policy trains on the 4-bit base")
-    steps: int = arg(20, "RL steps (one batch of episodes and --updates optimizer steps each); 0 = only validate the SFT start")
+    steps: int = arg(20, "RL steps (a batch of episodes, --updates optimizer steps each); 0 = validate the SFT start")
     prompts: int = arg(2, "start states (training samples) per step and process")
     group_size: int = arg(4, "episodes G per start state; advantages are normalised within the group")
     turns: int = arg(3, "turns T per episode")
     candidates: int = arg(20, "candidates K the retriever recalls each turn")
-    show_top: int = arg(3, "movies of the list the simulator is shown (and answers)")
     temperature: float = arg(1.0, "sampling temperature of the policy during rollouts (> 0)")
-    top_p: float = arg(1.0, "nucleus of the policy's sampling")
     max_new_tokens: int = arg(288, "generation budget of one recommender answer")
-    sim_max_new_tokens: int = arg(60, "generation budget of one simulator reply")
-    gen_batch_size: int = arg(8, "prompts per generation batch")
+    gen_batch_size: int = arg(8, "prompts per generation batch (memory)")
     w_format: float = arg(1.0, "reward weight of format (the answer parses into 10 distinct candidates)")
     w_recommend: float = arg(1.0, "reward weight of recommend (1/log2(1+rank) of a true target)")
-    w_preference: float = arg(0.5, "reward weight of preference (F1 of claimed vs the target's attributes); 0 = ablation")
+    w_preference: float = arg(0.5, "reward weight of preference (F1 of claimed vs target attributes); 0 = ablation")
     gamma: float = arg(0.9, "discount of the return-to-go over turns")
     lr: float = arg(2e-5, "AdamW learning rate (constant)")
     updates: int = arg(1, "optimizer steps per batch of episodes (PPO-style; at 1 the ratio is 1: clipping never acts)")
     clip_eps: float = arg(0.2, "PPO ratio clipping epsilon (0 = no clipping)")
     kl_coef: float = arg(0.02, "weight beta of the k3 KL estimate to the SFT reference (0 = no KL term)")
-    max_grad_norm: float = arg(1.0, "clip the gradient's global norm (0 = no clipping)")
     micro_batch: int = arg(2, "recommender turns per forward/backward pass (memory)")
     gradient_checkpointing: bool = arg(True, "recompute activations in the backward pass (less memory, slower)")
-    exclude_seen: bool = arg(True, "never rank items already mentioned in the dialogue")
-    max_train_samples: int = arg(0, "draw start states from the first N training samples only (0 = all)")
-    start_states: str = arg("all", "training samples to start from: all with a target; reachable: a target among the first "
-                                   "turn's K candidates (the recommend reward can be earned)",
-                            choices=list(common.STATE_RULES))
-    eval_every: int = arg(0, "greedy validation episodes every N steps and at the end (0 = only at the end)")
-    eval_start: bool = arg(True, "greedy validation of the SFT start before step 1 too (the curves' step 0)")
+    start_states: str = arg("all", "training and validation samples to start from: all with a target; reachable: a "
+                                   "target among the first turn's K candidates", choices=list(common.STATE_RULES))
+    eval_every: int = arg(0, "greedy validation every N steps (0 = none); the SFT start and the end always are")
     eval_samples: int = arg(16, "validation start states (seeded draw among samples with a new target; 0 = none)")
-    eval_states: str = arg("all", "validation samples to draw from, by the rules of --start-states (reachable: hit@10 "
-                                  "measures re-ranking, not recall)", choices=list(common.STATE_RULES))
-    save_every: int = arg(5, "checkpoint every N steps")
-    stop_after: int = arg(0, "stop with a checkpoint once this step is reached (rerun to resume); 0 = run all")
+    save_every: int = arg(5, "checkpoint every N steps (a killed run resumes from the last one)")
     seed: int = arg(0, "random seed")
     threads: int = arg(0, "torch CPU threads (0 = torch's default; 1 when jobs share the cores, else all of them)")
     device: str = arg(str(common.default_device()), "torch device (cuda:<local rank> under torchrun)")
@@ -183,8 +184,9 @@ def group_advantages(returns: list[list[float]], eps: float = 1e-6) -> tuple[lis
     return adv, zero, total
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
-                mask: torch.Tensor, n_tokens: int, clip_eps: float, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
+                advantages: torch.Tensor, mask: torch.Tensor, n_tokens: int, clip_eps: float,
+                kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The clipped policy-gradient loss plus beta * k3, summed over masked tokens and divided by n_tokens.
     logp, old_logp, ref_logp, mask: [B, L] (generated tokens: mask 1); advantages: [B].
     -> (loss: scalar, k3: [B, L] detached, 0 off the mask). On-policy (old = logp, detached) the
@@ -202,7 +204,11 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tens
     return (per_token * mask).sum() / max(n_tokens, 1), (k3 * mask).detach()
 
 
-def left_padded(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+# ---- token log-probs of the completions (policy, old policy, reference) ------------------------------
+
+
+def left_padded(rows: list[tuple[list[int], list[int]]],
+                pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(prompt ids, completion ids) pairs -> input_ids, attention_mask [B, T] left padded (every row
     ends with its completion, as generate made it), completion mask [B, L] over the last L = longest
     completion positions: 1 on each row's own completion tokens, so prompt (dialogue and simulator
@@ -218,6 +224,71 @@ def left_padded(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[t
         attn[b, T - len(seq):] = 1
         completion[b, L - len(c):] = 1
     return ids, attn, completion
+
+
+def _chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool):
+    """logits [c, n, V] (any dtype), targets [c, n] -> (log p of the targets [c, n] fp32, entropy
+    [c, n] without gradient, or None). log-softmax is taken as logit - logsumexp, and the entropy as
+    logsumexp - sum p * logit, each with one [c, n, V] fp32 temporary."""
+    lg = logits.float()
+    if temperature != 1.0:
+        lg = lg / temperature
+    norm = lg.logsumexp(-1)
+    picked = lg.gather(-1, targets[..., None]).squeeze(-1)
+    ent = None
+    if entropy:
+        with torch.no_grad():
+            ent = norm - (lg - norm[..., None]).exp_().mul_(lg).sum(-1)
+    return picked - norm, ent
+
+
+def _head_chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
+                         entropy: bool):
+    """hidden [c, n, H] -> _chunk_logprobs of head(hidden)."""
+    return _chunk_logprobs(head(hidden), targets, temperature, entropy)
+
+
+def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   temperature: float = 1.0, chunk_rows: int = 1, last: int = 0, entropy: bool = False):
+    """log p(x_t | x_<t) for t = 1..T-1, in fp32.
+
+    input_ids, attention_mask: [B, T], left or right padded -> [B, T-1], entry t-1 for x_t;
+    0 where x_t is padding or the row's first real token (no context to score it against).
+    temperature: score under logits / temperature (the distribution sampling used).
+    last: score only the last `last` tokens of every row -> [B, last] (a left-padded batch of
+    prompt + completion, where completions end every row).
+    entropy: also return the policy's entropy at those positions, same shape, without gradient.
+
+    Memory: the logits are never held for the whole batch. The decoder's hidden states [B, n, H]
+    go through the LM head `chunk_rows` rows at a time, and with gradients on, each chunk's
+    logits are recomputed in the backward pass (activation checkpointing) instead of stored: the
+    peak is one chunk's [chunk, n, V] logits, their fp32 copy and gradient, not [B, n, V] of each.
+    At Qwen's 152k vocabulary, 8 rows of 256 scored tokens are 1.25 GB of fp32 logits and as much
+    again for their gradient; one row is 0.16 GB. Models whose head scales or caps its logits
+    (common._SCALED_HEAD_FIELDS) score the model's own logits instead, with the same row chunks.
+    """
+    n = last or input_ids.shape[1] - 1
+    head = common._plain_lm_head(model)
+    states = common._scoring_states(model, head, input_ids, attention_mask,
+                                    common.position_ids_from_mask(attention_mask),
+                                    keep_last=n + 1)[:, -n - 1:-1]  # [B, n, H or V]: x_t's context
+    targets = input_ids[:, -n:].to(states.device)
+    out, ent = [], []
+    for s in range(0, states.shape[0], chunk_rows):
+        rows, tgt = states[s:s + chunk_rows], targets[s:s + chunk_rows]
+        if head is None:
+            lp, h = _chunk_logprobs(rows, tgt, temperature, entropy)
+        elif torch.is_grad_enabled():
+            lp, h = torch.utils.checkpoint.checkpoint(_head_chunk_logprobs, head, rows, tgt, temperature, entropy,
+                                                      use_reentrant=False)
+        else:
+            lp, h = _head_chunk_logprobs(head, rows, tgt, temperature, entropy)
+        out.append(lp)
+        ent.append(h)
+    # a score needs a real token and a real context: a left-padded row's first token has neither
+    valid = (attention_mask[:, -n:] * attention_mask[:, -n - 1:-1]).to(states.device)
+    lp = torch.cat(out) * valid
+    return (lp, torch.cat(ent) * valid) if entropy else lp
 
 
 # ---- processes -------------------------------------------------------------------------------------
@@ -246,13 +317,111 @@ def all_sum(values: list[float], world: int) -> list[float]:
     return t.tolist()
 
 
-# ---- one step ---------------------------------------------------------------------------------------
+def gather(obj, world: int) -> list:
+    """Every process's `obj` (a list of one with one process)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def in_sync(model, world: int) -> bool:
+    """Every process applied the same summed gradients: the copies of the LoRA weights must be equal."""
+    if world == 1:
+        return True
+    checksum = torch.tensor([sum(p.double().sum().item() for p in common.lora_parameters(model))], dtype=torch.float64)
+    gathered = [torch.zeros_like(checksum) for _ in range(world)]
+    dist.all_gather(gathered, checksum)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+# ---- setup: the conversation, start states, resuming -------------------------------------------------
+
+
+def environment(args) -> SimpleNamespace:
+    """args and the fixed ENVIRONMENT together, as common.load_conversation reads them."""
+    return SimpleNamespace(**asdict(args), **ENVIRONMENT)
+
+
+def load_environment(run: common.RunPaths, items: list[dict], args,
+                     main_process: bool = True) -> tuple[common.Conversation, dict, str]:
+    """One base carrying the policy (live, set to the SFT adapter), the reference (the SFT adapter's
+    frozen weights) and the simulator (frozen), with the retriever, in a Conversation.
+    -> (conversation, reference weights, where a training dialogue's candidates come from)."""
+    conversation, weights = common.load_conversation(run, ["recommender_sft", "simulator"], items, environment(args))
+    conversation.simulator_weights = weights["simulator"]
+    common.set_lora_weights(conversation.model, weights["recommender_sft"])
+    # a training dialogue's candidates come from the 03 retriever fold that never saw it, or its
+    # targets would be ranked first far more often than a test dialogue's (docs/design.md section 5)
+    folds = len(conversation.retriever.fold_nets)
+    if main_process and not folds:
+        print(f"[04] warning: {run.retriever / 'fused' / 'folds'} is missing: training episodes get candidates from "
+              "the retriever that trained on them. Rerun `03_sft_recommender.py --parts retriever` to cross-fit it.")
+    source = f"out of fold ({folds} cross-fitted retrievers)" if folds else "the full retriever (in sample)"
+    return conversation, weights["recommender_sft"], source
+
+
+def start_states(conversation: common.Conversation, run: common.RunPaths, world: int,
+                 args) -> tuple[list[dict], list[dict], dict]:
+    """Training start states (samples with a true target) and --eval-samples validation states (a seeded
+    draw among valid samples with a new target), both kept by the --start-states rule: with reachable,
+    only states whose first-turn candidates hold a target. Out of fold, most training states hold none
+    (docs/design.md section 5), and a group of those can differ in format and preference only; on
+    reachable validation states hit@10 against the retriever's own order measures the re-ranking alone.
+    -> (train, held_out, {"start_states": {rule, of, kept}, "eval_states": {rule, of, kept, drawn}})"""
+    train = [s for s in common.load_samples(run, "train") if common.sample_truth(s)]
+    valid = [s for s in common.load_samples(run, "valid") if s["new_targets"]] if args.eval_samples else []
+    kept = common.keep_states(conversation, train, args.start_states)
+    if len(kept) < args.prompts * world:
+        raise SystemExit(f"error: only {len(kept)} training states pass --start-states {args.start_states} with "
+                         f"{args.candidates} candidates; use --start-states all or more --candidates")
+    valid_kept = common.keep_states(conversation, valid, args.start_states) if valid else valid
+    held_out = common.draw_samples(valid_kept, args.eval_samples, args.seed)
+    return kept, held_out, {"start_states": {"rule": args.start_states, "of": len(train), "kept": len(kept)},
+                            "eval_states": {"rule": args.start_states, "of": len(valid), "kept": len(valid_kept),
+                                            "drawn": len(held_out)}}
+
+
+def resume(out_dir, model, optimizer, same_run: dict, main_process: bool) -> tuple[int, list[dict]]:
+    """(step, log rows) of out_dir/checkpoint/ when a checkpoint of the same settings is there, else (0, []).
+    Process 0 rewrites train_log.jsonl with those rows: rows logged after the checkpoint are dropped."""
+    ckpt_dir, step, rows = out_dir / "checkpoint", 0, []
+    if (ckpt_dir / "checkpoint.pt").exists():
+        step, extra = common.load_checkpoint(ckpt_dir, model, optimizer)
+        if extra.get("same_run") != same_run:
+            raise SystemExit(f"error: {ckpt_dir} was written with other settings {extra.get('same_run')}; "
+                             "rerun with those, or delete the checkpoint folder to start over")
+        rows = extra["log"]
+        if main_process:
+            print(f"[04] resuming from {ckpt_dir} at step {step}")
+    if main_process:
+        common.write_jsonl(out_dir / "train_log.jsonl", rows)
+    return step, rows
+
+
+def append_log(out_dir, rows: list[dict], row: dict) -> None:
+    """One row more in train_log.jsonl and in `rows` (which the checkpoint carries)."""
+    rows.append(row)
+    with open(out_dir / "train_log.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# ---- one step: rollout, scores, update ----------------------------------------------------------------
+
+
+def draw_samples(train: list[dict], step: int, rank: int, world: int, args) -> list[dict]:
+    """This process's --prompts start states of `step`, from (seed, step) alone; reseeds torch and random
+    from (seed, step, rank), so a resumed run samples what an uninterrupted one does."""
+    common.set_seed(args.seed * 1_000_003 + step * 1_009 + rank)
+    draw = random.Random(args.seed * 1_000_003 + step).sample(range(len(train)), args.prompts * world)
+    return [train[i] for i in draw[rank::world]]
 
 
 def rollout(conversation: common.Conversation, samples: list[dict], policy: dict, args) -> list[list[common.Episode]]:
     """G episodes per start state with the policy sampling -> one group (list of G episodes) per sample."""
     episodes = conversation.play(common.start_episodes(samples, args.group_size), args.turns, policy,
-                                 temperature=args.temperature, top_p=args.top_p, stop_on_success=True)
+                                 temperature=args.temperature, stop_on_success=True)
     return [episodes[i:i + args.group_size] for i in range(0, len(episodes), args.group_size)]
 
 
@@ -317,40 +486,40 @@ def summarize(raws: list[dict]) -> dict:
     return out
 
 
-def gather(obj, world: int) -> list:
-    """Every process's `obj` (a list of one with one process)."""
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def policy_update(model, rows: list[dict], reference: dict | None, optimizer, pad_id: int, world: int, args) -> dict:
-    """--updates optimizer steps on one batch of recommender turns; returns KL, entropy, ratio stats.
-    The reference's log-probs are scored first, for every micro-batch under one swap of its
-    adapter (it is fixed, and each swap copies the adapters between devices). The first pass is
-    on-policy: its log-probs (before any step) are pi_old for the later passes.
-    With no KL term, rows with advantage 0 have no gradient and are not run."""
-    n_tokens = int(all_sum([sum(len(r["completion_ids"]) for r in rows)], world)[0])
+def micro_batches(rows: list[dict], pad_id: int, args) -> tuple[list[list[dict]], list[list[torch.Tensor]]]:
+    """The rows a pass trains on in --micro-batch chunks, and each chunk's [ids, attn, completion mask]
+    (left_padded, on args.device). With no KL term, rows with advantage 0 have no gradient and are left out."""
     active = [r for r in rows if r["completion_ids"] and (args.kl_coef > 0 or r["advantage"] != 0)]
     chunks = [active[s:s + args.micro_batch] for s in range(0, len(active), args.micro_batch)]
-    batches = [[t.to(args.device) for t in left_padded([(r["prompt_ids"], r["completion_ids"]) for r in chunk], pad_id)]
-               for chunk in chunks]  # ids, attn, mask of each micro-batch
+    return chunks, [[t.to(args.device) for t in left_padded([(r["prompt_ids"], r["completion_ids"]) for r in chunk],
+                                                             pad_id)] for chunk in chunks]
+
+
+def score_reference(model, reference: dict, chunks: list[list[dict]], batches: list, args) -> None:
+    """row["ref_logp"] [L] of every row: the reference's log-probs, all micro-batches under one swap of its
+    adapter (it is fixed, and each swap copies the adapters between devices)."""
+    with torch.no_grad(), common.lora_swapped(model, reference):
+        for chunk, (ids, attn, mask) in zip(chunks, batches):
+            for r, lp in zip(chunk, token_logprobs(model, ids, attn, args.temperature, last=mask.shape[1])):
+                r["ref_logp"] = lp
+
+
+def policy_update(model, rows: list[dict], reference: dict | None, optimizer, pad_id: int, world: int,
+                  args) -> dict:
+    """--updates optimizer steps on one batch of recommender turns; returns KL, entropy, ratio stats.
+    The first pass is on-policy: its log-probs (before any step) are pi_old for the later passes."""
+    n_tokens = int(all_sum([sum(len(r["completion_ids"]) for r in rows)], world)[0])
+    chunks, batches = micro_batches(rows, pad_id, args)
     params = common.lora_parameters(model)
     sums = {"kl": 0.0, "entropy": 0.0, "clipped": 0.0, "tokens": 0.0, "loss": 0.0}
     model.train()
     if args.kl_coef > 0 and chunks:
-        with torch.no_grad(), common.lora_swapped(model, reference):
-            for chunk, (ids, attn, mask) in zip(chunks, batches):
-                for r, lp in zip(chunk, common.token_logprobs(model, ids, attn, args.temperature, last=mask.shape[1])):
-                    r["ref_logp"] = lp
+        score_reference(model, reference, chunks, batches, args)
     for update in range(args.updates):
         for chunk, (ids, attn, mask) in zip(chunks, batches):
             adv = torch.tensor([r["advantage"] for r in chunk], device=args.device)
-            L = mask.shape[1]
             ref_logp = torch.stack([r["ref_logp"] for r in chunk]) if args.kl_coef > 0 else None
-            logp, entropy = common.token_logprobs(model, ids, attn, args.temperature, last=L, entropy=True)
+            logp, entropy = token_logprobs(model, ids, attn, args.temperature, last=mask.shape[1], entropy=True)
             if update == 0:
                 for r, lp in zip(chunk, logp.detach()):
                     r["old_logp"] = lp
@@ -369,178 +538,39 @@ def policy_update(model, rows: list[dict], reference: dict | None, optimizer, pa
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad)
-        # the norm before clipping (inf: measured, not clipped)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)  # the norm before clipping
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    kl, ent, clipped, tokens, loss = all_sum([sums["kl"], sums["entropy"], sums["clipped"], sums["tokens"],
-                                              sums["loss"]], world)
+    kl, ent, clipped, tokens, loss = all_sum([sums[k] for k in ("kl", "entropy", "clipped", "tokens", "loss")], world)
     return {"kl": kl / max(tokens, 1), "entropy": ent / max(tokens, 1), "loss": loss / args.updates,
             "clipped_fraction": clipped / max(tokens * args.updates, 1), "grad_norm": float(grad_norm),
-            "trained_turns": len(active)}
+            "trained_turns": sum(map(len, chunks))}
 
 
 def validate(conversation: common.Conversation, samples: list[dict], policy: dict, items: list[dict], args) -> dict:
     """Greedy episodes of the current policy on held-out start states, ended by success as in
     training, decoded as 05 decodes (greedy, its loop guard): reward terms, hit@1/@10 by turn
-    (summarize) and the parse rate."""
+    (summarize), the parse rate and the seconds taken."""
+    started = time.time()
     episodes = conversation.play(common.start_episodes(samples), args.turns, policy, progress="validation",
                                  stop_on_success=True)
     stats = summarize([{"terms": [turn_reward(t, e.truth, items, args) for e in episodes for t in e.turns],
                         "returns": [], "hits": [episode_hits(e, args.turns) for e in episodes],
                         "zero_variance_groups": 0, "groups": 0, "tokens_generated": 0}])
-    keep = ("reward", "format", "recommend", "preference", "hit@1", "hit@10", "target_in_candidates", "retriever_hit@10",
-            "episodes")
-    return {"valid": {k: stats[k] for k in keep} | {"parse_rate": stats["format"]}}
+    keep = ("reward", "format", "recommend", "preference", "hit@1", "hit@10", "target_in_candidates",
+            "retriever_hit@10", "episodes")
+    return {"valid": {k: stats[k] for k in keep} | {"parse_rate": stats["format"]},
+            "seconds_validating": round(time.time() - started, 2)}
 
 
-def main(argv=None) -> dict:
-    args = common.parse_args(Args, argv)
-    args.run_dir = common.default_run_dir(args.dataset, args.run_dir)
-    run = common.RunPaths(args.run_dir)
-    out_dir = run.root / args.out
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.temperature <= 0:
-        raise SystemExit("error: --temperature must be > 0: the policy gradient needs sampled episodes")
-    if min(args.w_format, args.w_recommend, args.w_preference) < 0:
-        raise SystemExit("error: the reward weights --w-format, --w-recommend, --w-preference must be >= 0 "
-                         "(r_max, the absorbing success's credit, is their sum)")
-    rank, world = init_distributed(args)
-    main_process = rank == 0
-    started = time.time()
-
-    # 1. Data: the catalogue, training start states (with a target), held-out start states.
-    items = common.load_items(run)
-    train = [s for s in common.load_samples(run, "train")[:args.max_train_samples or None] if common.sample_truth(s)]
-    valid = [s for s in common.load_samples(run, "valid") if s["new_targets"]] if args.eval_samples else []
+def finish(model, out_dir, config: dict, log_rows: list[dict], world: int, main_process: bool,
+           started: float, args) -> dict:
+    """Process 0 writes the policy's adapter (PEFT layout) and completes rl_config.json; -> the run's result."""
+    synced = in_sync(model, world)
+    result = {"steps_done": args.steps, "world_size": world, "in_sync": synced}
     if main_process:
-        print(f"[04] {len(items)} items; {len(train)} training start states; {len(valid)} validation samples; "
-              f"{world} process(es) x {args.prompts} start states x G={args.group_size} episodes x T={args.turns} turns")
-
-    # 2. One base, three adapters: the policy (live, trainable, from the SFT adapter), the
-    #    reference (the frozen SFT weights) and the simulator (frozen).
-    conversation, weights = common.load_conversation(run, ["recommender_sft", "simulator"], items, args)
-    conversation.simulator_weights = weights["simulator"]
-    model, tok = conversation.model, conversation.tok
-    reference = weights["recommender_sft"]
-    # a training dialogue's candidates come from the 03 retriever fold that never saw it, or its
-    # targets would be ranked first far more often than a test dialogue's (README, cross-fitting)
-    folds = len(conversation.retriever.fold_nets)
-    candidates_from = f"out of fold ({folds} cross-fitted retrievers)" if folds else "the full retriever (in sample)"
-    if main_process and not folds:
-        print(f"[04] warning: {run.retriever / 'fused' / 'folds'} is missing: training episodes get candidates from the "
-              "retriever that trained on them. Rerun `03_sft_recommender.py --parts retriever` to cross-fit it.")
-    common.set_lora_weights(model, reference)
-    if args.gradient_checkpointing:
-        common.enable_gradient_checkpointing(model)
-    optimizer = torch.optim.AdamW(common.lora_parameters(model), lr=args.lr, weight_decay=0.0)
-
-    # With --start-states reachable, only states whose target the first turn's candidates hold:
-    # out of fold, most training states hold none (README, cross-fitting), and a group of those
-    # can differ in format and preference only.
-    states = {"rule": args.start_states, "of": len(train)}
-    train = common.keep_states(conversation, train, args.start_states)
-    states["kept"] = len(train)
-    if len(train) < args.prompts * world:
-        raise SystemExit(f"error: only {len(train)} training states pass --start-states {args.start_states} with "
-                         f"{args.candidates} candidates; use --start-states all or reachable, or more --candidates")
-    # Validation states by the same rule (--eval-states): on reachable ones the retriever's recall is
-    # out of the way, and hit@10 against the retriever's own order measures the re-ranking alone.
-    eval_states = {"rule": args.eval_states, "of": len(valid)}
-    valid = common.keep_states(conversation, valid, args.eval_states) if valid else valid
-    held_out = common.draw_samples(valid, args.eval_samples, args.seed)
-    eval_states.update(kept=len(valid), drawn=len(held_out))
-    if main_process:
-        print(f"[04] start states: {states['kept']} of {states['of']} ({states['rule']})"
-              "; validation: "
-              f"{len(held_out)} drawn of {eval_states['kept']} ({args.eval_states})")
-
-    # 3. Resume from out_dir/checkpoint/ when a checkpoint of the same settings is there.
-    same_run = {k: getattr(args, k) for k in ("model", "load_in_4bit", "prompts", "group_size", "turns", "candidates",
-                                               "temperature", "top_p", "max_new_tokens", "w_format", "w_recommend",
-                                               "w_preference", "gamma", "lr", "updates", "clip_eps", "kl_coef",
-                                               "max_train_samples", "seed", "steps", "start_states")}
-    same_run["world_size"] = world
-    ckpt_dir, log_path = out_dir / "checkpoint", out_dir / "train_log.jsonl"
-    step, log_rows = 0, []
-    if (ckpt_dir / "checkpoint.pt").exists():
-        step, extra = common.load_checkpoint(ckpt_dir, model, optimizer)
-        if extra.get("same_run") != same_run:
-            raise SystemExit(f"error: {ckpt_dir} was written with other settings {extra.get('same_run')}; "
-                             "rerun with those, or delete the checkpoint folder to start over")
-        log_rows = extra["log"]
-        if main_process:
-            print(f"[04] resuming from {ckpt_dir} at step {step}")
-    if main_process:
-        common.write_jsonl(log_path, log_rows)  # drops rows logged after the checkpoint we resume from
-
-    def log_row(row: dict) -> None:
-        log_rows.append(row)
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def validation(policy: dict) -> dict:
-        t = time.time()
-        out = validate(conversation, held_out, policy, items, args) if held_out else {}
-        return {**out, "seconds_validating": round(time.time() - t, 2)}
-
-    # The settings go to rl_config.json now, so a run stopped early (--stop-after, a kill) still says what
-    # it was; the end of the run adds how long it took.
-    config = {"args": asdict(args), "prompt_version": common.REC_PROMPT_VERSION, "base_model": conversation.base_model,
-              "world_size": world, "train_candidates": candidates_from, "start_states": states,
-              "eval_states": eval_states, "finished": False}
-    if main_process:
-        common.write_json(out_dir / "rl_config.json", config)
-
-    # 4. Where the curves start: the SFT adapter's greedy validation, as step 0.
-    validated = bool(held_out)
-    if main_process and validated and args.eval_start and step == 0 and not log_rows:
-        log_row({"step": 0, **validation(reference)})
-
-    # 5. The loop: rollouts with the simulator in the loop, rewards, group advantages, update.
-    end = min(args.steps, args.stop_after) if args.stop_after else args.steps
-    bar = tqdm(range(step, end), desc="RL", initial=step, total=end, disable=not main_process)
-    for step in bar:
-        common.set_seed(args.seed * 1_000_003 + step * 1_009 + rank)
-        draw = random.Random(args.seed * 1_000_003 + step).sample(range(len(train)), args.prompts * world)
-        samples = [train[i] for i in draw[rank::world]]
-        t0 = time.time()
-        groups = rollout(conversation, samples, common.get_lora_weights(model, device="cpu"), args)
-        rows, raw = score_groups(groups, items, args)
-        t1 = time.time()
-        update = policy_update(model, rows, reference, optimizer, tok.pad_token_id, world, args)
-        t2 = time.time()
-        row = {"step": step + 1, **summarize(gather(raw, world)), **update,
-               "seconds_generating": round(t1 - t0, 2), "seconds_training": round(t2 - t1, 2)}
-        last = step + 1 == end
-        if main_process and validated and ((args.eval_every and (step + 1) % args.eval_every == 0) or
-                                          (last and end == args.steps)):
-            row.update(validation(common.get_lora_weights(model, device="cpu")))
-        if main_process:
-            log_row(row)
-            bar.set_postfix(reward=f"{row['reward']:.3f}", hit10=f"{row['hit@10'][-1]:.2f}", kl=f"{row['kl']:.4f}")
-            if (step + 1) % args.save_every == 0 or last:
-                common.save_checkpoint(ckpt_dir, step + 1, common.lora_state_dict(model), optimizer,
-                                       extra={"same_run": same_run, "log": log_rows})
-        if world > 1:
-            dist.barrier()
-
-    # 6. The policy's adapter in PEFT layout (once all steps are done).
-    in_sync = True
-    if world > 1:  # every process applied the same summed gradients: the copies must be equal
-        checksum = torch.tensor([sum(p.double().sum().item() for p in common.lora_parameters(model))], dtype=torch.float64)
-        gathered = [torch.zeros_like(checksum) for _ in range(world)]
-        dist.all_gather(gathered, checksum)
-        in_sync = all(torch.equal(g, gathered[0]) for g in gathered)
-    result = {"steps_done": end, "world_size": world, "in_sync": in_sync}
-    if end < args.steps:
-        if main_process:
-            print(f"[04] stopped at step {end} of {args.steps}; rerun without --stop-after to resume")
-        return result
-    if main_process:
-        common.save_lora(model, out_dir, {"base_model_name_or_path": conversation.base_model})
-        config.update(finished=True, processes_in_sync=in_sync, seconds=round(time.time() - started, 1))
+        common.save_lora(model, out_dir, {"base_model_name_or_path": config["base_model"]})
+        config.update(finished=True, processes_in_sync=synced, seconds=round(time.time() - started, 1))
         common.write_json(out_dir / "rl_config.json", config)
         trained = [r for r in log_rows if r["step"] > 0]
         summary = ""
@@ -554,6 +584,76 @@ def main(argv=None) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+def main(argv=None) -> dict:
+    args = common.parse_args(Args, argv)
+    args.run_dir = common.default_run_dir(args.dataset, args.run_dir)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.temperature <= 0:
+        raise SystemExit("error: --temperature must be > 0: the policy gradient needs sampled episodes")
+    if min(args.w_format, args.w_recommend, args.w_preference) < 0:
+        raise SystemExit("error: the reward weights --w-format, --w-recommend, --w-preference must be >= 0 "
+                         "(r_max, the absorbing success's credit, is their sum)")
+    rank, world = init_distributed(args)
+    main_process, started = rank == 0, time.time()
+    run = common.RunPaths(args.run_dir)
+    out_dir = run.root / args.out
+
+    # 1. One base, three adapters (policy from the SFT adapter, frozen reference, frozen simulator), the
+    #    retriever, and the start states: training samples with a target, held-out validation ones.
+    items = common.load_items(run)
+    conversation, reference, train_candidates = load_environment(run, items, args, main_process)
+    model = conversation.model
+    if args.gradient_checkpointing:
+        common.enable_gradient_checkpointing(model)
+    optimizer = torch.optim.AdamW(common.lora_parameters(model), lr=args.lr, weight_decay=0.0)
+    train, held_out, states = start_states(conversation, run, world, args)
+    if main_process:
+        print(f"[04] {len(items)} items; start states: {len(train)} ({args.start_states}); validation: "
+              f"{len(held_out)}; {world} process(es) x {args.prompts} x G={args.group_size} x T={args.turns} turns")
+
+    # 2. Resume from out_dir/checkpoint/ when a checkpoint of the same settings is there. The settings
+    #    go to rl_config.json now, so a run killed early still says what it was.
+    same_run = {k: getattr(args, k) for k in SAME_RUN} | {"world_size": world}
+    step, log_rows = resume(out_dir, model, optimizer, same_run, main_process)
+    config = {"args": asdict(args), "prompt_version": common.REC_PROMPT_VERSION, "base_model": conversation.base_model,
+              "world_size": world, "train_candidates": train_candidates, **states, "finished": False}
+    if main_process:
+        common.write_json(out_dir / "rl_config.json", config)
+
+    # 3. Where the curves start: the SFT adapter's greedy validation, as step 0.
+    if main_process and held_out and not log_rows:
+        append_log(out_dir, log_rows, {"step": 0, **validate(conversation, held_out, reference, items, args)})
+
+    # 4. The loop: rollouts with the simulator in the loop -> rewards -> returns-to-go (success absorbing)
+    #    -> group-normalised advantages -> clipped token loss + beta * k3 -> AdamW step.
+    bar = tqdm(range(step, args.steps), desc="RL", initial=step, total=args.steps, disable=not main_process)
+    for step in bar:
+        samples = draw_samples(train, step, rank, world, args)
+        t0 = time.time()
+        groups = rollout(conversation, samples, common.get_lora_weights(model, device="cpu"), args)
+        rows, raw = score_groups(groups, items, args)
+        t1 = time.time()
+        update = policy_update(model, rows, reference, optimizer, conversation.tok.pad_token_id, world, args)
+        t2 = time.time()
+        row = {"step": step + 1, **summarize(gather(raw, world)), **update,
+               "seconds_generating": round(t1 - t0, 2), "seconds_training": round(t2 - t1, 2)}
+        last = step + 1 == args.steps
+        if main_process:
+            if held_out and (last or (args.eval_every and (step + 1) % args.eval_every == 0)):
+                row.update(validate(conversation, held_out, common.get_lora_weights(model, device="cpu"), items, args))
+            append_log(out_dir, log_rows, row)
+            bar.set_postfix(reward=f"{row['reward']:.3f}", hit10=f"{row['hit@10'][-1]:.2f}", kl=f"{row['kl']:.4f}")
+            if (step + 1) % args.save_every == 0 or last:
+                common.save_checkpoint(out_dir / "checkpoint", step + 1, common.lora_state_dict(model), optimizer,
+                                       extra={"same_run": same_run, "log": log_rows})
+        if world > 1:
+            dist.barrier()
+
+    # 5. The policy's adapter in PEFT layout.
+    return finish(model, out_dir, config, log_rows, world, main_process, started, args)
 
 
 if __name__ == "__main__":

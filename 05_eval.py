@@ -18,10 +18,10 @@ each with one relevant item, so NDCG@k's ideal DCG is 1 for each. Recall@k, NDCG
 look at the first k of the list only.
 Confidence intervals resample samples (percentile bootstrap). Whether the turns help is the change
 of each multi-turn row from turn 1 to turn T on the same conversations, with a paired bootstrap
-interval (common.paired_gain): the two turns' own intervals overlap even when the change is clear.
-Every other multi-turn row is also compared with sft+simulator, sample by sample, at turns 1 and T:
-results.json keeps each row's lists at those turns, so rows evaluated by separate --merge processes
-are paired too.
+interval (paired_gain): the two turns' own intervals overlap even when the change is clear.
+Every other multi-turn row is also compared with sft+simulator, sample by sample, at turns 1 and T,
+in R@1, R@10 and NDCG@10 (a target moved from rank 5 to rank 1 gains nothing in R@10): results.json
+keeps each row's lists at those turns, so rows evaluated by separate --merge processes are paired too.
 
 Single-shot rows, on the whole split:
   popularity          items ranked by how many training dialogues mention them
@@ -55,6 +55,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 
 import common
@@ -75,7 +76,7 @@ MULTI_TURN_ROWS = {
 SINGLE_TURN_ROWS = ("base-zero-shot", "sft-single-turn")  # recommender rows without simulator turns
 ALL_ROWS = SINGLE_SHOT_ROWS + list(MULTI_TURN_ROWS)
 TURN_KS = (1, 5, 10)
-GAIN_METRICS = ("recall@1", "recall@10", "ndcg@10")  # new targets, turn 1 -> turn T, paired
+GAIN_METRICS = ("recall@1", "recall@10", "ndcg@10")  # new targets, paired: turn 1 -> turn T, and row - reference
 REFERENCE_ROW = "sft+simulator"  # the other multi-turn rows are also compared with it, sample by sample
 
 
@@ -86,72 +87,42 @@ class Args:
     split: str = arg("test", "split to evaluate", choices=["valid", "test"])
     rows: list = arg([], f"systems to evaluate, among {ALL_ROWS} (default: every row whose inputs exist)")
     limit: int = arg(100, "multi-turn rows: samples (seeded draw among those with a new target); 0 = all")
-    test_states: str = arg("all", "multi-turn rows: test samples to draw from; reachable: a target among the retriever's "
-                                  "first-turn K candidates (the rows then compare re-ranking and feedback, not recall)",
-                           choices=list(common.STATE_RULES))
+    test_states: str = arg("all", "multi-turn rows: test samples to draw from; reachable: a target among the "
+                                  "retriever's first-turn K candidates (the rows then compare re-ranking and "
+                                  "feedback, not recall)", choices=list(common.STATE_RULES))
     turns: int = arg(5, "multi-turn rows: turns T per conversation")
-    stop_on_label: bool = arg(False, "label-using (iEvaLM): end a conversation once the recommender's own list ranks a "
-                                     "true target first; default: every conversation plays all T turns (label-free)")
+    stop_on_label: bool = arg(False, "label-using (iEvaLM): end a conversation once the recommender's own list "
+                                     "ranks a true target first; default: every conversation plays all T turns "
+                                     "(label-free)")
     candidates: int = arg(20, "candidates K the retriever recalls each turn")
     show_top: int = arg(3, "movies of the list the simulator is shown (and answers)")
     model: str = arg("", "base LLM (default: the one recommender_sft/ was trained on)")
     load_in_4bit: bool = arg(False, "load the base in nf4 4-bit")
     max_new_tokens: int = arg(320, "generation budget of one recommender answer")
-    no_repeat_ngram: int = arg(common.GREEDY_NO_REPEAT_NGRAM, "forbid a recommender answer to repeat one of its own "
-                                                              "n-grams (greedy loop guard; 0 = off)")
-    constrain_answer: bool = arg(False, "decode an opened <answer> block constrained to 10 distinct candidate titles "
-                                        "(common.AnswerListConstraint); off = the model's own format")
+    no_repeat_ngram: int = arg(common.GREEDY_NO_REPEAT_NGRAM, "forbid a recommender answer to repeat one of its "
+                                                              "own n-grams (greedy loop guard; 0 = off)")
+    constrain_answer: bool = arg(False, "decode an opened <answer> block constrained to 10 distinct candidate "
+                                        "titles (common.AnswerListConstraint); off = the model's own format")
     sim_max_new_tokens: int = arg(60, "generation budget of one simulator reply")
     gen_batch_size: int = arg(8, "prompts per generation batch")
     exclude_seen: bool = arg(True, "never rank items already mentioned in the dialogue")
     bootstrap: int = arg(1000, "bootstrap resamples for the 95% confidence intervals")
     seed: int = arg(0, "random seed (the --limit draw)")
-    merge: bool = arg(False, "keep the rows of an existing eval/results.json written with the same settings (MERGE_KEYS: "
-                             "split, limit, turns, candidates, seed, exclusion, decoding) and add (or replace) this "
-                             "run's rows; lets rows be evaluated later or by processes side by side")
+    merge: bool = arg(False, "keep the rows of an existing eval/results.json written with the same settings "
+                             "(MERGE_KEYS: split, limit, turns, candidates, seed, exclusion, decoding) and add (or "
+                             "replace) this run's rows; lets rows be evaluated later or by processes side by side")
     threads: int = arg(0, "torch CPU threads (0 = torch's default; 1 when jobs share the cores, else all of them)")
     device: str = arg(str(common.default_device()), "torch device")
 
 
-def popularity_rankings(run: common.RunPaths, num_items: int, samples: list[dict], k: int, exclude_seen: bool) -> list[list[int]]:
-    """The most-mentioned training items, minus those already in each dialogue."""
-    counts = common.popularity_counts(common.load_dialogues(run, "train"), num_items)
-    scores = counts.unsqueeze(0).expand(len(samples), -1)
-    if exclude_seen:
-        scores = common.mask_seen(scores, common.pad_item_lists([s["context_items"] for s in samples], max_len=10**6))
-    return scores.topk(k, dim=1).indices.tolist()
+# ---- single-shot rows ---------------------------------------------------------------------------------------
 
-
-def cached_features(run: common.RunPaths, encoder: str, split: str, count: int):
-    """The split's dialogue vectors from 03's retriever/features.pt when they were encoded by the
-    same encoder from exactly the current data (same fingerprint); else None."""
-    path = run.retriever / "features.pt"
-    if not path.exists():
-        return None
-    blob = torch.load(path, weights_only=False)
-    texts = common.encoder_texts(common.load_items(run), {s: common.load_samples(run, s) for s in common.SPLITS})
-    if blob.get("fingerprint") != common.texts_fingerprint(encoder, texts) or len(blob["features"][split]) != count:
-        return None
-    print(f"[05] reusing the {split} dialogue vectors of {path}")
-    return blob["features"][split]
-
-
-def retriever_rankings(run: common.RunPaths, variants: list[str], samples: list[dict], k: int, args: Args) -> dict[str, list[list[int]]]:
-    """Top-k of each retriever variant; the dialogue texts are encoded once for all of them."""
-    folder = run.require("retriever", f"{variants[0]}/retriever.pt")
-    nets = {}
-    for v in variants:
-        run.require("retriever", f"{v}/retriever.pt")
-        nets[v] = common.DualViewRetriever.load(folder / v).to(args.device)
-    encoder_name = nets[variants[0]].extra.get("encoder", common.DEFAULT_ENCODER)
-    ctx_sem = cached_features(run, encoder_name, args.split, len(samples))
-    if ctx_sem is None:
-        tokenizer, encoder = common.load_sentence_encoder(encoder_name, args.device)
-        ctx_sem = common.encode_texts([common.dialogue_text(s["context"]) for s in samples], tokenizer, encoder,
-                                      desc=f"encoding {args.split} dialogues")
-    context_items = [s["context_items"] for s in samples]
-    return {v: common.rank_items(net, ctx_sem, context_items, k, args.exclude_seen, device=args.device)
-            for v, net in nets.items()}
+def chosen_rows(run: common.RunPaths, rows: list[str]) -> list[str]:
+    """--rows checked against ALL_ROWS; none given: every row whose inputs exist (available_rows)."""
+    unknown = [r for r in rows if r not in ALL_ROWS]
+    if unknown:
+        raise SystemExit(f"error: unknown --rows {unknown}; choose among {ALL_ROWS}")
+    return rows or available_rows(run)
 
 
 def available_rows(run: common.RunPaths) -> list[str]:
@@ -171,6 +142,166 @@ def available_rows(run: common.RunPaths) -> list[str]:
     return rows
 
 
+def popularity_rankings(run: common.RunPaths, num_items: int, samples: list[dict], k: int,
+                        exclude_seen: bool) -> list[list[int]]:
+    """The most-mentioned training items, minus those already in each dialogue: [samples][k] item ids."""
+    counts = common.popularity_counts(common.load_dialogues(run, "train"), num_items)  # [N]
+    scores = counts.unsqueeze(0).expand(len(samples), -1)  # [samples, N]
+    if exclude_seen:
+        seen = common.pad_item_lists([s["context_items"] for s in samples], max_len=10**6)
+        scores = common.mask_seen(scores, seen)
+    return scores.topk(k, dim=1).indices.tolist()
+
+
+def cached_features(run: common.RunPaths, encoder: str, split: str, count: int):
+    """The split's dialogue vectors [count, D] from 03's retriever/features.pt when they were encoded by
+    the same encoder from exactly the current data (same fingerprint); else None."""
+    path = run.retriever / "features.pt"
+    if not path.exists():
+        return None
+    blob = torch.load(path, weights_only=False)
+    texts = common.encoder_texts(common.load_items(run), {s: common.load_samples(run, s) for s in common.SPLITS})
+    if blob.get("fingerprint") != common.texts_fingerprint(encoder, texts) or len(blob["features"][split]) != count:
+        return None
+    print(f"[05] reusing the {split} dialogue vectors of {path}")
+    return blob["features"][split]
+
+
+def retriever_rankings(run: common.RunPaths, variants: list[str], samples: list[dict], k: int,
+                       args: Args) -> dict[str, list[list[int]]]:
+    """Top-k of each retriever variant ({variant: [samples][k] item ids}); the dialogue texts are
+    encoded once for all of them."""
+    folder = run.require("retriever", f"{variants[0]}/retriever.pt")
+    nets = {}
+    for v in variants:
+        run.require("retriever", f"{v}/retriever.pt")
+        nets[v] = common.DualViewRetriever.load(folder / v).to(args.device)
+    encoder_name = nets[variants[0]].extra.get("encoder", common.DEFAULT_ENCODER)
+    ctx_sem = cached_features(run, encoder_name, args.split, len(samples))
+    if ctx_sem is None:
+        tokenizer, encoder = common.load_sentence_encoder(encoder_name, args.device)
+        ctx_sem = common.encode_texts([common.dialogue_text(s["context"]) for s in samples], tokenizer, encoder,
+                                      desc=f"encoding {args.split} dialogues")
+    context_items = [s["context_items"] for s in samples]
+    return {v: common.rank_items(net, ctx_sem, context_items, k, args.exclude_seen, device=args.device)
+            for v, net in nets.items()}
+
+
+def single_shot_rows(run: common.RunPaths, items: list[dict], samples: list[dict], args: Args) -> tuple[dict, dict]:
+    """Popularity and the retriever variants ranked once on the whole split and scored at every
+    k of common.METRIC_KS. -> ({row: score_rankings}, {"retrievers": seconds} when one ran)"""
+    k = max(common.METRIC_KS)
+    rankings: dict[str, list[list[int]]] = {}
+    seconds = {}
+    if "popularity" in args.rows:
+        rankings["popularity"] = popularity_rankings(run, len(items), samples, k, args.exclude_seen)
+    variants = [RETRIEVER_ROWS[r] for r in args.rows if r in RETRIEVER_ROWS]
+    if variants:
+        started = time.time()
+        by_variant = retriever_rankings(run, variants, samples, k, args)
+        rankings.update({row: by_variant[v] for row, v in RETRIEVER_ROWS.items() if v in by_variant})
+        seconds["retrievers"] = round(time.time() - started, 1)
+    rows = {row: common.score_rankings(rankings[row], samples, bootstrap=args.bootstrap, seed=args.seed)
+            for row in args.rows if row in SINGLE_SHOT_ROWS}
+    return rows, seconds
+
+
+# ---- multi-turn rows ----------------------------------------------------------------------------------------
+
+def test_subset(conversation: common.Conversation, samples: list[dict], args: Args) -> tuple[list[dict], dict]:
+    """The multi-turn draw: --limit samples with a new target, seeded, among those --test-states
+    keeps (the rule needs the retriever's first turn, so `conversation`). -> (subset, {rule, kept, of})"""
+    pool = [s for s in samples if s["new_targets"]]
+    kept = common.keep_states(conversation, pool, args.test_states)
+    states = {"rule": args.test_states, "kept": len(kept), "of": len(pool)}
+    return common.draw_samples(kept, args.limit, args.seed), states
+
+
+def play_pairs(conversation: common.Conversation, weights: dict, subset: list[dict], rows: list[str],
+               args: Args) -> tuple[dict, dict]:
+    """Each (recommender, simulator) pair of `rows` plays the subset once, over T turns unless all its
+    rows are single-turn (sft-single-turn reads turn 1 of sft+simulator). -> ({pair: episodes}, {pair: s})"""
+    pairs = {}
+    for row in rows:
+        turns = 1 if row in SINGLE_TURN_ROWS else args.turns
+        pairs[MULTI_TURN_ROWS[row]] = max(pairs.get(MULTI_TURN_ROWS[row], 1), turns)
+    played, seconds = {}, {}
+    for (recommender, simulator), turns in pairs.items():
+        started = time.time()
+        conversation.simulator_weights = weights[simulator]
+        rec_weights = {"retriever": "retriever", "base": None}[recommender] \
+            if recommender in ("retriever", "base") else weights[recommender]
+        played[recommender, simulator] = conversation.play(common.start_episodes(subset), turns, rec_weights,
+                                                           progress=f"{recommender} + {simulator}",
+                                                           stop_on_success=args.stop_on_label)
+        seconds[recommender, simulator] = round(time.time() - started, 1)
+    return played, seconds
+
+
+def multi_turn_rows(run: common.RunPaths, items: list[dict], samples: list[dict], args: Args,
+                    out) -> tuple[dict, dict, list[dict]]:
+    """The multi-turn rows of --rows on one seeded draw; writes conversations_<row>.jsonl of each row
+    played over the turns. -> ({row: score_episodes + lists}, multi_turn_meta, the draw)"""
+    rows = [r for r in args.rows if r in MULTI_TURN_ROWS]
+    folders = sorted({f for r in rows for f in MULTI_TURN_ROWS[r] if f not in ("retriever", "base")})
+    conversation, weights = common.load_conversation(run, folders, items, args)
+    subset, test_states = test_subset(conversation, samples, args)
+    if args.test_states != "all":
+        print(f"[05] test states: {test_states['kept']} of {test_states['of']} ({args.test_states}), "
+              f"{len(subset)} drawn")
+    if not subset:
+        raise SystemExit(f"error: no {args.split} sample passes --test-states {args.test_states} with "
+                         f"{args.candidates} candidates; use --test-states all, or more --candidates")
+    played, seconds = play_pairs(conversation, weights, subset, rows, args)
+    multi_turn = {}
+    for row in rows:
+        key = MULTI_TURN_ROWS[row]
+        episodes, single = played[key], row in SINGLE_TURN_ROWS
+        r = {"recommender": key[0], "simulator": key[1],
+             **score_episodes(episodes, 1 if single else args.turns, args), "seconds": seconds[key],
+             # item ids per sample after turns 1 and T: what pairs this row with another one later
+             "lists": {f"turn {t}": [e.ranking_at(t) for e in episodes] for t in sorted({1, args.turns})}}
+        if single:  # no later turns: turn T = turn 1
+            r["turns"] = [dict(r["turns"][0], turn=t) for t in range(1, args.turns + 1)]
+        else:
+            common.write_jsonl(out / f"conversations_{row}.jsonl", [conversation_log(e, items) for e in episodes])
+        multi_turn[row] = r
+        print(f"[05] {row}: R@10 new turn 1 {r['turns'][0]['new']['recall@10']:.3f}, "
+              f"turn {args.turns} {r['turns'][-1]['new']['recall@10']:.3f} ({r['seconds']} s)")
+    first = next(iter(multi_turn.values()))
+    meta = {"samples": len(subset), "labels": first["turns"][0]["labels"]["new"], "candidates": args.candidates,
+            "test_states": test_states}
+    return multi_turn, meta, subset
+
+
+def paired_gain(before: list[list[int]], after: list[list[int]], samples: list[dict], metric: str = "recall@10",
+                key: str = "new_targets", resamples: int = 1000, seed: int = 0) -> dict:
+    """How much a label metric changes from one ranking of each sample to another (turn 1 -> turn T
+    of the same conversations, or a row against REFERENCE_ROW), with a paired 95% percentile bootstrap:
+    a resample draws samples and keeps each sample's two rankings together, so the interval is that of
+    the change itself, far narrower than the two metrics' own intervals when most samples do not move.
+
+    before, after: one ranked item-id list per sample. Each sample adds its labels' metric sums, as
+    in common.MetricAccumulator: gain = (sum after - sum before) / labels.
+    -> {"gain": float, "ci": [lo, hi], "up": samples whose sum rose, "down": ... fell, "samples": n}"""
+    k = int(metric.split("@")[1])
+    diffs, counts = [], []
+    for b, a, s in zip(before, after, samples):
+        if not s[key]:
+            continue
+        diffs.append(sum(common.label_metrics(a, t, (k,))[metric] - common.label_metrics(b, t, (k,))[metric]
+                         for t in s[key]))
+        counts.append(len(s[key]))
+    diff, count = np.asarray(diffs, dtype=np.float64), np.asarray(counts, dtype=np.float64)  # [samples]
+    out = {"gain": float(diff.sum() / max(count.sum(), 1)), "ci": [0.0, 0.0], "up": int((diff > 1e-12).sum()),
+           "down": int((diff < -1e-12).sum()), "samples": len(diffs)}
+    if len(diffs) and resamples:
+        idx = np.random.default_rng(seed).integers(0, len(diffs), size=(resamples, len(diffs)))  # [resamples, n]
+        boot = diff[idx].sum(1) / count[idx].sum(1)
+        out["ci"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+    return out
+
+
 def score_episodes(episodes: list[common.Episode], turns: int, args: Args) -> dict:
     """Metrics of the lists after each turn, parse and success rates by turn, simulator leakage."""
     samples = [e.sample for e in episodes]
@@ -180,8 +311,9 @@ def score_episodes(episodes: list[common.Episode], turns: int, args: Args) -> di
     played = [[e.turns[t - 1] for e in episodes if len(e.turns) >= t] for t in range(1, turns + 1)]
     replies = [turn for e in episodes for turn in e.turns if "reply" in turn]
     # did the turns help? the paired change from turn 1 to turn T on the same conversations
-    gain = {m: common.paired_gain([e.ranking_at(1) for e in episodes], [e.ranking_at(turns) for e in episodes], samples,
-                                  m, resamples=args.bootstrap, seed=args.seed) for m in GAIN_METRICS} if turns > 1 else None
+    first, last = [e.ranking_at(1) for e in episodes], [e.ranking_at(turns) for e in episodes]
+    gain = {m: paired_gain(first, last, samples, m, resamples=args.bootstrap, seed=args.seed)
+            for m in GAIN_METRICS} if turns > 1 else None
     return {
         "samples": len(episodes), "turns": by_turn, "gain_first_to_last": gain,
         "parse_rate_by_turn": [sum(x["parsed"]["valid"] for x in p) / len(p) if p else None for p in played],
@@ -207,61 +339,141 @@ def conversation_log(e: common.Episode, items: list[dict]) -> dict:
                        "completion_tokens": len(t["completion_ids"])} for t in e.turns]}
 
 
+# ---- rows of earlier processes, paired comparisons --------------------------------------------------------
+
+# the settings two evaluations must share for their rows to sit in one table
+MERGE_KEYS = ("split", "limit", "test_states", "turns", "stop_on_label", "candidates", "seed", "exclude_seen",
+              "max_new_tokens", "constrain_answer", "no_repeat_ngram")
+# what a results.json written before a flag existed ran with, where that is not the flag's default
+BEFORE_FLAG = {"stop_on_label": True}
+# the conversation protocol this code plays: the retriever reads the real turns and the latest feedback,
+# and the recommender's turn is said as a question (docs/findings.md); older files record otherwise
+PROTOCOL = ("latest-feedback", "question")
+
+
+def merge_earlier(results: dict, path) -> dict:
+    """results plus the rows of the results.json at `path` that this run did not evaluate, rows in
+    ALL_ROWS order. Read at write time, so a process that finishes later keeps an earlier one's rows."""
+    earlier = common.read_json(path)
+    # a file written before a flag existed ran with that flag's default
+    defaults = {**{f.name: f.default for f in fields(Args)}, **BEFORE_FLAG}
+    then = {k: earlier["args"].get(k, defaults[k]) for k in MERGE_KEYS}
+    differ = {k: (then[k], results["args"][k]) for k in MERGE_KEYS if then[k] != results["args"][k]}
+    # a file with the retriever_query and recommender_turn flags, or older than stop_on_label, may have
+    # read the whole dialogue or said a list sentence (absent keys: the defaults of their time)
+    old = earlier["args"]
+    protocol = (old.get("retriever_query", "whole-dialogue"), old.get("recommender_turn", "list"))
+    if ("retriever_query" in old or "stop_on_label" not in old) and protocol != PROTOCOL:
+        differ["retriever_query, recommender_turn"] = (protocol, PROTOCOL)
+    if earlier.get("prompt_version", 1) != results["prompt_version"]:  # rows of recommenders that read other prompts
+        differ["prompt_version"] = (earlier.get("prompt_version", 1), results["prompt_version"])
+    if earlier["dataset"] != results["dataset"] or differ:
+        raise SystemExit(f"error: {path} was written with other settings {differ or earlier['dataset']} "
+                         "(earlier, now); drop --merge to overwrite it, or use another --run-dir")
+    merged = dict(results)
+    for key in ("rows", "multi_turn", "seconds"):
+        both = {**earlier.get(key, {}), **results[key]}
+        merged[key] = {name: both[name]
+                       for name in sorted(both, key=lambda n: ALL_ROWS.index(n) if n in ALL_ROWS else -1)}
+    for key in ("labels", "multi_turn_meta"):
+        if not results.get(key) and earlier.get(key):
+            merged[key] = earlier[key]
+    merged["merged_args"] = earlier.get("merged_args", []) + [earlier["args"]]
+    return merged
+
+
+def compare_with_reference(multi_turn: dict, subset: list[dict], args: Args) -> None:
+    """Add to each multi-turn row (but REFERENCE_ROW and sft-single-turn, its turn 1) its paired
+    change against REFERENCE_ROW at turns 1 and T, sample by sample: row["vs_reference"] =
+    {"reference": REFERENCE_ROW, "turn t": R@10 paired_gain, "recall@1" and "ndcg@10": {"turn t": ...}}.
+    Needs both rows' "lists"; a row of a merged file without them keeps the comparison it had, unless
+    this process played REFERENCE_ROW again (args.rows): then it has none.
+    subset: the --limit draw both rows played, in their order (the same draw: merge_earlier checked
+    that split, limit, test_states and seed agree)."""
+    reference = multi_turn.get(REFERENCE_ROW, {}).get("lists")
+    for name, row in multi_turn.items():
+        if name in (REFERENCE_ROW, "sft-single-turn"):
+            continue
+        if not (reference and row.get("lists")):
+            if REFERENCE_ROW in args.rows:  # compared with episodes this file no longer holds
+                row.pop("vs_reference", None)
+            continue
+        if any(len(v) != len(subset) for v in (*reference.values(), *row["lists"].values())):
+            raise SystemExit(f"error: {name} and {REFERENCE_ROW} hold lists of another draw than --limit "
+                             f"{args.limit} ({len(subset)} samples); evaluate both rows again without --merge")
+        gains = {m: {turn: paired_gain(reference[turn], row["lists"][turn], subset, m, resamples=args.bootstrap,
+                                       seed=args.seed) for turn in reference} for m in GAIN_METRICS}
+        row["vs_reference"] = {"reference": REFERENCE_ROW, **gains.pop("recall@10"), **gains}
+
+
+# ---- results.md and the plot ------------------------------------------------------------------------------
+
 def format_gain(g: dict | None) -> str:
-    """A common.paired_gain as '+0.004 [-0.013, +0.021] (3 / 2)'; None (single turn, or an older file): n/a."""
+    """A paired_gain as '+0.004 [-0.013, +0.021] (3 / 2)'; None (single turn, or an older file): n/a."""
     return "n/a" if g is None else f"{g['gain']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}] ({g['up']} / {g['down']})"
 
 
-def markdown_tables(results: dict) -> str:
-    """Single-shot rows x headline metrics (new targets), then multi-turn rows at turn 1 and turn T."""
-    out = []
-    if results["rows"]:
-        k_cols = [("recall@1", "R@1"), ("recall@10", "R@10"), ("recall@20", "R@20"), ("recall@50", "R@50"),
-                  ("ndcg@10", "NDCG@10"), ("mrr@10", "MRR@10")]
-        lines = ["| system | " + " | ".join(f"{label} new" for _, label in k_cols)
-                 + " | R@10 new 95% CI | R@10 all | R@50 all |", "|" + "---|" * (len(k_cols) + 4)]
-        for name, r in results["rows"].items():
-            lo, hi = r["ci"]["new"]["recall@10"]
-            cells = [f"{r['new'][m]:.3f}" for m, _ in k_cols]
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | [{lo:.3f}, {hi:.3f}] | "
-                         f"{r['all']['recall@10']:.3f} | {r['all']['recall@50']:.3f} |")
-        out.append(f"{results['dataset']} {results['split']}, single shot: {results['samples']} samples, "
-                   f"{results['labels']['new']} new-target labels, {results['labels']['all']} target labels\n\n"
-                   + "\n".join(lines))
-    if results["multi_turn"]:
-        T = results["turns"]
-        head = (f"| system | R@1 t1 | R@10 t1 [95% CI] | NDCG@10 t1 | R@1 t{T} | R@10 t{T} [95% CI] | NDCG@10 t{T} | "
-                f"ΔR@10 t1→t{T} [paired 95% CI] (samples up / down) | parse rate t1 | leakage |")
-        lines = [head, "|" + "---|" * 10]
+def single_shot_table(results: dict) -> str:
+    """Single-shot rows x headline metrics (new targets), R@10's 95% CI, and two metrics on all targets."""
+    k_cols = [("recall@1", "R@1"), ("recall@10", "R@10"), ("recall@20", "R@20"), ("recall@50", "R@50"),
+              ("ndcg@10", "NDCG@10"), ("mrr@10", "MRR@10")]
+    lines = ["| system | " + " | ".join(f"{label} new" for _, label in k_cols)
+             + " | R@10 new 95% CI | R@10 all | R@50 all |", "|" + "---|" * (len(k_cols) + 4)]
+    for name, r in results["rows"].items():
+        lo, hi = r["ci"]["new"]["recall@10"]
+        cells = [f"{r['new'][m]:.3f}" for m, _ in k_cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | [{lo:.3f}, {hi:.3f}] | "
+                     f"{r['all']['recall@10']:.3f} | {r['all']['recall@50']:.3f} |")
+    return (f"{results['dataset']} {results['split']}, single shot: {results['samples']} samples, "
+            f"{results['labels']['new']} new-target labels, {results['labels']['all']} target labels\n\n"
+            + "\n".join(lines))
 
-        def cell(turn: dict, metric: str, ci: bool = False) -> str:
-            v = f"{turn['new'][metric]:.3f}"
-            return v + (" [{:.3f}, {:.3f}]".format(*turn["ci"]["new"][metric]) if ci else "")
 
-        for name, r in results["multi_turn"].items():
-            first, last = r["turns"][0], r["turns"][-1]
-            parse = r["parse_rate_by_turn"][0]
-            leak = r["leakage_rate"]
-            lines.append(f"| {name} | {cell(first, 'recall@1')} | {cell(first, 'recall@10', True)} | "
-                         f"{cell(first, 'ndcg@10')} | {cell(last, 'recall@1')} | {cell(last, 'recall@10', True)} | "
-                         f"{cell(last, 'ndcg@10')} | {format_gain((r.get('gain_first_to_last') or {}).get('recall@10'))} | "
-                         f"{'n/a' if r['recommender'] == 'retriever' else f'{parse:.2f}'} | "
-                         f"{'n/a' if leak is None else f'{leak:.3f}'} |")
-        paired = {name: r["vs_reference"] for name, r in results["multi_turn"].items() if r.get("vs_reference")}
-        if paired:
-            lines.append("\nEach row minus " + REFERENCE_ROW + " on the same samples (R@10 new, paired 95% CI, samples "
-                         f"better / worse):\n\n| system | ΔR@10 t1 | ΔR@10 t{T} |\n|---|---|---|")
-            lines += [f"| {name} | {format_gain(v['turn 1'])} | {format_gain(v[f'turn {T}'])} |" for name, v in paired.items()]
-        mt = results["multi_turn_meta"]
-        protocol = ("stopped on the label (--stop-on-label, iEvaLM)" if results["args"].get("stop_on_label")
-                    else "label-free, all T turns played")
-        out.append(f"{results['dataset']} {results['split']}, multi-turn (T = {T}, K = {mt['candidates']} candidates, "
-                   f"{protocol}): "
-                   f"{mt['samples']} samples with a new target ({mt['labels']} labels), "
-                   + test_states_phrase(mt.get("test_states"))
-                   + ("all of them; " if not results["limit"] else f"a seeded draw of --limit {results['limit']}; ")
-                   + "single-turn rows repeat turn 1 in the turn-T columns\n\n" + "\n".join(lines))
-    return "\n\n".join(out) + "\n"
+def multi_turn_table(results: dict) -> str:
+    """Multi-turn rows at turn 1 and turn T with the paired change between them; then each row
+    against REFERENCE_ROW in GAIN_METRICS at turns 1 and T."""
+    T = results["turns"]
+    head = (f"| system | R@1 t1 | R@10 t1 [95% CI] | NDCG@10 t1 | R@1 t{T} | R@10 t{T} [95% CI] | NDCG@10 t{T} | "
+            f"ΔR@10 t1→t{T} [paired 95% CI] (samples up / down) | parse rate t1 | leakage |")
+    lines = [head, "|" + "---|" * 10]
+
+    def cell(turn: dict, metric: str, ci: bool = False) -> str:
+        v = f"{turn['new'][metric]:.3f}"
+        return v + (" [{:.3f}, {:.3f}]".format(*turn["ci"]["new"][metric]) if ci else "")
+
+    for name, r in results["multi_turn"].items():
+        first, last = r["turns"][0], r["turns"][-1]
+        parse = "n/a" if r["recommender"] == "retriever" else f"{r['parse_rate_by_turn'][0]:.2f}"
+        leak = "n/a" if r["leakage_rate"] is None else f"{r['leakage_rate']:.3f}"
+        gain = format_gain((r.get("gain_first_to_last") or {}).get("recall@10"))
+        lines.append(f"| {name} | {cell(first, 'recall@1')} | {cell(first, 'recall@10', True)} | "
+                     f"{cell(first, 'ndcg@10')} | {cell(last, 'recall@1')} | {cell(last, 'recall@10', True)} | "
+                     f"{cell(last, 'ndcg@10')} | {gain} | {parse} | {leak} |")
+    paired = {name: r["vs_reference"] for name, r in results["multi_turn"].items() if r.get("vs_reference")}
+    if paired:
+        lines.append(paired_table(paired, T))
+    mt = results["multi_turn_meta"]
+    protocol = ("stopped on the label (--stop-on-label, iEvaLM)" if results["args"].get("stop_on_label")
+                else "label-free, all T turns played")
+    return (f"{results['dataset']} {results['split']}, multi-turn (T = {T}, K = {mt['candidates']} candidates, "
+            f"{protocol}): "
+            f"{mt['samples']} samples with a new target ({mt['labels']} labels), "
+            + test_states_phrase(mt.get("test_states"))
+            + ("all of them; " if not results["limit"] else f"a seeded draw of --limit {results['limit']}; ")
+            + "single-turn rows repeat turn 1 in the turn-T columns\n\n" + "\n".join(lines))
+
+
+def paired_table(paired: dict, T: int) -> str:
+    """Each row's vs_reference (compare_with_reference) in GAIN_METRICS at turns 1 and T; a metric a
+    merged row of an older file lacks reads n/a."""
+    names = {"recall@1": "R@1", "recall@10": "R@10", "ndcg@10": "NDCG@10"}
+    cols = [(m, t) for m in GAIN_METRICS for t in (1, T)]
+    lines = ["| system | " + " | ".join(f"Δ{names[m]} t{t}" for m, t in cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for name, v in paired.items():
+        by_metric = {m: v if m == "recall@10" else v.get(m, {}) for m in GAIN_METRICS}
+        lines.append(f"| {name} | " + " | ".join(format_gain(by_metric[m].get(f"turn {t}")) for m, t in cols) + " |")
+    return ("\nEach row minus " + REFERENCE_ROW + " on the same samples (new targets, paired 95% CI, samples "
+            "better / worse):\n\n" + "\n".join(lines))
 
 
 def test_states_phrase(states: dict | None) -> str:
@@ -270,14 +482,6 @@ def test_states_phrase(states: dict | None) -> str:
         return ""
     return (f"among the {states['kept']} of {states['of']} whose first-turn candidates hold a target "
             f"(--test-states {states['rule']}): ")
-
-
-def test_subset(conversation: common.Conversation, samples: list[dict], args: Args) -> tuple[list[dict], dict]:
-    """The multi-turn draw: --limit samples with a new target, seeded, among those --test-states
-    keeps (the rule needs the retriever's first turn, so `conversation`). -> (subset, {rule, kept, of})"""
-    pool = [s for s in samples if s["new_targets"]]
-    kept = common.keep_states(conversation, pool, args.test_states)
-    return common.draw_samples(kept, args.limit, args.seed), {"rule": args.test_states, "kept": len(kept), "of": len(pool)}
 
 
 def plot_recall_by_turn(results: dict, path) -> None:
@@ -304,64 +508,17 @@ def plot_recall_by_turn(results: dict, path) -> None:
     plt.close(fig)
 
 
-# the settings two evaluations must share for their rows to sit in one table
-MERGE_KEYS = ("split", "limit", "test_states", "turns", "stop_on_label", "candidates", "seed", "exclude_seen",
-              "max_new_tokens", "constrain_answer", "no_repeat_ngram")
-# what a results.json written before a flag existed ran with, where that is not the flag's default
-BEFORE_FLAG = {"stop_on_label": True}
-
-
-def compare_with_reference(multi_turn: dict, subset: list[dict], args: Args) -> None:
-    """Add to each multi-turn row (but REFERENCE_ROW and sft-single-turn, its turn 1) its paired
-    change of R@10 against REFERENCE_ROW at turns 1 and T, sample by sample: row["vs_reference"].
-    Needs both rows' "lists" (05 writes them since 2026-11-27). A row of an older file keeps the
-    comparison it had, unless this process played REFERENCE_ROW again (args.rows): then it has none.
-    subset: the --limit draw both rows played, in their order (the same draw: merge_earlier checked
-    that split, limit, test_states and seed agree)."""
-    reference = multi_turn.get(REFERENCE_ROW, {}).get("lists")
-    for name, row in multi_turn.items():
-        if name in (REFERENCE_ROW, "sft-single-turn"):
-            continue
-        if not (reference and row.get("lists")):
-            if REFERENCE_ROW in args.rows:  # compared with episodes this file no longer holds
-                row.pop("vs_reference", None)
-            continue
-        if any(len(v) != len(subset) for v in (*reference.values(), *row["lists"].values())):
-            raise SystemExit(f"error: {name} and {REFERENCE_ROW} hold lists of another draw than --limit "
-                             f"{args.limit} ({len(subset)} samples); evaluate both rows again without --merge")
-        row["vs_reference"] = {"reference": REFERENCE_ROW, **{
-            turn: common.paired_gain(reference[turn], row["lists"][turn], subset, "recall@10",
-                                     resamples=args.bootstrap, seed=args.seed) for turn in reference}}
-
-
-def merge_earlier(results: dict, path) -> dict:
-    """results plus the rows of the results.json at `path` that this run did not evaluate, rows in
-    ALL_ROWS order. Read at write time, so a process that finishes later keeps an earlier one's rows."""
-    earlier = common.read_json(path)
-    # a file written before a flag existed ran with that flag's default
-    defaults = {**{f.name: f.default for f in fields(Args)}, **BEFORE_FLAG}
-    then = {k: earlier["args"].get(k, defaults[k]) for k in MERGE_KEYS}
-    differ = {k: (then[k], results["args"][k]) for k in MERGE_KEYS if then[k] != results["args"][k]}
-    # conversations that read the whole dialogue or heard a list sentence (the flags of 2026-11-26 to -12-04;
-    # before them, files have neither key): a protocol this code no longer plays
-    old = earlier["args"]
-    protocol = (old.get("retriever_query", "whole-dialogue"), old.get("recommender_turn", "list"))
-    if ("retriever_query" in old or "stop_on_label" not in old) and protocol != ("latest-feedback", "question"):
-        differ["retriever_query, recommender_turn"] = (protocol, ("latest-feedback", "question"))
-    if earlier.get("prompt_version", 1) != results["prompt_version"]:  # rows of recommenders that read other prompts
-        differ["prompt_version"] = (earlier.get("prompt_version", 1), results["prompt_version"])
-    if earlier["dataset"] != results["dataset"] or differ:
-        raise SystemExit(f"error: {path} was written with other settings {differ or earlier['dataset']} "
-                         "(earlier, now); drop --merge to overwrite it, or use another --run-dir")
-    merged = dict(results)
-    for key in ("rows", "multi_turn", "seconds"):
-        both = {**earlier.get(key, {}), **results[key]}
-        merged[key] = {name: both[name] for name in sorted(both, key=lambda n: ALL_ROWS.index(n) if n in ALL_ROWS else -1)}
-    for key in ("labels", "multi_turn_meta"):
-        if not results.get(key) and earlier.get(key):
-            merged[key] = earlier[key]
-    merged["merged_args"] = earlier.get("merged_args", []) + [earlier["args"]]
-    return merged
+def write_results(results: dict, out) -> None:
+    """results.json, results.md (the tables) and, with multi-turn rows, recall_by_turn.png."""
+    common.write_json(out / "results.json", results)
+    tables = ([single_shot_table(results)] if results["rows"] else []) \
+        + ([multi_turn_table(results)] if results["multi_turn"] else [])
+    table = "\n\n".join(tables) + "\n"
+    common.atomic_write_bytes(out / "results.md", table.encode())
+    if results["multi_turn"]:
+        plot_recall_by_turn(results, out / "recall_by_turn.png")
+    print(table)
+    print(f"[05] wrote {out}/results.json, results.md" + (", recall_by_turn.png" if results["multi_turn"] else ""))
 
 
 def main(argv=None) -> dict:
@@ -371,12 +528,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     common.set_seed(args.seed)
-    unknown = [r for r in args.rows if r not in ALL_ROWS]
-    if unknown:
-        raise SystemExit(f"error: unknown --rows {unknown}; choose among {ALL_ROWS}")
-    if not args.rows:
-        args.rows = available_rows(run)
-
+    args.rows = chosen_rows(run, args.rows)
     items = common.load_items(run)
     samples = common.load_samples(run, args.split)
     out = run.root / "eval"
@@ -385,78 +537,23 @@ def main(argv=None) -> dict:
                "rows": {}, "multi_turn": {}, "seconds": {}}
 
     # 1. Single-shot rankers on the whole split.
-    k = max(common.METRIC_KS)
-    rankings: dict[str, list[list[int]]] = {}
-    if "popularity" in args.rows:
-        rankings["popularity"] = popularity_rankings(run, len(items), samples, k, args.exclude_seen)
-    variants = [RETRIEVER_ROWS[r] for r in args.rows if r in RETRIEVER_ROWS]
-    if variants:
-        started = time.time()
-        by_variant = retriever_rankings(run, variants, samples, k, args)
-        rankings.update({row: by_variant[v] for row, v in RETRIEVER_ROWS.items() if v in by_variant})
-        results["seconds"]["retrievers"] = round(time.time() - started, 1)
-    for row in [r for r in args.rows if r in SINGLE_SHOT_ROWS]:
-        results["rows"][row] = common.score_rankings(rankings[row], samples, bootstrap=args.bootstrap, seed=args.seed)
+    results["rows"], results["seconds"] = single_shot_rows(run, items, samples, args)
     results["labels"] = next(iter(results["rows"].values()))["labels"] if results["rows"] else {}
 
-    # 2. Multi-turn conversations with the simulator on a seeded subset.
-    multi = [r for r in args.rows if r in MULTI_TURN_ROWS]
+    # 2. Multi-turn conversations with the simulator on a seeded draw of samples with a new target.
     subset = None
-    if multi:
-        folders = sorted({f for r in multi for f in MULTI_TURN_ROWS[r] if f not in ("retriever", "base")})
-        conversation, weights = common.load_conversation(run, folders, items, args)
-        subset, test_states = test_subset(conversation, samples, args)
-        if args.test_states != "all":
-            print(f"[05] test states: {test_states['kept']} of {test_states['of']} ({args.test_states}), "
-                  f"{len(subset)} drawn")
-        if not subset:
-            raise SystemExit(f"error: no {args.split} sample passes --test-states {args.test_states} with "
-                             f"{args.candidates} candidates; use --test-states all, or more --candidates")
-        # each (recommender, simulator) pair is played once; sft-single-turn reads turn 1 of sft+simulator
-        pairs = {}
-        for row in multi:
-            pairs[MULTI_TURN_ROWS[row]] = max(pairs.get(MULTI_TURN_ROWS[row], 1), 1 if row in SINGLE_TURN_ROWS else args.turns)
-        played, seconds = {}, {}
-        for (recommender, simulator), turns in pairs.items():
-            started = time.time()
-            conversation.simulator_weights = weights[simulator]
-            rec_weights = {"retriever": "retriever", "base": None}[recommender] if recommender in ("retriever", "base") \
-                else weights[recommender]
-            played[recommender, simulator] = conversation.play(common.start_episodes(subset), turns, rec_weights,
-                                                               progress=f"{recommender} + {simulator}",
-                                                               stop_on_success=args.stop_on_label)
-            seconds[recommender, simulator] = round(time.time() - started, 1)
-        for row in multi:
-            key = MULTI_TURN_ROWS[row]
-            episodes, single = played[key], row in SINGLE_TURN_ROWS
-            r = {"recommender": key[0], "simulator": key[1], **score_episodes(episodes, 1 if single else args.turns, args),
-                 "seconds": seconds[key],
-                 # item ids per sample after turns 1 and T: what pairs this row with another one later
-                 "lists": {f"turn {t}": [e.ranking_at(t) for e in episodes] for t in sorted({1, args.turns})}}
-            if single:  # no later turns: turn T = turn 1
-                r["turns"] = [dict(r["turns"][0], turn=t) for t in range(1, args.turns + 1)]
-            else:
-                common.write_jsonl(out / f"conversations_{row}.jsonl", [conversation_log(e, items) for e in episodes])
-            results["multi_turn"][row] = r
-            print(f"[05] {row}: R@10 new turn 1 {r['turns'][0]['new']['recall@10']:.3f}, "
-                  f"turn {args.turns} {r['turns'][-1]['new']['recall@10']:.3f} ({r['seconds']} s)")
-        first = next(iter(results["multi_turn"].values()))
-        results["multi_turn_meta"] = {"samples": len(subset), "labels": first["turns"][0]["labels"]["new"],
-                                      "candidates": args.candidates, "test_states": test_states}
+    if any(r in MULTI_TURN_ROWS for r in args.rows):
+        results["multi_turn"], results["multi_turn_meta"], subset = multi_turn_rows(run, items, samples, args, out)
 
+    # 3. The rows of earlier processes (--merge); then RL, the ablations, the retriever against the SFT
+    #    recommender on the same samples (a process without multi-turn rows keeps its merged comparisons).
     if args.merge and (out / "results.json").exists():
         results = merge_earlier(results, out / "results.json")
-    # RL, the ablation, the retriever: better than the SFT recommender on the same conversations' samples?
-    # (a process without multi-turn rows keeps the comparisons its merged rows were written with)
     if subset is not None:
         compare_with_reference(results["multi_turn"], subset, args)
-    common.write_json(out / "results.json", results)
-    table = markdown_tables(results)
-    common.atomic_write_bytes(out / "results.md", table.encode())
-    if results["multi_turn"]:
-        plot_recall_by_turn(results, out / "recall_by_turn.png")
-    print(table)
-    print(f"[05] wrote {out}/results.json, results.md" + (", recall_by_turn.png" if results["multi_turn"] else ""))
+
+    # 4. results.json, results.md, recall_by_turn.png.
+    write_results(results, out)
     return results
 
 

@@ -404,11 +404,6 @@ class TitleIndex:
         return names[close[0]] if close else None
 
 
-def run_title_index(run: "RunPaths", items: Sequence[dict]) -> TitleIndex:
-    """The run's title matcher, ties broken by how many training dialogues mention each item."""
-    return TitleIndex(items, popularity_counts(load_dialogues(run, "train"), len(items)).tolist())
-
-
 # --------------------------------------------------------------------------------------
 # 5. Ranking metrics
 # --------------------------------------------------------------------------------------
@@ -497,33 +492,6 @@ def score_rankings(ranked: Sequence[Sequence[int]], samples: Sequence[dict], ks:
     return out
 
 
-def paired_gain(before: Sequence[Sequence[int]], after: Sequence[Sequence[int]], samples: Sequence[dict],
-                metric: str = "recall@10", key: str = "new_targets", resamples: int = 1000, seed: int = 0) -> dict:
-    """How much a label metric changes from one ranking of each sample to another (turn 1 -> turn T
-    of the same conversations), with a paired 95% percentile bootstrap: a resample draws samples
-    and keeps each sample's two rankings together, so the interval is that of the change itself,
-    far narrower than the two metrics' own intervals when most samples do not move.
-
-    before, after: one ranked item-id list per sample. Each sample adds its labels' metric sums, as
-    in MetricAccumulator: gain = (sum after - sum before) / labels.
-    -> {"gain": float, "ci": [lo, hi], "up": samples whose sum rose, "down": ... fell, "samples": n}"""
-    k = int(metric.split("@")[1])
-    diffs, counts = [], []
-    for b, a, s in zip(before, after, samples):
-        if not s[key]:
-            continue
-        diffs.append(sum(label_metrics(a, t, (k,))[metric] - label_metrics(b, t, (k,))[metric] for t in s[key]))
-        counts.append(len(s[key]))
-    diff, count = np.asarray(diffs, dtype=np.float64), np.asarray(counts, dtype=np.float64)
-    out = {"gain": float(diff.sum() / max(count.sum(), 1)), "ci": [0.0, 0.0], "up": int((diff > 1e-12).sum()),
-           "down": int((diff < -1e-12).sum()), "samples": len(diffs)}
-    if len(diffs) and resamples:
-        idx = np.random.default_rng(seed).integers(0, len(diffs), size=(resamples, len(diffs)))
-        boot = diff[idx].sum(1) / count[idx].sum(1)
-        out["ci"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
-    return out
-
-
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> list[float]:
     """95% (z = 1.96) Wilson score interval of a proportion such as a parse rate: unlike the
     normal approximation it stays inside [0, 1] and is not [1, 1] when all n succeed. -> [low, high]"""
@@ -552,42 +520,12 @@ def popularity_counts(dialogues: Sequence[dict], num_items: int) -> torch.Tensor
     return counts
 
 
-def cooccurrence_embeddings(item_sets: Sequence[Sequence[int]], num_items: int, dim: int, seed: int = 0) -> torch.Tensor:
-    """Collaborative item embeddings from co-occurrence: truncated SVD of the positive PMI matrix
-    of items mentioned in the same training dialogue. Returns [num_items, dim] float32.
-
-    Items never seen in training get small random vectors (fine-tuning can still move them)."""
-    counts = torch.zeros(num_items, num_items)
-    for items in item_sets:
-        ids = torch.tensor(sorted(set(items)), dtype=torch.long)
-        counts[ids.unsqueeze(1), ids.unsqueeze(0)] += 1.0
-    # The diagonal keeps each item's own count (an item co-occurs with itself), which makes the
-    # PPMI matrix close to positive semi-definite, so that its top components mean similarity.
-    total = counts.sum().clamp(min=1)
-    marginal = counts.sum(1, keepdim=True)
-    pmi = torch.log((counts * total).clamp(min=1e-12) / (marginal * marginal.T).clamp(min=1e-12))
-    ppmi = torch.where(counts > 0, pmi.clamp(min=0), torch.zeros(()))
-    g = torch.Generator().manual_seed(seed)
-    rank = min(dim, num_items - 1)
-    u, s, v = torch.svd_lowrank(ppmi, q=rank, niter=4)
-    # For a symmetric matrix, a component with v = -u has a negative eigenvalue: as a similarity
-    # it would pull co-mentioned items apart, so it is dropped.
-    positive = ((u * v).sum(0) > 0).float()
-    emb = u * (s * positive).sqrt()
-    emb = emb / emb.norm(dim=1).clamp(min=1e-6).mean()  # unit average norm: same scale as the semantic view
-    unseen = marginal.squeeze(1) == 0
-    emb[unseen] = 0.01 * torch.randn(int(unseen.sum()), rank, generator=g)
-    if rank < dim:
-        emb = torch.cat([emb, torch.zeros(num_items, dim - rank)], 1)
-    return emb.float()
-
-
 class DualViewRetriever(nn.Module):
     """Scores every catalogue item for a dialogue from two views fused by cross-attention.
 
     Semantic view: frozen sentence-encoder vectors of the dialogue text [E] and of every item's
     text [N, E], projected to d. Collaborative view: trainable item embeddings [N, d] initialised
-    from co-occurrence (`cooccurrence_embeddings`), and the dialogue's mentioned items.
+    from co-occurrence (03's `cooccurrence_embeddings`), and the dialogue's mentioned items.
 
     Each view has a query and a set of tokens:
       semantic:      query = projected dialogue-text vector; tokens = it + the semantic vectors of
@@ -696,15 +634,6 @@ def pad_item_lists(item_lists: Sequence[Sequence[int]], max_len: int = 32) -> to
         if items:
             out[row, :len(items)] = torch.tensor(items, dtype=torch.long)
     return out
-
-
-def dialogue_folds(dialog_ids: Sequence[str], folds: int, seed: int = 0) -> dict[str, int]:
-    """Cross-fitting folds of the training dialogues: {dialog_id: fold in [0, folds)}, a seeded
-    shuffle dealt round-robin, so fold sizes differ by at most one. Folds split dialogues, not
-    samples: the samples of one dialogue share its text and its targets."""
-    ids = sorted(set(dialog_ids))
-    random.Random(seed).shuffle(ids)
-    return {d: n % folds for n, d in enumerate(ids)}
 
 
 def load_fold_retrievers(folder: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, int], list["DualViewRetriever"]]:
@@ -1290,7 +1219,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 # Configs whose LM head is more than a linear layer on the decoder's output (a soft cap or scale on
-# the logits): causal_lm_loss and token_logprobs take the plain path (the model's own logits) for these.
+# the logits): causal_lm_loss and 04's token_logprobs take the plain path (the model's own logits) for these.
 _SCALED_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
@@ -1315,78 +1244,6 @@ def _scoring_states(model: nn.Module, head: nn.Module | None, input_ids: torch.T
     if head is not None:
         return model.get_decoder()(**inputs).last_hidden_state
     return model(**inputs, **({"logits_to_keep": keep_last} if keep_last else {})).logits
-
-
-def _chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool):
-    """logits [c, n, V] (any dtype), targets [c, n] -> (log p of the targets [c, n] fp32, entropy
-    [c, n] without gradient, or None). log-softmax is taken as logit - logsumexp, and the entropy as
-    logsumexp - sum p * logit, each with one [c, n, V] fp32 temporary."""
-    lg = logits.float()
-    if temperature != 1.0:
-        lg = lg / temperature
-    norm = lg.logsumexp(-1)
-    picked = lg.gather(-1, targets[..., None]).squeeze(-1)
-    ent = None
-    if entropy:
-        with torch.no_grad():
-            ent = norm - (lg - norm[..., None]).exp_().mul_(lg).sum(-1)
-    return picked - norm, ent
-
-
-def _head_chunk_logprobs(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
-                         entropy: bool):
-    """hidden [c, n, H] -> _chunk_logprobs of head(hidden)."""
-    return _chunk_logprobs(head(hidden), targets, temperature, entropy)
-
-
-def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   temperature: float = 1.0, chunk_rows: int = 1, last: int = 0, entropy: bool = False):
-    """log p(x_t | x_<t) for t = 1..T-1, in fp32.
-
-    input_ids, attention_mask: [B, T], left or right padded -> [B, T-1], entry t-1 for x_t;
-    0 where x_t is padding or the row's first real token (no context to score it against).
-    temperature: score under logits / temperature (the distribution sampling used).
-    last: score only the last `last` tokens of every row -> [B, last] (a left-padded batch of
-    prompt + completion, where completions end every row).
-    entropy: also return the policy's entropy at those positions, same shape, without gradient.
-
-    Memory: the logits are never held for the whole batch. The decoder's hidden states [B, n, H]
-    go through the LM head `chunk_rows` rows at a time, and with gradients on, each chunk's
-    logits are recomputed in the backward pass (activation checkpointing) instead of stored: the
-    peak is one chunk's [chunk, n, V] logits, their fp32 copy and gradient, not [B, n, V] of each.
-    At Qwen's 152k vocabulary, 8 rows of 256 scored tokens are 1.25 GB of fp32 logits and as much
-    again for their gradient; one row is 0.16 GB. Models whose head scales or caps its logits
-    (_SCALED_HEAD_FIELDS) score the model's own logits instead, with the same row chunks.
-    """
-    n = last or input_ids.shape[1] - 1
-    head = _plain_lm_head(model)
-    states = _scoring_states(model, head, input_ids, attention_mask, position_ids_from_mask(attention_mask),
-                             keep_last=n + 1)[:, -n - 1:-1]  # [B, n, H or V]: x_t's context
-    targets = input_ids[:, -n:].to(states.device)
-    out, ent = [], []
-    for s in range(0, states.shape[0], chunk_rows):
-        rows, tgt = states[s:s + chunk_rows], targets[s:s + chunk_rows]
-        if head is None:
-            lp, h = _chunk_logprobs(rows, tgt, temperature, entropy)
-        elif torch.is_grad_enabled():
-            lp, h = torch.utils.checkpoint.checkpoint(_head_chunk_logprobs, head, rows, tgt, temperature, entropy,
-                                                      use_reentrant=False)
-        else:
-            lp, h = _head_chunk_logprobs(head, rows, tgt, temperature, entropy)
-        out.append(lp)
-        ent.append(h)
-    # a score needs a real token and a real context: a left-padded row's first token has neither
-    valid = (attention_mask[:, -n:] * attention_mask[:, -n - 1:-1]).to(states.device)
-    lp = torch.cat(out) * valid
-    return (lp, torch.cat(ent) * valid) if entropy else lp
-
-
-def sequence_logprob_masked(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                            target_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Sum of log p(x_t | x_<t) over the tokens with target_mask[b, t] = 1 (e.g. a completion).
-    input_ids, attention_mask, target_mask: [B, T] (target_mask[:, 0] is ignored) -> [B]"""
-    lp = token_logprobs(model, input_ids, attention_mask, temperature)
-    return (lp * target_mask[:, 1:].to(lp)).sum(-1)
 
 
 # ---- generation ---------------------------------------------------------------------------
@@ -1855,20 +1712,8 @@ def simulator_messages(task: str, context: Sequence[dict], items: Sequence[dict]
     return messages
 
 
-def attribute_answer(items: Sequence[dict], ids: Sequence[int], max_genres: int = 6, max_people: int = 8) -> str:
-    """'Genres: action, mystery; People: Rian Johnson, Daniel Craig' for the movies `ids`: their
-    genres, then directors and the first two stars of each, de-duplicated in order."""
-    genres, people = [], []
-    for i in ids:
-        genres += items[i].get("genres", [])
-        people += items[i].get("directors", [])[:1] + items[i].get("stars", [])[:2]
-    genres = list(dict.fromkeys(genres))[:max_genres]
-    people = list(dict.fromkeys(people))[:max_people]
-    return f"Genres: {', '.join(genres) or 'none'}; People: {', '.join(people) or 'none'}"
-
-
 def parse_attributes(text: str) -> set[str]:
-    """The attribute set of an attribute_answer-style string (lower case, labels and 'none'
+    """The attribute set of an 02's attribute_answer-style string (lower case, labels and 'none'
     dropped); tolerant of free text: any comma/semicolon/newline separated phrase counts."""
     out = set()
     for part in re.split(r"[;,\n]", text):
@@ -1877,17 +1722,6 @@ def parse_attributes(text: str) -> set[str]:
         if part and part != "none":
             out.add(part)
     return out
-
-
-def target_answer(items: Sequence[dict], ids: Sequence[int]) -> str:
-    """'Knives Out (2019); Joker (2019)': the titles of the movies `ids`."""
-    return "; ".join(items[i]["title"] for i in ids)
-
-
-def parse_titles(text: str) -> list[str]:
-    """Titles in a target_answer-style string (separated by ';' or new lines, list bullets dropped)."""
-    parts = (re.sub(r"^\s*(?:[-*]|\d+[.)])\s*", "", p).strip() for p in re.split(r"[;\n]", text))
-    return [p for p in parts if p]
 
 
 def copies_turn(reply: str, turn: str, share: float = 0.8) -> bool:
@@ -1927,12 +1761,6 @@ REC_INSTRUCTION = (
     "list inside <answer></answer>.")
 _ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S)
 _PREFERENCE = re.compile(r"^\s*Preference:(.*)$", re.M | re.I)
-# words a seeker uses for a genre that do not contain its name
-GENRE_SYNONYMS = {"comedy": ["comedies", "funny", "hilarious"], "horror": ["scary", "frightening"],
-                  "romance": ["romantic", "rom com", "romcom", "love story"], "sci-fi": ["science fiction", "sci fi"],
-                  "animation": ["animated", "cartoon"], "documentary": ["documentaries"], "family": ["kids", "children"],
-                  "thriller": ["suspense", "thrillers"], "mystery": ["mysteries", "whodunit"], "war": ["war movie"],
-                  "biography": ["biopic"], "drama": ["dramas", "dramatic"], "action": ["action"]}
 
 
 def item_attributes(item: dict) -> list[str]:
@@ -1940,38 +1768,6 @@ def item_attributes(item: dict) -> list[str]:
     (lower case), the first director, the first star."""
     genres = [g.lower() for g in item.get("genres", [])[:2]]
     return list(dict.fromkeys(genres + item.get("directors", [])[:1] + item.get("stars", [])[:1]))
-
-
-class AttributeVocab:
-    """Finds the attributes a seeker states in free text: catalogue genres (with GENRE_SYNONYMS) and
-    people (directors, stars) named in full."""
-
-    def __init__(self, items: Sequence[dict]):
-        self.genre_words: dict[str, str] = {}
-        for it in items:
-            for g in it.get("genres", []):
-                name = g.lower()
-                head = re.sub(r" (film|fiction|movie)s?$", "", name)
-                for w in {name, head, head + "s", *GENRE_SYNONYMS.get(name, [])}:
-                    self.genre_words.setdefault(w, name)
-        self.people = {p.lower(): p for it in items for p in it.get("directors", [])[:1] + it.get("stars", [])[:3]
-                       if len(p.split()) >= 2}
-        self._genre_re = (re.compile(r"\b(" + "|".join(sorted(map(re.escape, self.genre_words), key=len, reverse=True))
-                                     + r")\b") if self.genre_words else None)
-
-    def stated(self, text: str) -> list[str]:
-        """Attributes named in `text`, in order of appearance (genres lower-cased, people as in the catalogue)."""
-        low = " ".join(text.lower().split())
-        found: list[tuple[int, str]] = []
-        if self._genre_re is not None:
-            found += [(m.start(), self.genre_words[m.group(1)]) for m in self._genre_re.finditer(low)]
-        words = re.findall(r"[a-z0-9'.-]+", low)
-        for n in (2, 3):
-            for i in range(len(words) - n + 1):
-                name = " ".join(words[i:i + n])
-                if name in self.people:
-                    found.append((low.find(name), self.people[name]))
-        return list(dict.fromkeys(a for _, a in sorted(found)))
 
 
 def format_candidates(items: Sequence[dict], candidate_ids: Sequence[int]) -> str:
@@ -2009,60 +1805,6 @@ def recommender_messages(context: Sequence[dict], items: Sequence[dict], candida
     return messages
 
 
-def chain_preference(items: Sequence[dict], vocab: AttributeVocab, context: Sequence[dict], liked: Sequence[int] = (),
-                     context_items: Sequence[int] = (), max_preferences: int = 3) -> list[str]:
-    """The Preference line of reasoning_chain: attributes the seeker states, then those of liked
-    movies already in the dialogue, at most max_preferences, first mention first."""
-    seeker_text = " ".join(t["text"] for t in context if t["role"] == "seeker")
-    mentioned = set(context_items)
-    preference = vocab.stated(seeker_text)
-    for i in [i for i in liked if i in mentioned]:
-        preference += item_attributes(items[i])
-    return list(dict.fromkeys(preference))[:max_preferences]
-
-
-def preference_matches(items: Sequence[dict], preference: Sequence[str], candidate_ids: Sequence[int]) -> dict[int, list[str]]:
-    """{candidate id: its attributes among `preference` (case-insensitive)}; a candidate's score in
-    reasoning_chain is the length of its list."""
-    wanted = {p.lower() for p in preference}
-    return {c: [a for a in item_attributes(items[c]) if a.lower() in wanted] for c in candidate_ids}
-
-
-def reasoning_chain(items: Sequence[dict], vocab: AttributeVocab, context: Sequence[dict], candidate_ids: Sequence[int],
-                    targets: Sequence[int], liked: Sequence[int] = (), context_items: Sequence[int] = (),
-                    max_preferences: int = 3, cite_candidates: bool = False) -> tuple[str, list[int]]:
-    """The SFT target built from metadata (docs/design.md section 5) and the ranking it encodes.
-
-    Preference: attributes the seeker states, then those of liked movies already in the dialogue
-    (at most max_preferences). Only what the prompt shows goes there: a Preference line that
-    named the hidden target's attributes taught the model to invent names, and greedy decoding
-    then looped on them. Scores: how many preferred attributes each candidate has. Ranking:
-    targets among the candidates first, then by score, ties in the retriever's order.
-    cite_candidates: each answer line also gives the candidate's number ("1. #4 Knives Out (2019)"),
-    so that writing the title is a copy of the prompt's line "4. Knives Out (2019): ..." rather
-    than a lookup of the Ranking line's fourth candidate, which a small model gets wrong.
-    -> (text ending in <answer>1. title ... 10. title</answer>, ranked ids)"""
-    preference = chain_preference(items, vocab, context, liked, context_items, max_preferences)
-    matched = preference_matches(items, preference, candidate_ids)
-    number = {c: n for n, c in enumerate(candidate_ids, 1)}
-    first = [c for c in targets if c in number]
-    rest = sorted((c for c in candidate_ids if c not in first), key=lambda c: (-len(matched[c]), number[c]))
-    ranked = (first + rest)[:REC_TOP_N]
-    scored = [c for c in ranked if matched[c]]
-    lines = [
-        "Preference: " + (", ".join(preference) if preference else "nothing specific yet"),
-        "Matching: " + ("; ".join(f"#{number[c]} {', '.join(matched[c])}" for c in scored[:3]) or "no candidate matches"),
-        "Scores: " + (", ".join(f"#{number[c]}={len(matched[c])}" for c in scored[:5])
-                      + ("; others lower" if scored else "all 0")),
-        "Ranking: " + ", ".join(f"#{number[c]}" for c in ranked),
-        f"Explanation: #{number[ranked[0]]} fits best"
-        + (f", with {' and '.join(matched[ranked[0]][:2])}." if matched[ranked[0]] else " among the candidates."),
-    ]
-    cite = {c: f"#{number[c]} " if cite_candidates else "" for c in ranked}
-    answer = "\n".join(f"{n}. {cite[c]}{items[c]['title']}" for n, c in enumerate(ranked, 1))
-    return "\n".join(lines) + f"\n<answer>\n{answer}\n</answer>", ranked
-
-
 _CITED = re.compile(r"^#\d+\s+(.+)$")
 
 
@@ -2081,7 +1823,7 @@ def parse_recommendation(text: str, titles: TitleIndex, candidate_ids: Sequence[
         "valid": tags present and exactly n entries naming n distinct candidates (the format reward),
         "preference": the attributes claimed on the Preference line (lower case)}
     A line may cite the candidate's number before the title ("1. #4 Knives Out (2019)",
-    reasoning_chain's cite_candidates); the title decides which candidate it names."""
+    03's reasoning_chain with cite_candidates); the title decides which candidate it names."""
     found = _ANSWER.search(text)
     body = found.group(1) if found else ""
     entries = [re.sub(r"^\s*(?:[-*]|#?\d+[.):])\s*", "", ln).strip() for ln in body.splitlines()]
@@ -2092,29 +1834,6 @@ def parse_recommendation(text: str, titles: TitleIndex, candidate_ids: Sequence[
     pref = _PREFERENCE.search(text)
     return {"has_answer": has_answer, "entries": entries, "ids": ids, "valid": valid,
             "preference": parse_attributes(pref.group(1)) if pref else set()}
-
-
-PARSE_KINDS = ("valid", "no closed <answer>", "fewer than 10", "more than 10", "names no candidate", "duplicate")
-
-
-def parse_failure_kinds(parsed: dict, n: int = REC_TOP_N) -> list[str]:
-    """The PARSE_KINDS an output of parse_recommendation falls in (["valid"] when it is; an invalid
-    answer can fall in several)."""
-    if parsed["valid"]:
-        return ["valid"]
-    if not parsed["has_answer"]:
-        return ["no closed <answer>"]
-    kinds = []
-    if len(parsed["entries"]) < n:
-        kinds.append("fewer than 10")
-    if len(parsed["entries"]) > n:
-        kinds.append("more than 10")
-    if None in parsed["ids"]:
-        kinds.append("names no candidate")
-    named = [i for i in parsed["ids"] if i is not None]
-    if len(set(named)) < len(named):
-        kinds.append("duplicate")
-    return kinds
 
 
 def sample_truth(sample: dict) -> list[int]:
@@ -2348,7 +2067,7 @@ class Conversation:
         return list(episodes)
 
 
-# Which samples an RL run starts from (04 --start-states, --eval-states) and which test samples 05
+# Which samples an RL run starts from (04 --start-states, which its validation follows) and which test samples 05
 # draws (--test-states), from (a target among the first turn's K candidates, a target among the
 # first 10 of them); see first_turn_recall
 STATE_RULES = {"all": lambda in_k, in_top10: True,

@@ -63,7 +63,7 @@ pipeline() {
   $PY 02_sft_simulator.py $on --steps "$SIM_STEPS" --eval-every 50 --max-eval-samples "$SIM_EVAL"
   $PY 02_sft_simulator.py $on --steps "$FB_STEPS" --task-mix 1 0 0 --out simulator_feedback_only \
     --max-eval-samples "$SIM_EVAL"
-  $PY 03_sft_recommender.py $on --steps "$REC_STEPS" --max-eval-samples "$REC_EVAL" --eval-every "$REC_STEPS" \
+  $PY 03_sft_recommender.py $on --steps "$REC_STEPS" --max-eval-samples "$REC_EVAL" \
     --max-new-tokens "$GEN" --max-samples "$SAMPLES"
   local rl="$on --steps $RL_STEPS --prompts 1 --group-size $GROUP --turns 2 --lr 1e-4 --no-gradient-checkpointing \
     --max-new-tokens $GEN"

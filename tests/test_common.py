@@ -1,4 +1,5 @@
 """Unit tests of common.py's metrics, title matching, arguments, run paths and retriever."""
+import importlib
 import json
 import math
 import sys
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 from common import arg  # noqa: E402
+
+rec = importlib.import_module("03_sft_recommender")  # the retriever's training pieces only 03 uses
 
 
 # ---------------------------------------------------------------- metrics
@@ -76,23 +79,6 @@ def test_copies_turn_counts_the_recommenders_words_in_a_reply():
     assert not common.copies_turn("", said)
 
 
-def test_paired_gain_by_hand():
-    others = list(range(100, 110))  # ten items that are never targets
-    samples = [{"new_targets": t, "targets": t} for t in ([5], [7, 8], [3], [])]
-    before = [[5, *others], others, [3, *others], others]
-    after = [[*others, 5], [7, 8, *others], [3, *others], others]
-    # sample 0 loses its hit (5 falls to rank 11): -1; sample 1 gains two: +2; sample 2 keeps it: 0;
-    # sample 3 has no label and does not count. (-1 + 2 + 0) / 4 labels = 0.25
-    g = common.paired_gain(before, after, samples, "recall@10", resamples=2000)
-    assert g["gain"] == pytest.approx(0.25) and (g["up"], g["down"], g["samples"]) == (1, 1, 3)
-    assert -1.0 <= g["ci"][0] <= 0.25 <= g["ci"][1] <= 1.0  # extremes: all draws sample 0 (-1/1), all sample 1 (2/2)
-    # unchanged rankings: the paired interval is exactly 0, though recall's own interval is wide
-    same = common.paired_gain(before, before, samples, "recall@10")
-    assert same == {"gain": 0.0, "ci": [0.0, 0.0], "up": 0, "down": 0, "samples": 3}
-    assert common.score_rankings(before, samples, ks=(10,), bootstrap=200)["ci"]["new"]["recall@10"][1] > 0.5
-    # NDCG@10: sample 1 gains 1 + 1/log2(3) = 1.6309, sample 0 loses 1 -> 0.6309 / 4
-    assert common.paired_gain(before, after, samples, "ndcg@10")["gain"] == pytest.approx(0.6309298 / 4)
-
 # ---------------------------------------------------------------- titles
 
 def test_title_matching_year_articles_fuzzy_and_candidates():
@@ -156,7 +142,7 @@ def test_write_json_puts_number_lists_on_one_line_and_reads_back(tmp_path):
 
 def test_cooccurrence_embeddings_put_co_mentioned_items_together():
     sets = [[0, 1]] * 20 + [[2, 3]] * 20 + [[0, 1, 4]] * 3
-    emb = common.cooccurrence_embeddings(sets, 8, dim=4)
+    emb = rec.cooccurrence_embeddings(sets, 8, dim=4)
     cos = F.cosine_similarity
     assert cos(emb[0], emb[1], dim=0) > cos(emb[0], emb[2], dim=0)
     assert emb.shape == (8, 4)
@@ -180,12 +166,12 @@ def test_retriever_shapes_masking_and_padding(views):
 
 def test_dialogue_folds_split_dialogues_evenly_and_reproducibly():
     ids = [f"train-{i}" for i in range(23)] * 3           # several samples per dialogue
-    folds = common.dialogue_folds(ids, 5, seed=1)
+    folds = rec.dialogue_folds(ids, 5, seed=1)
     assert set(folds) == set(ids) and set(folds.values()) == set(range(5))
     sizes = sorted(list(folds.values()).count(f) for f in range(5))
     assert sizes == [4, 4, 5, 5, 5]
-    assert common.dialogue_folds(list(reversed(ids)), 5, seed=1) == folds   # order of the ids does not matter
-    assert common.dialogue_folds(ids, 5, seed=2) != folds
+    assert rec.dialogue_folds(list(reversed(ids)), 5, seed=1) == folds   # order of the ids does not matter
+    assert rec.dialogue_folds(ids, 5, seed=2) != folds
 
 
 def test_cross_fitted_ranking_routes_each_dialogue_to_its_fold_and_the_retriever_finds_them(tmp_path):
@@ -221,7 +207,7 @@ def test_fused_retriever_uses_both_views_on_held_out_dialogues(tmp_path):
     torch.manual_seed(0)
     n_items, sem_dim = 32, 16
     item_sem = F.normalize(torch.randn(n_items, sem_dim), dim=-1)
-    collab_init = common.cooccurrence_embeddings([[2 * j, 2 * j + 1] for j in range(n_items // 2)] * 5, n_items, 32)
+    collab_init = rec.cooccurrence_embeddings([[2 * j, 2 * j + 1] for j in range(n_items // 2)] * 5, n_items, 32)
 
     def make(count, pairs):
         ctx, ctx_items, targets = [], [], []

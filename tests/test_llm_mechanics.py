@@ -406,51 +406,10 @@ def test_sampling_repeats_with_seed(tok):
 # ---- log-probs and loss -------------------------------------------------------------------
 
 
-def left_padded(seqs, pad_id):
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, T - len(s):] = torch.tensor(s)
-        mask[b, T - len(s):] = 1
-    return ids, mask
 
 
-def test_token_logprobs_match_per_sequence_loop(tok):
-    model = tiny(tok)
-    seqs = [tok(L.render_chat(tok, p, True), add_special_tokens=False)["input_ids"] for p in PROMPTS]
-    ids, mask = left_padded(seqs, tok.pad_token_id)
-    lp = L.token_logprobs(model, ids, mask, chunk_rows=2)
-    assert lp.shape == (len(seqs), ids.shape[1] - 1) and lp.dtype == torch.float32
-    T = ids.shape[1]
-    for b, s in enumerate(seqs):
-        with torch.no_grad():
-            logits = model(torch.tensor([s])).logits[0].float()
-        manual = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(s[1:])[:, None]).squeeze(-1)
-        assert torch.allclose(lp[b, T - len(s):], manual, atol=1e-5)
-        assert (lp[b, :T - len(s)] == 0).all()
-        # the model's own loss on the same tokens
-        with torch.no_grad():
-            hf_loss = model(torch.tensor([s]), labels=torch.tensor([s])).loss
-        assert torch.allclose(-lp[b, T - len(s):].mean(), hf_loss, atol=1e-5)
-    target = torch.zeros_like(mask)
-    target[:, -3:] = 1
-    seq_lp = L.sequence_logprob_masked(model, ids, mask, target)
-    assert torch.allclose(seq_lp, lp[:, -3:].sum(-1), atol=1e-5)
 
 
-def test_logprobs_agree_with_greedy_generation(tok):
-    """The RL path: left-padded prompt + generated completion, scored with token_logprobs. Under
-    greedy decoding every completion token is the argmax, i.e. has the row's max log-prob."""
-    model = tiny(tok)
-    _, prompt_ids, comp_ids = L.generate(model, tok, PROMPTS, max_new_tokens=6, return_tokens=True)
-    seqs = [p + c for p, c in zip(prompt_ids, comp_ids)]
-    ids, mask = left_padded(seqs, tok.pad_token_id)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=L.position_ids_from_mask(mask)).logits
-        best = torch.log_softmax(logits[:, :-1].float(), -1).max(-1).values
-    lp = L.token_logprobs(model, ids, mask)
-    assert torch.allclose(lp[:, -6:], best[:, -6:], atol=1e-5)
 
 
 def test_causal_lm_loss_matches_hf(tok):
@@ -586,37 +545,6 @@ def test_generate_with_the_loop_guard_never_repeats_a_completion_ngram(tok):
     assert repeats(guarded) == 0 and all(len(c) == 60 for c in guarded)
 
 
-def test_token_logprobs_entropy_row_chunks_and_recomputed_head(tok, monkeypatch):
-    """The entropy (computed as logsumexp - sum p * logit, in place) is the categorical entropy of
-    the same logits; scoring 1 or 2 rows at a time through the recomputed (checkpointed) LM head,
-    or through the model's own logits (the path for models with a scaled head), gives the same
-    log-probs and the same LoRA gradients."""
-    model = tiny(tok)
-    L.add_lora(model, r=4, alpha=8, dropout=0.0)
-    for _, m in L.lora_modules(model):
-        torch.nn.init.normal_(m.lora_B.weight, std=0.1)  # non-zero, so the LoRA gradients depend on every row
-    seqs = [tok(L.render_chat(tok, p, True), add_special_tokens=False)["input_ids"] for p in PROMPTS]
-    ids, mask = left_padded(seqs, tok.pad_token_id)
-
-    def score(chunk):
-        model.zero_grad(set_to_none=True)
-        lp, ent = L.token_logprobs(model, ids, mask, temperature=0.7, chunk_rows=chunk, last=5, entropy=True)
-        lp.sum().backward()
-        return lp.detach(), ent, [p.grad.clone() for p in L.lora_parameters(model)]
-
-    results = [score(1), score(2)]
-    monkeypatch.setattr(L, "_plain_lm_head", lambda model: None)
-    results.append(score(2))
-    lp1, ent1, g1 = results[0]
-    for lp, ent, g in results[1:]:
-        assert torch.allclose(lp1, lp, atol=1e-5) and torch.allclose(ent1, ent, atol=1e-5)
-        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g))
-    assert any(g.abs().sum() > 0 for g in g1)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=L.position_ids_from_mask(mask)).logits
-    expected = torch.distributions.Categorical(logits=logits[:, -6:-1].float() / 0.7).entropy()
-    assert ent1.shape == (len(seqs), 5) and (ent1 > 0).all()
-    assert torch.allclose(ent1, expected, atol=1e-4)
 
 
 # ---- constrained <answer> decoding ----------------------------------------------------------

@@ -22,7 +22,8 @@ def twelve_film_run(tmp_path):
     (run / "data").mkdir(parents=True)
     (run / "eval").mkdir()
     titles = [f"Film {k} ({2000 + k})" for k in range(12)]
-    (run / "data" / "items.jsonl").write_text("\n".join(json.dumps({"item_id": i, "title": t}) for i, t in enumerate(titles)))
+    rows = [json.dumps({"item_id": i, "title": t}) for i, t in enumerate(titles)]
+    (run / "data" / "items.jsonl").write_text("\n".join(rows))
     (run / "data" / "dialogues_train.jsonl").write_text("")
     return run, titles
 
@@ -72,7 +73,7 @@ def test_lists_are_checked_against_their_own_ranking_line(tmp_path, capsys):
     out = capsys.readouterr().out
     row = out.splitlines()[2].split(" | ")
     assert row[1] == "5" and row[2] == "5 (100%)"  # all valid
-    assert row[2 + len(tool.common.PARSE_KINDS):5 + len(tool.common.PARSE_KINDS)] == ["2 (40%)", "2 (40%)", "2 (40%)"]
+    assert row[2 + len(tool.rec.PARSE_KINDS):5 + len(tool.rec.PARSE_KINDS)] == ["2 (40%)", "2 (40%)", "2 (40%)"]
     # the second answer starts with #2 where its Ranking line puts #1 first (the fourth is not checkable)
     assert "#1 in 2 of 5 answers; the list starts with another candidate in 1, 0 of them invalid" in out
 
@@ -93,7 +94,8 @@ def test_a_list_that_does_not_start_with_its_ranking_lines_first_is_counted_when
 def test_conversations_whose_candidates_hold_a_target_are_counted_by_turn(tmp_path, capsys):
     run, titles = twelve_film_run(tmp_path)
     # turn 1 recalls only films 0-9, turn 2 all 12: a target (film 11) becomes reachable at turn 2
-    turns = [{"candidates": titles[:10], "answer": answer(titles[:10])}, {"candidates": titles, "answer": answer(titles[:10])}]
+    turns = [{"candidates": titles[:10], "answer": answer(titles[:10])},
+             {"candidates": titles, "answer": answer(titles[:10])}]
     convs = [{"dialog_id": "d1", "truth": [titles[11]], "turns": turns},
              {"dialog_id": "d2", "truth": [titles[0]], "turns": turns},
              {"dialog_id": "d3", "truth": ["Not In The Catalogue (1950)"], "turns": turns}]
@@ -125,8 +127,9 @@ def test_sft_report_tells_a_repeated_ranking_number_from_a_repeated_copy(tmp_pat
     repeats_number = ranking([1, 2, 3, 4, 5, 6, 7, 8, 9, 1]) + answer(titles[:9] + titles[:1])
     repeats_copy = ranking(list(range(1, 11))) + answer(titles[:8] + [titles[1], titles[9]])
     no_candidate = ranking(list(range(1, 11))) + answer(titles[:9] + ["Unknown Movie (1990)"])
-    kept = [{"sample": k, "kinds": kinds, "candidates": list(range(12)), "text": text} for k, (kinds, text) in enumerate(
-        [(["duplicate"], repeats_number), (["duplicate"], repeats_copy), (["names no candidate"], no_candidate)])]
+    failures = [(["duplicate"], repeats_number), (["duplicate"], repeats_copy), (["names no candidate"], no_candidate)]
+    kept = [{"sample": k, "kinds": kinds, "candidates": list(range(12)), "text": text}
+            for k, (kinds, text) in enumerate(failures)]
     (run / "recommender_sft").mkdir()
     (run / "recommender_sft" / "quality.json").write_text(json.dumps(
         {"tuned": {"samples": 10, "parse_rate": 0.7, "invalid_examples": kept}}))

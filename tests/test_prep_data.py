@@ -80,9 +80,11 @@ def test_redial_hand_made_dialogue(tmp_path):
     assert d1["liked"] == [0, 3]
     assert dialogues["d2"]["liked"] == [1]  # seeker's questionnaire empty -> respondent's
 
-    samples = [s for split in prep.SPLITS for s in outputs(tmp_path / "run", f"samples_{split}") if s["dialog_id"] == "d1"]
+    samples = [s for split in prep.SPLITS for s in outputs(tmp_path / "run", f"samples_{split}")
+               if s["dialog_id"] == "d1"]
     first, second = samples
-    assert first["turn"] == 1 and first["context"] == [{"role": "seeker", "text": "Hi, I loved Alpha (2001) and Beta (2002) too"}]
+    assert first["turn"] == 1
+    assert first["context"] == [{"role": "seeker", "text": "Hi, I loved Alpha (2001) and Beta (2002) too"}]
     assert first["context_items"] == [0, 1] and first["targets"] == [2, 0] and first["new_targets"] == [2]
     assert first["seeker_reply"] == "Seen Gamma (2003) already"
     assert first["response"] == "Then try Gamma (2003) or Alpha (2001)" and first["liked"] == [0, 3]
@@ -207,7 +209,7 @@ def test_inspired_hand_made_dialogue(tmp_path):
 
     (dialogue,) = outputs(tmp_path / "run", "dialogues_test")
     assert dialogue["dialog_id"] == "test-1"
-    assert [t["role"] for t in dialogue["turns"]] == ["recommender", "seeker", "recommender", "seeker", "recommender", "seeker"]
+    assert [t["role"] for t in dialogue["turns"]] == ["recommender", "seeker"] * 3
     assert dialogue["turns"][2] == {"role": "recommender", "text": "Try Knives Out or Some Show", "items": [0]}
     assert dialogue["turns"][4]["text"] == "Then Up & Joker"
     assert dialogue["liked"] == [1]  # the seeker's Joker; the recommender's last mention is Joker again

@@ -1,4 +1,4 @@
-"""Tests of the reasoning recommender (common.py section 9, 03_sft_recommender.py part 2) and of
+"""Tests of the reasoning recommender (03_sft_recommender.py part 2, common.py section 9) and of
 the multi-turn protocol (common.py section 10, 05_eval.py's conversation rows), with a tiny
 random Llama (`--model tiny`) on prepared INSPIRED data."""
 import importlib
@@ -20,8 +20,10 @@ evaluate = importlib.import_module("05_eval")
 
 ITEMS = [
     {"title": "Liar Liar (1997)", "genres": ["comedy"], "directors": ["Tom Shadyac"], "stars": ["Jim Carrey"]},
-    {"title": "The Exorcist (1973)", "genres": ["horror"], "directors": ["William Friedkin"], "stars": ["Ellen Burstyn"]},
-    {"title": "The Mask (1994)", "genres": ["comedy", "fantasy"], "directors": ["Chuck Russell"], "stars": ["Jim Carrey"]},
+    {"title": "The Exorcist (1973)", "genres": ["horror"], "directors": ["William Friedkin"],
+     "stars": ["Ellen Burstyn"]},
+    {"title": "The Mask (1994)", "genres": ["comedy", "fantasy"], "directors": ["Chuck Russell"],
+     "stars": ["Jim Carrey"]},
     {"title": "Heat (1995)", "genres": ["crime"], "directors": ["Michael Mann"], "stars": ["Al Pacino"]},
 ] + [{"title": f"Filler Movie {i} (2000)", "genres": ["drama"], "directors": [], "stars": []} for i in range(16)]
 CANDIDATES = list(range(20))
@@ -48,15 +50,15 @@ def run_copy(make_run):
 
 
 def test_attribute_vocab_finds_stated_genres_and_people():
-    vocab = common.AttributeVocab(ITEMS)
+    vocab = rec.AttributeVocab(ITEMS)
     assert vocab.stated("Something funny with jim carrey, or a scary one") == ["comedy", "Jim Carrey", "horror"]
     assert vocab.stated("no preference") == []
 
 
 def test_reasoning_chain_puts_the_target_first_and_parses_back():
-    vocab, titles = common.AttributeVocab(ITEMS), common.TitleIndex(ITEMS)
+    vocab, titles = rec.AttributeVocab(ITEMS), common.TitleIndex(ITEMS)
     context = [{"role": "seeker", "text": "I want something funny"}]
-    chain, ranked = common.reasoning_chain(ITEMS, vocab, context, CANDIDATES, targets=[3], liked=[3, 2],
+    chain, ranked = rec.reasoning_chain(ITEMS, vocab, context, CANDIDATES, targets=[3], liked=[3, 2],
                                            context_items=[2])
     # preference: stated comedy, then the liked Mask's comedy / fantasy / Chuck Russell (3 at most; the
     # hidden target's crime / Michael Mann stay out). Target (Heat) first; The Mask matches all three,
@@ -74,11 +76,11 @@ def test_reasoning_chain_puts_the_target_first_and_parses_back():
 
 
 def test_cited_chain_gives_each_title_its_candidate_number_and_parses_back():
-    vocab, titles = common.AttributeVocab(ITEMS), common.TitleIndex(ITEMS)
+    vocab, titles = rec.AttributeVocab(ITEMS), common.TitleIndex(ITEMS)
     context = [{"role": "seeker", "text": "I want something funny"}]
     candidates = [5, 3, 0, 2] + [i for i in range(20) if i not in (5, 3, 0, 2)]  # Heat is candidate #2
-    plain, ranked = common.reasoning_chain(ITEMS, vocab, context, candidates, targets=[3])
-    cited, cited_ranked = common.reasoning_chain(ITEMS, vocab, context, candidates, targets=[3], cite_candidates=True)
+    plain, ranked = rec.reasoning_chain(ITEMS, vocab, context, candidates, targets=[3])
+    cited, cited_ranked = rec.reasoning_chain(ITEMS, vocab, context, candidates, targets=[3], cite_candidates=True)
     assert cited_ranked == ranked and cited.split("<answer>")[0] == plain.split("<answer>")[0]
     answer = cited.split("<answer>\n")[1].splitlines()
     assert answer[0] == "1. #2 Heat (1995)" and answer[1] == "2. #3 Liar Liar (1997)"
@@ -165,11 +167,11 @@ def test_recommender_example_learns_exactly_the_chain(inspired_with_retriever):
     run = common.RunPaths(inspired_with_retriever)
     items, samples = common.load_items(run), common.load_samples(run, "train")
     tok = common.load_tokenizer()
-    vocab = common.AttributeVocab(items)
+    vocab = rec.AttributeVocab(items)
     longest = 0
     for s in samples[:40]:
         cands = list(range(20))
-        chain, _ = common.reasoning_chain(items, vocab, s["context"], cands, s["new_targets"] or s["targets"],
+        chain, _ = rec.reasoning_chain(items, vocab, s["context"], cands, s["new_targets"] or s["targets"],
                                           s["liked"], s["context_items"])
         ex = common.build_chat_example(tok, common.recommender_messages(s["context"], items, cands, answer=chain), 1280)
         learned = [i for i, lab in zip(ex["input_ids"], ex["labels"]) if lab != common.IGNORE_INDEX]
@@ -186,20 +188,7 @@ def test_answer_lengths_count_the_learned_tokens_only():
     assert rec.answer_lengths([]) == {"median": 0, "p95": 0, "max": 0}
 
 
-def test_training_candidates_inject_a_missed_target_at_a_random_slot():
-    samples = [{"new_targets": [50], "targets": [50]}, {"new_targets": [3], "targets": [3]},
-               {"new_targets": [], "targets": []}] * 20
-    lists = [list(range(10))] * len(samples)
-    out, injected = rec.training_candidates(lists, samples, inject=True, seed=0)
-    assert injected == 20
-    assert all(50 in c and len(c) == 10 for c in out[0::3])
-    assert out[1] == list(range(10)) and out[2] == list(range(10))  # hit already / nothing to inject
-    assert len({c.index(50) for c in out[0::3]}) > 3  # the slot varies
-    same, _ = rec.training_candidates(lists, samples, inject=False, seed=0)
-    assert same == lists
-
-
-# ---- 03 part 2: SFT, resume, teacher ------------------------------------------------------------
+# ---- 03 part 2: SFT, resume ---------------------------------------------------------------------
 
 
 def test_recommender_sft_smoke_writes_adapter_and_quality(inspired_with_retriever, tmp_path, run_copy, monkeypatch):
@@ -222,17 +211,17 @@ def test_recommender_sft_smoke_writes_adapter_and_quality(inspired_with_retrieve
         return answers
 
     monkeypatch.setattr(common, "recommend_with_llm", one_valid)
-    out = rec.main(["--dataset", "inspired", "--run-dir", str(run_dir)] + rec_tiny(steps=3, eval_every=3))
+    out = rec.main(["--dataset", "inspired", "--run-dir", str(run_dir)] + rec_tiny(steps=3))
     folder = run_dir / "recommender_sft"
     for f in ("adapter_config.json", "adapter_model.safetensors", "recommender_config.json", "train_log.jsonl",
               "quality.json", "checkpoint/checkpoint.pt"):
         assert (folder / f).exists(), f
     log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3] and "eval_loss" in log[-1]
+    assert [r["step"] for r in log] == [1, 2, 3]
     quality = out["recommender"]["quality"]
-    # the report reuses the last step's validation loss (same weights) instead of computing it again
-    assert quality["eval_loss"] == log[-1]["eval_loss"] and len(validations) == 1
-    titles = common.run_title_index(common.RunPaths(run_dir), common.load_items(common.RunPaths(run_dir)))
+    # the validation loss of the held-out examples, computed once, on the tuned weights
+    assert quality["eval_loss"] > 0 and len(validations) == 1
+    titles = rec.run_title_index(common.RunPaths(run_dir), common.load_items(common.RunPaths(run_dir)))
     for name in ("tuned", "base"):
         q = quality[name]
         assert q["samples"] == 4 and q["mean_completion_tokens"] > 0
@@ -243,15 +232,16 @@ def test_recommender_sft_smoke_writes_adapter_and_quality(inspired_with_retrieve
         assert q["parse_rate"] == (q["samples"] - len(kept)) / q["samples"] == 1 / 4
         assert q["parse_rate_ci"] == common.wilson_interval(1, 4)
         invalid = len(kept)  # each invalid answer falls in one kind or more
-        assert set(q["parse_failures"]) == set(common.PARSE_KINDS[1:])
+        assert set(q["parse_failures"]) == set(rec.PARSE_KINDS[1:])
         assert sum(q["parse_failures"].values()) >= invalid
         assert q["parse_failures"]["no closed <answer>"] == round(q["samples"] * (1 - q["answer_tag_rate"]))
         assert all(e["kinds"] and "valid" not in e["kinds"] for e in kept)
         for e in kept:
             parsed = common.parse_recommendation(e["text"], titles, e["candidates"])
-            assert not parsed["valid"] and common.parse_failure_kinds(parsed) == e["kinds"] and len(e["candidates"]) == 20
+            assert not parsed["valid"] and rec.parse_failure_kinds(parsed) == e["kinds"]
+            assert len(e["candidates"]) == 20
     config = json.loads((folder / "recommender_config.json").read_text())
-    assert config["examples"] > 0 and config["injected_targets"] == 0  # --inject-target is off by default
+    assert config["examples"] > 0
     assert config["prompt_version"] == common.REC_PROMPT_VERSION  # what 04 and 05 check before playing it
     assert config["train_candidates"] == "out of fold (5 cross-fitted retrievers)"   # 03's default --retriever-folds
     lengths = config["answer_tokens"]  # five reasoning lines and ten titles: far more than 50 tokens
@@ -283,7 +273,8 @@ def test_killed_recommender_sft_resumes_to_identical_weights(inspired_with_retri
     _, a = common.read_lora(whole / "recommender_sft")
     _, b = common.read_lora(killed / "recommender_sft")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    log = [json.loads(line)["step"] for line in (killed / "recommender_sft" / "train_log.jsonl").read_text().splitlines()]
+    log_path = killed / "recommender_sft" / "train_log.jsonl"
+    log = [json.loads(line)["step"] for line in log_path.read_text().splitlines()]
     assert log == list(range(1, 9))
 
 
@@ -321,27 +312,11 @@ def test_init_adapter_continues_from_an_earlier_adapter(inspired_with_retriever,
     assert all(torch.equal(common.read_lora(report_only / "recommender_sft")[1][k], trained[k]) for k in trained)
     # an adapter trained on older prompts gets no report on this code's prompts (04 and 05 refuse it too)
     config_path = first / "recommender_sft" / "recommender_config.json"
-    config_path.write_text(json.dumps({k: v for k, v in json.loads(config_path.read_text()).items() if k != "prompt_version"}))
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({k: v for k, v in config.items() if k != "prompt_version"}))
     with pytest.raises(SystemExit, match="version 1"):
         rec.main(["--dataset", "inspired", "--run-dir", str(tmp_path / "old_report"), "--steps", "0",
                   "--init-adapter", str(first / "recommender_sft")] + tiny)
-
-
-def test_teacher_chains_are_kept_only_when_they_parse_and_hit(inspired_with_retriever, tmp_path, monkeypatch):
-    run = common.RunPaths(inspired_with_retriever)
-    items, samples = common.load_items(run), common.load_samples(run, "train")[:3]
-    titles = common.TitleIndex(items)
-    cands = [list(range(20)) for _ in samples]
-    for c, s in zip(cands, samples):
-        c[5] = (s["new_targets"] or s["targets"])[0]
-    good = lambda s, c: numbered([items[i]["title"] for i in [c[5]] + [x for x in c if x != c[5]][:9]])  # noqa: E731
-    miss = lambda s, c: numbered([items[i]["title"] for i in [x for x in c if x != c[5]][:10]])  # noqa: E731
-    outputs = [good(samples[0], cands[0]), miss(samples[1], cands[1]), "no list at all"]
-    monkeypatch.setattr(common, "load_llm", lambda *a, **k: (None, None))
-    monkeypatch.setattr(common, "generate", lambda *a, **k: outputs)
-    args = common.parse_args(rec.Args, ["--teacher", "some/teacher", "--teacher-samples", "3"])
-    kept, report = rec.teacher_chains(args, samples, cands, items, titles)
-    assert list(kept) == [0] and report == {"teacher": "some/teacher", "asked": 3, "kept": 1}
 
 
 # ---- multi-turn protocol -------------------------------------------------------------------------
@@ -381,7 +356,8 @@ def test_conversation_stops_on_success_only_when_asked_and_feeds_replies_back():
     # the simulator answered turns 1 and 2 (not the last); each answer joined the dialogue
     assert [("reply" in t) for t in missed.turns] == [True, True, False]
     assert len(missed.context) == 1 + 2 * 2 and missed.context[1]["role"] == "recommender"
-    assert missed.context[1]["text"].startswith("Have you seen Liar Liar (1997)? You might also like The Exorcist (1973) or ")
+    assert missed.context[1]["text"].startswith(
+        "Have you seen Liar Liar (1997)? You might also like The Exorcist (1973) or ")
     # the retriever read the real dialogue + the simulator's latest reply; finished conversations dropped
     assert retriever.calls == [[1, 1], [2], [2]]
     # each turn names the data dialogue it continues: the retriever picks that dialogue's fold by it
@@ -462,7 +438,8 @@ def test_eval_multi_turn_rows_smoke(inspired_tiny_adapters, tmp_path, make_run):
     ablation = results["multi_turn"]["sft+simulator-feedback-only"]
     for t, turn in ((1, 0), (2, 1)):
         vs = ablation["vs_reference"][f"turn {t}"]
-        assert vs["gain"] == pytest.approx(ablation["turns"][turn]["new"]["recall@10"] - multi["turns"][turn]["new"]["recall@10"])
+        assert vs["gain"] == pytest.approx(ablation["turns"][turn]["new"]["recall@10"]
+                                           - multi["turns"][turn]["new"]["recall@10"])
         assert vs["samples"] == 3 and len(ablation["lists"][f"turn {t}"]) == 3
     assert "vs_reference" not in multi and "vs_reference" not in single
     assert single["turns"][0]["new"] == multi["turns"][0]["new"] == single["turns"][1]["new"]
@@ -498,16 +475,14 @@ def test_eval_refuses_a_recommender_trained_on_older_prompts(inspired_tiny_adapt
 
 def test_cite_candidates_reaches_the_sft_targets(inspired_with_retriever, tmp_path, run_copy):
     """03 --cite-candidates writes "#k " before each of the ten answer titles of every SFT target:
-    the same examples (same seed) get a few tokens longer per line. Both runs also inject missed
-    targets (--inject-target, off by default), as the cited adapter of the README did."""
+    the same examples (same seed) get a few tokens longer per line."""
     tiny = rec_tiny(max_eval_samples=1, max_new_tokens=4)
     lengths = {}
     for cite in ("--no-cite-candidates", "--cite-candidates"):
         run_dir = run_copy(inspired_with_retriever, tmp_path, cite.strip("-"))
-        rec.main(["--dataset", "inspired", "--run-dir", str(run_dir), "--steps", "1", "--lr", "0", cite,
-                  "--inject-target"] + tiny)
+        rec.main(["--dataset", "inspired", "--run-dir", str(run_dir), "--steps", "1", "--lr", "0", cite] + tiny)
         config = json.loads((run_dir / "recommender_sft" / "recommender_config.json").read_text())
-        assert config["args"]["cite_candidates"] == (cite == "--cite-candidates") and config["injected_targets"] > 0
+        assert config["args"]["cite_candidates"] == (cite == "--cite-candidates")
         lengths[cite] = config["answer_tokens"]
     plain, cited = lengths["--no-cite-candidates"], lengths["--cite-candidates"]
     assert cited["median"] >= plain["median"] + 10 * 2 and cited["max"] > plain["max"]  # "#k " is 2+ tokens a line

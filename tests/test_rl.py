@@ -1,6 +1,7 @@
-"""04_rl_multiturn.py: rewards, returns, advantages and the loss checked by hand; the loss mask on a
-real rollout; KL before the first update; one update changes the LoRA weights and nothing else;
-a resumed run equals an uninterrupted one; two processes stay in sync; 05's SMTPO rows."""
+"""04_rl_multiturn.py: rewards, returns, advantages and the loss checked by hand; token log-probs against
+a per-sequence loop; the loss mask on a real rollout; KL before the first update; one update changes the
+LoRA weights and nothing else; a killed run resumes to the weights of an uninterrupted one; two processes
+stay in sync; 05's SMTPO rows."""
 import importlib
 import math
 import os
@@ -154,13 +155,88 @@ def test_policy_loss_gradient_and_clipping_by_hand():
     assert k3.item() == pytest.approx(math.e - 1 - 1)
 
 
+# ---- token log-probs of a left-padded batch (a tiny random model with SmolLM2's tokenizer) ------------
+
+CHATS = [[{"role": "user", "content": "I like horror films from the eighties."}], [{"role": "user", "content": "hi"}],
+         [{"role": "user", "content": "a much longer question about many many movies " * 3}]]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    """(tokenizer, a tiny random Llama, the CHATS as token ids of different lengths)."""
+    tok = common.load_tokenizer(common.DEFAULT_LLM)
+    model, _ = common.tiny_causal_lm(tok, seed=0)
+    seqs = [tok(common.render_chat(tok, c, True), add_special_tokens=False)["input_ids"] for c in CHATS]
+    return tok, model, seqs
+
+
+def test_token_logprobs_match_a_per_sequence_loop(tiny_lm):
+    tok, model, seqs = tiny_lm
+    ids, mask, _ = rl.left_padded([(s, []) for s in seqs], tok.pad_token_id)
+    lp = rl.token_logprobs(model, ids, mask, chunk_rows=2)
+    assert lp.shape == (len(seqs), ids.shape[1] - 1) and lp.dtype == torch.float32
+    T = ids.shape[1]
+    for b, s in enumerate(seqs):  # each sequence alone, unpadded
+        with torch.no_grad():
+            logits = model(torch.tensor([s])).logits[0].float()
+            hf_loss = model(torch.tensor([s]), labels=torch.tensor([s])).loss
+        manual = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(s[1:])[:, None]).squeeze(-1)
+        assert torch.allclose(lp[b, T - len(s):], manual, atol=1e-5)
+        assert (lp[b, :T - len(s)] == 0).all()  # padding and the first real token score 0
+        assert torch.allclose(-lp[b, T - len(s):].mean(), hf_loss, atol=1e-5)
+
+
+def test_token_logprobs_of_greedy_completions_are_the_rows_maxima(tiny_lm):
+    """The RL path: left-padded prompt + generated completion. Under greedy decoding every completion
+    token is the argmax, so it has its position's highest log-prob."""
+    tok, model, _ = tiny_lm
+    _, prompt_ids, completion_ids = common.generate(model, tok, CHATS, max_new_tokens=6, return_tokens=True)
+    ids, mask, completion = rl.left_padded(list(zip(prompt_ids, completion_ids)), tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=common.position_ids_from_mask(mask)).logits
+    best = torch.log_softmax(logits[:, :-1].float(), -1).max(-1).values[:, -completion.shape[1]:]
+    lp = rl.token_logprobs(model, ids, mask, last=completion.shape[1])
+    assert completion.sum() > 0 and torch.allclose(lp * completion, best * completion, atol=1e-5)
+
+
+def test_token_logprobs_entropy_row_chunks_and_recomputed_head(tiny_lm, monkeypatch):
+    """The entropy (logsumexp - sum p * logit, in place) is the categorical entropy of the same logits;
+    scoring 1 or 2 rows at a time through the recomputed (checkpointed) LM head, or through the
+    model's own logits (the path of a scaled head), gives the same log-probs and LoRA gradients."""
+    tok, _, seqs = tiny_lm
+    model, _ = common.tiny_causal_lm(tok, seed=0)  # its own copy: LoRA is added to it
+    common.add_lora(model, r=4, alpha=8, dropout=0.0)
+    for _, m in common.lora_modules(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.1)  # non-zero, so the LoRA gradients depend on every row
+    ids, mask, _ = rl.left_padded([(s, []) for s in seqs], tok.pad_token_id)
+
+    def score(chunk):
+        model.zero_grad(set_to_none=True)
+        lp, ent = rl.token_logprobs(model, ids, mask, temperature=0.7, chunk_rows=chunk, last=5, entropy=True)
+        lp.sum().backward()
+        return lp.detach(), ent, [p.grad.clone() for p in common.lora_parameters(model)]
+
+    results = [score(1), score(2)]
+    monkeypatch.setattr(common, "_plain_lm_head", lambda model: None)
+    results.append(score(2))
+    lp1, ent1, g1 = results[0]
+    for lp, ent, g in results[1:]:
+        assert torch.allclose(lp1, lp, atol=1e-5) and torch.allclose(ent1, ent, atol=1e-5)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g))
+    assert any(g.abs().sum() > 0 for g in g1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=common.position_ids_from_mask(mask)).logits
+    expected = torch.distributions.Categorical(logits=logits[:, -6:-1].float() / 0.7).entropy()
+    assert ent1.shape == (len(seqs), 5) and (ent1 > 0).all()
+    assert torch.allclose(ent1, expected, atol=1e-4)
+
+
 # ---- on a rollout with the tiny model, real data, retriever and simulator ----------------------------
 
 
 def rl_args(run_dir: Path, **overrides) -> list[str]:
-    flags = {"steps": 2, "prompts": 2, "group_size": 2, "turns": 2, "max_new_tokens": 12, "sim_max_new_tokens": 6,
-             "micro_batch": 3, "eval_samples": 2, "save_every": 1, "max_train_samples": 60, "lr": 1e-2,
-             "kl_coef": 0.1, **overrides}
+    flags = {"steps": 2, "prompts": 2, "group_size": 2, "turns": 2, "max_new_tokens": 12, "micro_batch": 3,
+             "eval_samples": 2, "save_every": 1, "lr": 1e-2, "kl_coef": 0.1, **overrides}
     return (["--dataset", "inspired", "--run-dir", str(run_dir), "--model", "tiny", "--threads", "1"]
             + [x for k, v in flags.items() for x in ("--" + k.replace("_", "-"), str(v))])
 
@@ -176,13 +252,11 @@ def rollout(inspired_tiny_adapters):
     run = common.RunPaths(inspired_tiny_adapters)
     args = common.parse_args(rl.Args, rl_args(inspired_tiny_adapters))
     items = common.load_items(run)
-    conversation, weights = common.load_conversation(run, ["recommender_sft", "simulator"], items, args)
-    conversation.simulator_weights = weights["simulator"]
-    common.set_lora_weights(conversation.model, weights["recommender_sft"])
+    conversation, reference, _ = rl.load_environment(run, items, args)  # the policy starts as the SFT adapter
     train = [s for s in common.load_samples(run, "train")[:60] if common.sample_truth(s)]
     torch.manual_seed(0)
     groups = rl.rollout(conversation, train[:2], common.get_lora_weights(conversation.model), args)
-    return SimpleNamespace(conversation=conversation, weights=weights, groups=groups, args=args, items=items)
+    return SimpleNamespace(conversation=conversation, reference=reference, groups=groups, args=args, items=items)
 
 
 def test_rollout_groups_and_loss_mask_cover_recommender_tokens_only(rollout):
@@ -203,19 +277,17 @@ def test_rollout_groups_and_loss_mask_cover_recommender_tokens_only(rollout):
     e, turn2 = second[0]
     reply = e.turns[0]["reply"]
     assert reply in tok.decode(turn2["prompt_ids"]) and reply not in tok.decode(turn2["completion_ids"])
-    # token_logprobs(last=L) over the mask equals the full-sequence score of the completion
+    # token_logprobs(last=L) over the mask equals the completion's score taken from the whole sequence's
     model = rollout.conversation.model
     with torch.no_grad():
-        lp = common.token_logprobs(model, ids, attn, last=L)
-        full_mask = torch.zeros_like(ids, dtype=torch.float)
-        full_mask[:, -L:] = mask
-        full = common.sequence_logprob_masked(model, ids, attn, full_mask)
-    assert torch.allclose((lp * mask).sum(-1), full, atol=1e-4)
+        lp = rl.token_logprobs(model, ids, attn, last=L)
+        whole = rl.token_logprobs(model, ids, attn)  # [B, T-1]: entry t-1 scores x_t
+    assert torch.allclose((lp * mask).sum(-1), (whole[:, -L:] * mask).sum(-1), atol=1e-4)
 
 
 def test_kl_is_zero_before_the_first_update_and_one_update_changes_only_lora(rollout):
     model, args = rollout.conversation.model, rollout.args
-    reference = rollout.weights["recommender_sft"]
+    reference = rollout.reference
     common.set_lora_weights(model, reference)
     rows, _ = rl.score_groups(rollout.groups, rollout.items, args)
     for n, r in enumerate(rows):  # advantages of both signs so that the step has a gradient
@@ -223,22 +295,21 @@ def test_kl_is_zero_before_the_first_update_and_one_update_changes_only_lora(rol
     before = {k: v.clone() for k, v in model.state_dict().items()}
     lora = set(common.lora_state_dict(model))
     optimizer = torch.optim.AdamW(common.lora_parameters(model), lr=1e-2)
-    stats = rl.policy_update(model, [dict(r) for r in rows], reference, optimizer, rollout.conversation.tok.pad_token_id,
-                             1, args)
+    pad_id = rollout.conversation.tok.pad_token_id
+    stats = rl.policy_update(model, [dict(r) for r in rows], reference, optimizer, pad_id, 1, args)
     assert stats["kl"] == 0.0 and stats["entropy"] > 0 and stats["trained_turns"] == len(rows)
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and changed <= lora  # LoRA moved, nothing else did
     assert not any(torch.equal(before[k], after[k]) for k in lora if k.endswith("lora_B.weight"))
-    second = rl.policy_update(model, [dict(r) for r in rows], reference, optimizer,
-                              rollout.conversation.tok.pad_token_id, 1, args)
+    second = rl.policy_update(model, [dict(r) for r in rows], reference, optimizer, pad_id, 1, args)
     assert second["kl"] > 0  # the policy has left the reference
     common.set_lora_weights(model, reference)
 
 
 def test_the_reference_is_swapped_in_once_per_update_and_scores_every_micro_batch(rollout, monkeypatch):
     model, args = rollout.conversation.model, rollout.args
-    reference, pad_id = rollout.weights["recommender_sft"], rollout.conversation.tok.pad_token_id
+    reference, pad_id = rollout.reference, rollout.conversation.tok.pad_token_id
     rows, _ = rl.score_groups(rollout.groups, rollout.items, args)
     for n, r in enumerate(rows):
         r["advantage"] = 1.0 if n % 2 else -1.0
@@ -257,7 +328,7 @@ def test_the_reference_is_swapped_in_once_per_update_and_scores_every_micro_batc
     with torch.no_grad():
         for r in batch:
             ids, attn, mask = rl.left_padded([(r["prompt_ids"], r["completion_ids"])], pad_id)
-            own = common.token_logprobs(model, ids, attn, args.temperature, last=mask.shape[1])[0]
+            own = rl.token_logprobs(model, ids, attn, args.temperature, last=mask.shape[1])[0]
             assert torch.allclose(r["ref_logp"][-len(r["completion_ids"]):], own, atol=1e-5)
     common.set_lora_weights(model, reference)
 
@@ -267,7 +338,23 @@ def test_killed_rl_run_resumes_to_identical_weights(inspired_tiny_adapters, tmp_
     whole = make_run(inspired_tiny_adapters, tmp_path / "whole", RUN_PARTS)
     result = rl.main(rl_args(whole, updates=2))
     resumed = make_run(inspired_tiny_adapters, tmp_path / "resumed", RUN_PARTS)
-    assert rl.main(rl_args(resumed, updates=2, stop_after=1)) == {"steps_done": 1, "world_size": 1, "in_sync": True}
+    # killed in step 2, after its log row and before its checkpoint: the rerun resumes from step 1's
+    # checkpoint and drops the row of step 2 that it logged
+    save, saved = common.save_checkpoint, []
+
+    class Killed(Exception):
+        pass
+
+    def killed_at_the_second_checkpoint(*a, **k):
+        if saved:
+            raise Killed
+        saved.append(save(*a, **k))
+
+    monkeypatch.setattr(common, "save_checkpoint", killed_at_the_second_checkpoint)
+    with pytest.raises(Killed):
+        rl.main(rl_args(resumed, updates=2))
+    monkeypatch.setattr(common, "save_checkpoint", save)
+    assert [r["step"] for r in common.read_jsonl(resumed / "recommender_rl" / "train_log.jsonl")] == [0, 1, 2]
     stopped = common.read_json(resumed / "recommender_rl" / "rl_config.json")  # the settings are there from the start
     assert stopped["finished"] is False and stopped["args"]["steps"] == 2 and "seconds" not in stopped
     assert stopped["prompt_version"] == common.REC_PROMPT_VERSION  # 05 plays the RL adapter only on these prompts
@@ -279,7 +366,7 @@ def test_killed_rl_run_resumes_to_identical_weights(inspired_tiny_adapters, tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], sft[k]) for k in a)  # RL moved the policy off the SFT adapter
     log = result["log"]
-    # step 0: the SFT start's validation (--eval-start); the killed run resumes without redoing it
+    # step 0: the SFT start's validation; the killed run resumes without redoing it
     assert [r["step"] for r in log] == [0, 1, 2] and log[1]["kl"] == 0.0
     assert [r["step"] for r in common.read_jsonl(resumed / "recommender_rl" / "train_log.jsonl")] == [0, 1, 2]
     assert set(log[0]) == {"step", "valid", "seconds_validating"} and log[0]["valid"]["episodes"] == 2
@@ -327,7 +414,8 @@ def test_eval_smtpo_rows(inspired_tiny_adapters, tmp_path, make_run, monkeypatch
     rl.main(rl_args(run_dir, steps=1, eval_samples=0))
     rl.main(rl_args(run_dir, steps=1, eval_samples=0, w_preference=0, out="recommender_rl_no_preference"))
     results = evaluate.main(["--dataset", "inspired", "--run-dir", str(run_dir), "--limit", "2", "--turns", "2",
-                             "--max-new-tokens", "8", "--sim-max-new-tokens", "4", "--bootstrap", "20", "--threads", "1"])
+                             "--max-new-tokens", "8", "--sim-max-new-tokens", "4", "--bootstrap", "20",
+                             "--threads", "1"])
     # default rows: everything whose inputs exist (no simulator_feedback_only/ here)
     assert {"smtpo", "smtpo-no-preference-reward", "sft+simulator"} <= set(results["multi_turn"])
     assert "sft+simulator-feedback-only" not in results["multi_turn"]
@@ -375,10 +463,15 @@ def test_reachable_start_states_are_those_whose_first_turn_candidates_hold_a_tar
     assert sum(top10) < sum(held)  # with K = 200, the first 10 miss targets the candidates hold
 
 
-def test_reachable_start_states_run(inspired_tiny_adapters, tmp_path, make_run):
+def test_reachable_start_states_run(inspired_tiny_adapters, tmp_path, make_run, monkeypatch):
     run_dir = make_run(inspired_tiny_adapters, tmp_path / "reachable", RUN_PARTS)
-    log = rl.main(rl_args(run_dir, steps=1, eval_samples=3, candidates=200, start_states="reachable",
-                          eval_states="reachable"))["log"]
+    load_samples = common.load_samples
+
+    def first_60_training_samples(run, split):  # keep the retriever's pass over the training samples short
+        return load_samples(run, split)[:60 if split == "train" else None]
+
+    monkeypatch.setattr(common, "load_samples", first_60_training_samples)
+    log = rl.main(rl_args(run_dir, steps=1, eval_samples=3, candidates=200, start_states="reachable"))["log"]
     config = common.read_json(run_dir / "recommender_rl" / "rl_config.json")
     states, held_out = config["start_states"], config["eval_states"]
     assert states["rule"] == "reachable" and 0 < states["kept"] < states["of"]
@@ -387,4 +480,5 @@ def test_reachable_start_states_run(inspired_tiny_adapters, tmp_path, make_run):
     assert held_out["rule"] == "reachable" and held_out["drawn"] == min(3, held_out["kept"]) > 0
     assert held_out["kept"] < held_out["of"]
     assert [r["step"] for r in log] == [0, 1]  # the SFT start's validation, then the step's
-    assert all(r["valid"]["target_in_candidates"][0] == 1.0 and r["valid"]["episodes"] == held_out["drawn"] for r in log)
+    assert all(r["valid"]["target_in_candidates"][0] == 1.0 and r["valid"]["episodes"] == held_out["drawn"]
+               for r in log)

@@ -1,5 +1,5 @@
 """Tests of 02_sft_simulator.py on the prepared INSPIRED data with a tiny random Llama (`--model tiny`)
-and of the simulator prompts in common.py section 8."""
+and of the simulator prompts (common.py section 8, the task answers here)."""
 import importlib
 import json
 
@@ -38,13 +38,13 @@ def test_prompt_helpers_round_trip():
     items = [{"title": "Knives Out (2019)", "genres": ["Mystery"], "directors": ["Rian Johnson"],
               "stars": ["Daniel Craig", "Chris Evans", "Ana de Armas"]},
              {"title": "Joker (2019)", "genres": [], "directors": ["Todd Phillips"], "stars": ["Joaquin Phoenix"]}]
-    answer = common.attribute_answer(items, [0, 1])
+    answer = sim.attribute_answer(items, [0, 1])
     assert answer == "Genres: Mystery; People: Rian Johnson, Daniel Craig, Chris Evans, Todd Phillips, Joaquin Phoenix"
     assert common.parse_attributes(answer) == {"mystery", "rian johnson", "daniel craig", "chris evans",
                                                "todd phillips", "joaquin phoenix"}
     assert common.parse_attributes("Genres: none; People: none") == set()
-    assert common.parse_titles("1. Knives Out (2019); Joker (2019)\n- Alien") == ["Knives Out (2019)", "Joker (2019)",
-                                                                                 "Alien"]
+    assert sim.parse_titles("1. Knives Out (2019); Joker (2019)\n- Alien") == ["Knives Out (2019)", "Joker (2019)",
+                                                                              "Alien"]
     assert common.set_f1({"a", "b"}, {"b", "c"}) == 0.5 and common.set_f1(set(), set()) == 1.0
     assert ("- Knives Out (2019): Mystery; dir. Rian Johnson; with Daniel Craig"
             in common.format_items_for_prompt(items, [0]))
@@ -73,7 +73,7 @@ def test_three_task_examples_from_one_sample_and_what_each_prompt_holds(inspired
     assert fb[2]["content"] == s["seeker_reply"]
     assert s["response"] in fb[1]["content"]
     assert all(items[i]["title"] in fb[1]["content"] for i in s["targets"])
-    assert answers["attributes"][2]["content"] == common.attribute_answer(items, s["liked"])
+    assert answers["attributes"][2]["content"] == sim.attribute_answer(items, s["liked"])
     truth = accepted[s["dialog_id"]] or s["targets"]
     assert answers["target"][2]["content"] == "; ".join(items[i]["title"] for i in truth)
     # the target and attributes prompts are made of the dialogue before this turn alone (its last 8 turns): not the

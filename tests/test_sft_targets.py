@@ -62,7 +62,8 @@ def test_counts_on_a_real_run(inspired_with_retriever, capsys):
     assert counts["valid"] >= counts["chains"] - counts["identical titles among the candidates"]
     assert f"| valid | {counts['valid']} |" in out
     # the two first-10 counts differ exactly by the samples only one of them holds
-    assert (counts["a true target in the first 10 by scores alone"] - counts["a true target in the retriever's first 10"]
+    assert (counts["a true target in the first 10 by scores alone"]
+            - counts["a true target in the retriever's first 10"]
             == counts["by scores alone: a target the retriever's first 10 miss"]
             - counts["by scores alone: no target the retriever's first 10 hold"])
     with pytest.raises(SystemExit):

@@ -3,6 +3,7 @@
 INSPIRED keeps this fast (1,123 items to encode); the real sentence encoder is used."""
 import importlib
 import json
+import math
 
 import pytest
 import torch
@@ -39,7 +40,7 @@ def test_retriever_then_eval_smoke(inspired_run):
         evaluate.main(run + ["--rows", "retriever-fused"])
 
     retriever_only = ["--parts", "retriever", "--max-samples", "120", "--dim", "32"]
-    report = sft_recommender.main(run + retriever_only + ["--epochs", "2", "--retriever-batch-size", "64"])
+    report = sft_recommender.main(run + retriever_only + ["--epochs", "2"])
     # each variant's reported recall, counted here label by label from the lists its saved net ranks (the
     # cached encoder vectors of the same 120 samples): a report of another epoch's weights than the saved
     # best, of the wrong split or of "all" targets, a cut at the wrong k or a miscounted label fails
@@ -72,8 +73,10 @@ def test_retriever_then_eval_smoke(inspired_run):
     labels = sum(len(s["new_targets"]) for s in train)
     per_fold = report["cross_fitting"]["per_fold"]
     for f, fold in enumerate(per_fold):   # a fold's net trained on every label outside its dialogues
-        assert fold["training_labels"] == labels - sum(len(s["new_targets"]) for s in train if fold_of[s["dialog_id"]] == f)
-    assert sum(fold["training_labels"] for fold in per_fold) == 4 * labels == 4 * report["variants"]["fused"]["training_labels"]
+        in_fold = sum(len(s["new_targets"]) for s in train if fold_of[s["dialog_id"]] == f)
+        assert fold["training_labels"] == labels - in_fold
+    assert sum(fold["training_labels"] for fold in per_fold) == 4 * labels
+    assert labels == report["variants"]["fused"]["training_labels"]
     assert set(report["candidate_targets"]) == {"train, full retriever", "train, out of fold", "valid"}
     # the retriever later stages use asks a training dialogue's fold, and the full net for the rest
     retriever = common.Retriever(inspired_run / "retriever" / "fused")
@@ -123,7 +126,7 @@ def test_retriever_then_eval_smoke(inspired_run):
     alone = evaluate.main(run + ["--rows", "popularity", "--bootstrap", "50"])
     assert list(alone["rows"]) == ["popularity"]
     # ... except where the default changed: before --stop-on-label, conversations stopped on the label
-    older = json.loads(path.read_text())  # a file of 2026-11-26 to -12-04: before --stop-on-label, after --retriever-query
+    older = json.loads(path.read_text())  # a file with --retriever-query but without --stop-on-label
     del older["args"]["stop_on_label"]
     older["args"].update(retriever_query="latest-feedback", recommender_turn="question")
     path.write_text(json.dumps(older))
@@ -131,12 +134,30 @@ def test_retriever_then_eval_smoke(inspired_run):
         evaluate.main(run + ["--rows", "retriever-fused", "--bootstrap", "50", "--merge"])
     again = evaluate.main(run + ["--rows", "retriever-fused", "--bootstrap", "50", "--merge", "--stop-on-label"])
     assert list(again["rows"]) == ["popularity", "retriever-fused"]
-    # rows of the protocol before 2026-12-04's flags were removed (whole dialogue, a list sentence) never merge
+    # rows of another conversation protocol (the whole dialogue read, a list sentence said) never merge
     older = json.loads(path.read_text())
     older["args"].update(retriever_query="whole-dialogue", recommender_turn="question")
     path.write_text(json.dumps(older))
     with pytest.raises(SystemExit, match="retriever_query"):
         evaluate.main(run + ["--rows", "popularity", "--bootstrap", "50", "--merge", "--stop-on-label"])
+
+
+def test_paired_gain_by_hand():
+    others = list(range(100, 110))  # ten items that are never targets
+    samples = [{"new_targets": t, "targets": t} for t in ([5], [7, 8], [3], [])]
+    before = [[5, *others], others, [3, *others], others]
+    after = [[*others, 5], [7, 8, *others], [3, *others], others]
+    # sample 0 loses its hit (5 falls to rank 11): -1; sample 1 gains two: +2; sample 2 keeps it: 0;
+    # sample 3 has no label and does not count. (-1 + 2 + 0) / 4 labels = 0.25
+    g = evaluate.paired_gain(before, after, samples, "recall@10", resamples=2000)
+    assert g["gain"] == pytest.approx(0.25) and (g["up"], g["down"], g["samples"]) == (1, 1, 3)
+    assert -1.0 <= g["ci"][0] <= 0.25 <= g["ci"][1] <= 1.0  # extremes: all draws sample 0 (-1/1), all sample 1 (2/2)
+    # unchanged rankings: the paired interval is exactly 0, though recall's own interval is wide
+    same = evaluate.paired_gain(before, before, samples, "recall@10")
+    assert same == {"gain": 0.0, "ci": [0.0, 0.0], "up": 0, "down": 0, "samples": 3}
+    assert common.score_rankings(before, samples, ks=(10,), bootstrap=200)["ci"]["new"]["recall@10"][1] > 0.5
+    # NDCG@10: sample 1 gains 1 + 1/log2(3) = 1.6309, sample 0 loses 1 -> 0.6309 / 4
+    assert evaluate.paired_gain(before, after, samples, "ndcg@10")["gain"] == pytest.approx(0.6309298 / 4)
 
 
 def test_rows_are_paired_with_sft_by_their_kept_lists():
@@ -156,6 +177,37 @@ def test_rows_are_paired_with_sft_by_their_kept_lists():
     assert "vs_reference" not in older and rl["vs_reference"]["turn 5"]["gain"] == 1.0
     with pytest.raises(SystemExit, match="another draw"):
         evaluate.compare_with_reference(multi, subset[:1], args)
+
+
+def test_rows_are_paired_with_sft_in_r1_r10_and_ndcg10_by_hand():
+    """Three samples, one new target each (5, 7, 9). The target's rank at turn 1 (sft+simulator -> smtpo):
+    A 2 -> 1, B 1 -> 1, C 1 -> 11; at turn 2 all lists are equal."""
+    subset = [{"new_targets": [t], "targets": [t]} for t in (5, 7, 9)]
+    filler = list(range(20, 40))
+    sft = {"turn 1": [[1, 5, *filler], [7, *filler], [9, *filler]], "turn 2": [[5, *filler]] * 3}
+    rl = {"turn 1": [[5, 1, *filler], [7, *filler], [*filler[:10], 9]], "turn 2": [[5, *filler]] * 3}
+    base = [[*filler[:10], 5], [7, *filler], [9, *filler]]  # one turn: its turn-2 list is its turn-1 list
+    multi = {"base-zero-shot": {"lists": {"turn 1": base, "turn 2": base}},
+             "sft-single-turn": {"lists": {"turn 1": sft["turn 1"], "turn 2": sft["turn 1"]}},
+             "sft+simulator": {"lists": sft}, "smtpo": {"lists": rl}}
+    evaluate.compare_with_reference(multi, subset, evaluate.Args(limit=3, bootstrap=200, rows=["smtpo"]))
+    assert "vs_reference" not in multi["sft-single-turn"]  # sft+simulator's own turn 1
+    vs = multi["smtpo"]["vs_reference"]
+    assert set(vs) == {"reference", "turn 1", "turn 2", "recall@1", "ndcg@10"}
+    # R@1: A +1, C -1 over 3 labels; R@10: C -1; NDCG@10: A 1 - 1/log2(3), C -1
+    r1 = vs["recall@1"]["turn 1"]
+    assert r1["gain"] == 0.0 and (r1["up"], r1["down"]) == (1, 1)
+    assert vs["turn 1"]["gain"] == pytest.approx(-1 / 3) and vs["turn 1"]["down"] == 1
+    assert vs["ndcg@10"]["turn 1"]["gain"] == pytest.approx((1 - 1 / math.log2(3) - 1) / 3)
+    assert vs["turn 2"]["gain"] == vs["recall@1"]["turn 2"]["gain"] == vs["ndcg@10"]["turn 2"]["gain"] == 0.0
+    # base-zero-shot ranks A's target 11th where sft+simulator's turn 1 ranks it 2nd: R@10 -1 of 3 labels
+    assert multi["base-zero-shot"]["vs_reference"]["turn 1"]["gain"] == pytest.approx(-1 / 3)
+    text = evaluate.paired_table({name: multi[name]["vs_reference"] for name in ("base-zero-shot", "smtpo")}, 2)
+    assert "| system | ΔR@1 t1 | ΔR@1 t2 | ΔR@10 t1 | ΔR@10 t2 | ΔNDCG@10 t1 | ΔNDCG@10 t2 |" in text
+    assert "| smtpo | +0.000 [" in text and "(1 / 1) | +0.000 [+0.000, +0.000] (0 / 0) | -0.333 [" in text
+    # a row merged from a file that paired R@10 only: the other metrics read n/a
+    older = {"reference": "sft+simulator", "turn 1": vs["turn 1"], "turn 2": vs["turn 2"]}
+    assert evaluate.paired_table({"smtpo": older}, 2).splitlines()[-1].startswith("| smtpo | n/a | n/a | -0.333 [")
 
 
 def test_merge_refuses_rows_of_recommenders_that_read_other_prompts(tmp_path):

@@ -3,11 +3,11 @@
 An answer is valid (common.parse_recommendation) when it has <answer>...</answer> and exactly 10
 entries naming 10 distinct candidates. For every recommender turn of each
 eval/conversations_<row>.jsonl this re-parses the stored answer against the turn's own candidates
-and counts, per row with an LLM recommender: valid, no closed <answer> block, fewer or more than 10 entries, an entry that
-names no candidate, two entries naming the same candidate (an answer can have several kinds).
-Of the answers with no closed block, it counts those that used the whole generation budget
-(--max-new-tokens of eval/results.json) when the file records each answer's completion tokens
-(05 does since 2026-11-26; n/a for older files). Two more counts show whether the list comes
+and counts, per row with an LLM recommender: valid, no closed <answer> block, fewer or more than 10
+entries, an entry that names no candidate, two entries naming the same candidate (an answer can have
+several kinds; 03's PARSE_KINDS). Of the answers with no closed block, it counts those that used the
+whole generation budget (--max-new-tokens of eval/results.json) when the file records each answer's
+completion tokens (n/a for a file without them). Two more counts show whether the list comes
 from the chain: answers whose Ranking line is the retriever's order (#1, #2, ..., #10), answers whose list names
 exactly the candidates their own Ranking line gives, in its order, and answers whose first entry is
 the Ranking line's first candidate; each row's note gives the Ranking line's most common first number
@@ -30,7 +30,7 @@ a title), and the candidate numbers of its Ranking line and of its list.
     python tools/parse_failures.py --run-dir runs/redial --sft-report
 """
 import argparse
-import json
+import importlib
 import re
 import sys
 from collections import Counter
@@ -39,6 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+
+rec = importlib.import_module("03_sft_recommender")
 
 OUT_OF_TOKENS = "no closed <answer>: used the whole budget"
 FIRST_ELSEWHERE = "a Ranking line, whose first candidate the list does not start with"
@@ -68,13 +70,14 @@ def chain_kinds(numbers: list[int], parsed: dict, candidates: list[int], n: int 
     return kinds
 
 
-DUPLICATE_ORIGINS = ("no Ranking line", "the Ranking line repeats a number", "a distinct Ranking line, the list repeats a title")
+DUPLICATE_ORIGINS = ("no Ranking line", "the Ranking line repeats a number",
+                     "a distinct Ranking line, the list repeats a title")
 
 
 def duplicate_origin(numbers: list[int], parsed: dict) -> str | None:
     """Where an answer's duplicate comes from (one of DUPLICATE_ORIGINS); None for an answer without one.
     numbers: its Ranking line's (ranking_numbers)."""
-    if "duplicate" not in common.parse_failure_kinds(parsed):
+    if "duplicate" not in rec.parse_failure_kinds(parsed):
         return None
     if not numbers:
         return DUPLICATE_ORIGINS[0]
@@ -94,13 +97,13 @@ def sft_report(run: common.RunPaths, titles: common.TitleIndex) -> None:
         parsed = common.parse_recommendation(e["text"], titles, e["candidates"])
         numbers = ranking_numbers(e["text"])
         origin = duplicate_origin(numbers, parsed)
-        counts.update(common.parse_failure_kinds(parsed) + ([origin] if origin else []))
+        counts.update(rec.parse_failure_kinds(parsed) + ([origin] if origin else []))
         listed = ["#%d" % (e["candidates"].index(i) + 1) if i is not None else "?" for i in parsed["ids"]]
         lines.append(f"- sample {e['sample']}: {', '.join(e['kinds'])}" + (f" ({origin})" if origin else "")
                      + f"; Ranking {', '.join(f'#{k}' for k in numbers) or '-'}; list {', '.join(listed) or '-'}")
     valid = round(tuned["parse_rate"] * tuned["samples"])
     print(f"{path}: {valid} of {tuned['samples']} answers valid; {len(kept)} invalid ones kept")
-    columns = common.PARSE_KINDS[1:] + DUPLICATE_ORIGINS
+    columns = rec.PARSE_KINDS[1:] + DUPLICATE_ORIGINS
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     print("| " + " | ".join(str(counts[k]) for k in columns) + " |")
     print("\nEach invalid answer (? = an entry that names no candidate):\n" + "\n".join(lines))
@@ -108,7 +111,7 @@ def sft_report(run: common.RunPaths, titles: common.TitleIndex) -> None:
 
 def count_file(path: Path, titles: common.TitleIndex, id_of: dict[str, int], examples: int,
                budget: int | None) -> tuple[Counter, int, list, Counter, Counter]:
-    """Counts of common.PARSE_KINDS and CHAIN (and OUT_OF_TOKENS; "unmeasured" for unclosed answers of
+    """Counts of PARSE_KINDS (03's) and CHAIN (and OUT_OF_TOKENS; "unmeasured" for unclosed answers of
     unknown length; "conversations", the file's lines), LLM turns, failed answers described, the Ranking
     lines' first numbers, and per turn index (0-based) the conversations whose candidates hold a true target."""
     counts, turns, shown, first_numbers, reachable = Counter(), 0, [], Counter(), Counter()
@@ -124,7 +127,7 @@ def count_file(path: Path, titles: common.TitleIndex, id_of: dict[str, int], exa
                 raise SystemExit(f"{path}:{line_no}: candidate {e} is not in the run's items.jsonl; "
                                  "was this file written from another run directory?")
             parsed = common.parse_recommendation(turn["answer"], titles, candidates)
-            kinds = common.parse_failure_kinds(parsed)
+            kinds = rec.parse_failure_kinds(parsed)
             numbers = ranking_numbers(turn["answer"])
             chain = chain_kinds(numbers, parsed, candidates)
             counts.update(kinds + chain)
@@ -155,7 +158,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     run = common.RunPaths(args.run_dir)
     items = common.load_items(run)
-    titles = common.run_title_index(run, items)
+    titles = rec.run_title_index(run, items)
     if args.sft_report:
         return sft_report(run, titles)
     id_of = {it["title"]: i for i, it in enumerate(items)}
@@ -164,14 +167,15 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: no {run.eval}/conversations_*.jsonl: run 05_eval.py --run-dir {args.run_dir} first")
     results = run.eval / "results.json"
     budget = common.read_json(results)["args"].get("max_new_tokens") if results.exists() else None
-    columns = common.PARSE_KINDS + CHAIN
+    columns = rec.PARSE_KINDS + CHAIN
     print("| row | turns | " + " | ".join(columns) + f" | {OUT_OF_TOKENS}{f' ({budget} tokens)' if budget else ''} |"
           "\n|---|---|" + "---|" * (len(columns) + 1))
     notes, firsts, ceilings, years = [], [], [], []
     for path in files:
         counts, turns, shown, first_numbers, reachable = count_file(path, titles, id_of, args.examples, budget)
         row = path.stem[len("conversations_"):]
-        ceilings.append(f"- {row}: {', '.join(str(reachable[t]) for t in sorted(reachable))} of {counts['conversations']}")
+        by_turn = ", ".join(str(reachable[t]) for t in sorted(reachable))
+        ceilings.append(f"- {row}: {by_turn} of {counts['conversations']}")
         if not turns:
             continue
         out_of_tokens = "n/a" if counts["unmeasured"] else f"{counts[OUT_OF_TOKENS]} of {counts['no closed <answer>']}"
@@ -193,7 +197,8 @@ def main(argv=None) -> None:
     print(f"\nThe catalogue: {len(names)} titles, {sum(not _YEAR_LAST.search(t) for t in names)} without a year, "
           f"{sum(': ' in t for t in names)} holding ': ', {sum(' | ' in t for t in names)} holding ' | ' "
           "(the separators of the candidate lines of prompt versions 1 and 2)")
-    print("\nConversations whose K candidates hold a true target, by turn (the ceiling of R@K):\n" + "\n".join(ceilings))
+    print("\nConversations whose K candidates hold a true target, by turn (the ceiling of R@K):\n"
+          + "\n".join(ceilings))
 
 
 if __name__ == "__main__":

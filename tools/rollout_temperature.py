@@ -10,7 +10,7 @@ answer parses, the format term is 0 everywhere and RL cannot learn it.
 
 Prints, per temperature: valid answers, groups with mixed format, groups whose reward varies
 (not zero-variance), mean recommend term, mean completion tokens, seconds; and writes that table,
-with the command, to <run-dir>/rollout_temperature.md (update_readme_results.py copies it).
+with the command, to <run-dir>/rollout_temperature.md.
 """
 import argparse
 import importlib
@@ -41,11 +41,14 @@ def group_stats(rewards: list[dict], group_size: int) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run-dir", required=True, help="run directory with recommender_sft/ and retriever/ (03_sft_recommender.py)")
-    parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.7, 0.5], help="temperatures to sample at")
+    parser.add_argument("--run-dir", required=True,
+                        help="run directory with recommender_sft/ and retriever/ (03_sft_recommender.py)")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.7, 0.5],
+                        help="temperatures to sample at")
     parser.add_argument("--start-states", type=int, default=8, help="training start states (seeded draw)")
     parser.add_argument("--group-size", type=int, default=4, help="answers G per start state")
-    parser.add_argument("--max-new-tokens", type=int, default=288, help="generation budget of one answer (04's default)")
+    parser.add_argument("--max-new-tokens", type=int, default=288,
+                        help="generation budget of one answer (04's default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draw and of the sampling")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--device", default=str(common.default_device()), help="torch device")
@@ -57,14 +60,14 @@ def main(argv=None) -> None:
     items = common.load_items(run)
     defaults = common.parse_args(rl.Args, ["--run-dir", args.run_dir])  # 04's defaults: candidates, weights, ...
     defaults.max_new_tokens, defaults.device, defaults.model = args.max_new_tokens, args.device, ""
-    conversation, weights = common.load_conversation(run, ["recommender_sft"], items, defaults)
+    conversation, weights = common.load_conversation(run, ["recommender_sft"], items, rl.environment(defaults))
     train = [s for s in common.load_samples(run, "train") if common.sample_truth(s)]
     starts = [train[i] for i in random.Random(args.seed).sample(range(len(train)), args.start_states)]
     lines = [f"`python tools/rollout_temperature.py {' '.join(argv if argv is not None else sys.argv[1:])}`: "
              f"{len(starts)} training start states x G {args.group_size}, first turn, {args.max_new_tokens} tokens, "
              f"weights format {defaults.w_format} recommend {defaults.w_recommend} preference {defaults.w_preference}",
-             "", "| temperature | valid answers | groups with mixed format | groups with varied reward | mean recommend "
-             "| mean tokens | seconds |", "|---|---|---|---|---|---|---|"]
+             "", "| temperature | valid answers | groups with mixed format | groups with varied reward "
+             "| mean recommend | mean tokens | seconds |", "|---|---|---|---|---|---|---|"]
     print("\n".join(lines))
     for temperature in args.temperatures:
         common.set_seed(args.seed)
