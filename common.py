@@ -74,7 +74,8 @@ def parse_args(cls, argv: Sequence[str] | None = None):
             parser.add_argument(flag, nargs="*", type=elem, **kwargs)
         else:
             base = ftype
-            if getattr(ftype, "__origin__", None) is not None or str(ftype).startswith(("typing.Optional", "str |", "int |", "float |")):
+            optional = str(ftype).startswith(("typing.Optional", "str |", "int |", "float |"))
+            if getattr(ftype, "__origin__", None) is not None or optional:
                 base = next((t for t in getattr(ftype, "__args__", (str,)) if t is not type(None)), str)
             parser.add_argument(flag, type=base, **kwargs)
     ns = parser.parse_args(argv)
@@ -555,7 +556,8 @@ class DualViewRetriever(nn.Module):
             self.collab.weight.data.copy_(collab_init[:, :dim])
         self.collab_start = nn.Parameter(torch.zeros(1, 1, dim))
         self.item_bias = nn.Parameter(torch.zeros(num_items))
-        self.attn = nn.ModuleDict({v: nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True) for v in self.views})
+        self.attn = nn.ModuleDict({v: nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+                                   for v in self.views})
         self.ffn = nn.ModuleDict({v: nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(),
                                                    nn.Dropout(dropout), nn.Linear(2 * dim, dim)) for v in self.views})
         self.out_norm = nn.ModuleDict({v: nn.LayerNorm(dim) for v in self.views})
@@ -611,7 +613,8 @@ class DualViewRetriever(nn.Module):
     def load(cls, folder: str | os.PathLike, map_location: str = "cpu") -> "DualViewRetriever":
         blob = torch.load(Path(folder) / "retriever.pt", map_location=map_location, weights_only=False)
         cfg = blob["config"]
-        model = cls(torch.zeros(cfg["num_items"], cfg["sem_dim"]), None, cfg["views"], cfg["dim"], cfg["heads"], cfg["dropout"])
+        model = cls(torch.zeros(cfg["num_items"], cfg["sem_dim"]), None, cfg["views"], cfg["dim"], cfg["heads"],
+                    cfg["dropout"])
         model.load_state_dict(blob["state_dict"])
         model.extra = blob.get("extra", {})
         return model.eval()
@@ -636,7 +639,8 @@ def pad_item_lists(item_lists: Sequence[Sequence[int]], max_len: int = 32) -> to
     return out
 
 
-def load_fold_retrievers(folder: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, int], list["DualViewRetriever"]]:
+def load_fold_retrievers(folder: str | os.PathLike,
+                         device: str = "cpu") -> tuple[dict[str, int], list["DualViewRetriever"]]:
     """The cross-fitted retrievers 03 wrote beside a variant (folder/folds/, --retriever-folds):
     ({training dialog_id: fold}, [net of fold f, trained on every other fold]); ({}, []) if none."""
     index = Path(folder) / "folds" / "folds.json"
@@ -650,7 +654,8 @@ def load_fold_retrievers(folder: str | os.PathLike, device: str = "cpu") -> tupl
 @torch.no_grad()
 def rank_items_cross_fitted(net: "DualViewRetriever", fold_nets: Sequence["DualViewRetriever"],
                             folds: Sequence[int | None], ctx_sem: torch.Tensor, context_items: Sequence[Sequence[int]],
-                            k: int, exclude_seen: bool = True, batch_size: int = 256, device: str = "cpu") -> list[list[int]]:
+                            k: int, exclude_seen: bool = True, batch_size: int = 256,
+                            device: str = "cpu") -> list[list[int]]:
     """rank_items where row i is ranked by fold_nets[folds[i]] (None: by net) -> [len(ctx_sem)][k].
     A retriever ranks the dialogues it trained on far better than new ones (INSPIRED: the target
     first for 42% of training samples, 2% of valid ones), so candidates for a training dialogue
@@ -681,7 +686,8 @@ class Retriever:
 
     @torch.no_grad()
     def search(self, contexts: Sequence[Sequence[dict]], context_items: Sequence[Sequence[int]], k: int,
-               exclude_seen: bool = True, batch_size: int = 64, dialog_ids: Sequence[str] | None = None) -> list[list[int]]:
+               exclude_seen: bool = True, batch_size: int = 64,
+               dialog_ids: Sequence[str] | None = None) -> list[list[int]]:
         """Top-k item ids for each dialogue (a list of {role, text} turns); dialog_ids: the data
         dialogue each one continues, which picks its fold's net (None: the full net for all)."""
         ctx_sem = encode_texts([dialogue_text(c) for c in contexts], self.tokenizer, self.encoder,
@@ -948,7 +954,8 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
         wanted = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                   if isinstance(m, (nn.Linear, LoRALinear)) and n.rsplit(".", 1)[-1] in target_modules}
         if {k: existing[k] for k in config} != config or have != wanted:
-            raise ValueError(f"model already carries LoRA {existing}; asked for {config}, targets {list(target_modules)}")
+            raise ValueError(f"model already carries LoRA {existing}; asked for {config}, "
+                             f"targets {list(target_modules)}")
         return [name for name, _ in lora_modules(model)]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -1920,7 +1927,8 @@ def start_episodes(samples: Sequence[dict], copies: int = 1) -> list[Episode]:
 
 
 def draw_samples(samples: list[dict], limit: int, seed: int) -> list[dict]:
-    """The multi-turn subset (05's --limit, 04's validation): `limit` samples with a new target, drawn with `seed`, in file order."""
+    """The multi-turn subset (05's --limit, 04's validation): `limit` samples with a new target,
+    drawn with `seed`, in file order."""
     pool = [i for i, s in enumerate(samples) if s["new_targets"]]
     if limit and limit < len(pool):
         pool = sorted(random.Random(seed).sample(pool, limit))
@@ -1972,7 +1980,8 @@ class Conversation:
                  popularity: Sequence[float] | None = None, no_repeat_ngram: int = 0, constrain_answer: bool = False):
         self.model, self.tok, self.items, self.retriever = model, tokenizer, items, retriever
         self.simulator_weights = simulator_weights
-        self.k, self.show_top, self.max_turns, self.simulator_max_turns = candidates, show_top, max_turns, simulator_max_turns
+        self.k, self.show_top = candidates, show_top
+        self.max_turns, self.simulator_max_turns = max_turns, simulator_max_turns
         self.rec_max_new_tokens, self.sim_max_new_tokens = rec_max_new_tokens, sim_max_new_tokens
         self.batch_size, self.exclude_seen, self.no_repeat_ngram = batch_size, exclude_seen, no_repeat_ngram
         self.constrain_answer = constrain_answer
@@ -2012,7 +2021,8 @@ class Conversation:
         """The recommender's turn as the seeker hears it: "Have you seen A? You might also like B or C."
         and the chain's explanation."""
         shown = [self.items[i]["title"] for i in turn["ranked"][:self.show_top]]
-        either = lambda titles: ", ".join(titles[:-1]) + " or " + titles[-1] if len(titles) > 1 else titles[0]  # noqa: E731
+        either = lambda titles: (", ".join(titles[:-1]) + " or " + titles[-1]  # noqa: E731
+                                 if len(titles) > 1 else titles[0])
         said = f"Have you seen {shown[0]}?" + (f" You might also like {either(shown[1:])}." if len(shown) > 1 else "")
         found = re.search(r"^\s*Explanation:(.*)$", turn["text"], re.M)
         if found:
@@ -2112,7 +2122,8 @@ def require_prompt_version(folder: str | os.PathLike) -> None:
                          "commit that trained it")
 
 
-def load_conversation(run: RunPaths, folders: Sequence[str], items: Sequence[dict], args) -> tuple["Conversation", dict]:
+def load_conversation(run: RunPaths, folders: Sequence[str], items: Sequence[dict],
+                      args) -> tuple["Conversation", dict]:
     """One base LLM carrying the adapters of `folders` (e.g. recommender_sft, simulator) as
     swappable weights, the fused retriever, and the Conversation that plays them (04 and 05).
     The base is args.model, else the one recommender_sft/ (else the first adapter) was trained

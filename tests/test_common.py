@@ -178,7 +178,8 @@ def test_cross_fitted_ranking_routes_each_dialogue_to_its_fold_and_the_retriever
     """Rows of fold f are ranked by fold f's net, rows of no fold (held-out dialogues) by the full
     net; load_fold_retrievers reads the layout 03 writes (test_stages runs 03 and common.Retriever)."""
     torch.manual_seed(0)
-    make = lambda: common.DualViewRetriever(torch.randn(30, 12), torch.randn(30, 8), dim=8, heads=2, dropout=0.0).eval()  # noqa: E731
+    def make():
+        return common.DualViewRetriever(torch.randn(30, 12), torch.randn(30, 8), dim=8, heads=2, dropout=0.0).eval()
     full, fold_nets = make(), [make(), make()]
     ctx, items = torch.randn(5, 12), [[1], [], [2, 3], [], [4]]
     folds = [0, None, 1, 0, None]
@@ -187,13 +188,15 @@ def test_cross_fitted_ranking_routes_each_dialogue_to_its_fold_and_the_retriever
         net = full if f is None else fold_nets[f]
         assert ranked[i] == common.rank_items(net, ctx[i:i + 1], [items[i]], k=6)[0]
     assert ranked != common.rank_items(full, ctx, items, k=6)             # the folds did rank their rows
-    assert common.rank_items_cross_fitted(full, [], [None] * 5, ctx, items, k=6) == common.rank_items(full, ctx, items, k=6)
+    assert common.rank_items_cross_fitted(full, [], [None] * 5, ctx, items, k=6) == \
+        common.rank_items(full, ctx, items, k=6)
 
     assert common.load_fold_retrievers(tmp_path / "fused") == ({}, [])   # a retriever without folds
     full.save(tmp_path / "fused")
     for f, net in enumerate(fold_nets):
         net.save(tmp_path / "fused" / "folds" / f"fold{f}")
-    common.write_json(tmp_path / "fused" / "folds" / "folds.json", {"folds": 2, "dialogues": {"train-1": 0, "train-2": 1}})
+    common.write_json(tmp_path / "fused" / "folds" / "folds.json",
+                      {"folds": 2, "dialogues": {"train-1": 0, "train-2": 1}})
     fold_of, loaded = common.load_fold_retrievers(tmp_path / "fused")
     assert fold_of == {"train-1": 0, "train-2": 1} and len(loaded) == 2
     assert common.rank_items(loaded[1], ctx, items, k=6) == common.rank_items(fold_nets[1], ctx, items, k=6)

@@ -313,7 +313,8 @@ def label_runs(ex):
 def test_chat_example_mask(tok):
     ex = L.build_chat_example(tok, CHAT, 512)
     assert not ex["truncated"]
-    assert [tok.decode(r) for r in label_runs(ex)] == ["Try Alien (1979).<|im_end|>", "Then The Thing (1982)!<|im_end|>"]
+    assert [tok.decode(r) for r in label_runs(ex)] == ["Try Alien (1979).<|im_end|>",
+                                                        "Then The Thing (1982)!<|im_end|>"]
     assert tok.decode(ex["input_ids"]) == L.render_chat(tok, CHAT, False).rstrip()
     # the answer tokens are exactly what follows the generation prompt
     prompt_ids = tok(L.render_chat(tok, CHAT[:4], True), add_special_tokens=False)["input_ids"]
@@ -516,9 +517,11 @@ def test_REAL_MODEL_smollm2_gguf():
     L.add_lora(model)
     assert torch.equal(logits_of(model, batch), before)
     ex = L.build_chat_example(tok, CHAT, 128)
-    assert [tok.decode(r) for r in label_runs(ex)] == ["Try Alien (1979).<|im_end|>", "Then The Thing (1982)!<|im_end|>"]
+    assert [tok.decode(r) for r in label_runs(ex)] == ["Try Alien (1979).<|im_end|>",
+                                                        "Then The Thing (1982)!<|im_end|>"]
     # a real model answers a chat and stops by itself
-    text = L.generate(model, tok, [[{"role": "user", "content": "What is the capital of France?"}]], max_new_tokens=24)[0]
+    question = [[{"role": "user", "content": "What is the capital of France?"}]]
+    text = L.generate(model, tok, question, max_new_tokens=24)[0]
     assert "Paris" in text, text
 
 
@@ -582,7 +585,8 @@ def test_constrained_answer_is_always_a_valid_list(tok, no_repeat_ngram):
         try:
             return L.generate(model, tok, prompts, max_new_tokens=200, return_tokens=True, batch_size=2,
                               no_repeat_ngram=no_repeat_ngram,
-                              answer_titles=[[ANSWER_TITLES[i] for i in c] for c in candidates] if constrained else None)
+                              answer_titles=([[ANSWER_TITLES[i] for i in c] for c in candidates]
+                                             if constrained else None))
         finally:
             handle.remove()
 
