@@ -7,7 +7,7 @@ Reads   <run-dir>/data/                     (01_prep_data.py)       items, dialo
         <run-dir>/recommender_sft/          (03_sft_recommender.py) the SFT recommender's adapter
 Writes  <run-dir>/eval/
           results.json          every metric of every row (by turn for multi-turn rows), 95% bootstrap CIs
-          results.md            the Markdown tables the README quotes
+          results.md            the same as Markdown tables
           recall_by_turn.png    Recall@10 (new targets) by turn for the multi-turn rows
           conversations_<row>.jsonl  every simulated conversation: lists, answers, simulator replies
 
