@@ -48,6 +48,7 @@ import re
 import time
 import unicodedata
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -66,14 +67,11 @@ class Args:
     task_mix: list = arg([1.0, 1.0, 1.0], "weights of the feedback, attributes and target tasks")
     lora_r: int = arg(16, "LoRA rank")
     lora_alpha: float = arg(32.0, "LoRA alpha (scale alpha / r)")
-    lora_dropout: float = arg(0.05, "dropout on the LoRA input")
     steps: int = arg(300, "optimizer steps (0 with --init-adapter: only that adapter's quality report)")
     init_adapter: str = arg("", "start the LoRA from this adapter folder (e.g. an earlier simulator/) instead of zeros")
     batch_size: int = arg(4, "examples per micro-batch")
     grad_accum: int = arg(1, "micro-batches per optimizer step")
     lr: float = arg(2e-4, "peak AdamW learning rate")
-    weight_decay: float = arg(0.0, "AdamW weight decay")
-    warmup: float = arg(0.1, "fraction of the steps with a linear warm-up; then linear decay to 0")
     max_len: int = arg(512, "tokens per example (the dialogue is cut from the left)")
     max_turns: int = arg(8, "dialogue turns shown in a prompt (the latest)")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (memory for time)")
@@ -359,7 +357,7 @@ def main(argv=None) -> dict:
 
     # 2. The base LLM with a fresh LoRA adapter.
     model, tok = common.load_llm(args.model, args.load_in_4bit, args.device)
-    common.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+    common.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=common.LORA_DROPOUT)
     if args.init_adapter:
         common.load_lora(model, args.init_adapter)
         print(f"[02] LoRA initialised from {args.init_adapter}")
@@ -386,7 +384,8 @@ def main(argv=None) -> dict:
                                                               args.batch_size, args.device), 5)
                               for t in common.SIM_TASKS if valid_examples[t]}}
 
-    finished = common.train_lora_sft(model, tok.pad_token_id, train_examples, weights, args, out_dir, same_run,
+    schedule = SimpleNamespace(**asdict(args), warmup=common.SFT_WARMUP, weight_decay=common.SFT_WEIGHT_DECAY)
+    finished = common.train_lora_sft(model, tok.pad_token_id, train_examples, weights, schedule, out_dir, same_run,
                                      eval_fn=validation_loss, desc="simulator SFT")
     if not finished:
         print(f"[02] stopped at step {args.stop_after} of {args.steps}; rerun without --stop-after to resume")

@@ -110,11 +110,6 @@ RETRIEVER_LR = 1e-3           # AdamW
 RETRIEVER_WEIGHT_DECAY = 0.1  # AdamW
 RETRIEVER_BATCH_SIZE = 256    # (sample, target) training pairs per step
 RETRIEVER_PATIENCE = 6        # epochs without a better valid Recall@K before training stops
-# The SFT schedule and regularisation, 02's defaults too (no finding varied them): a linear warm-up
-# over 10% of the steps, then linear decay to 0; no weight decay on the LoRA weights.
-SFT_WARMUP = 0.1
-SFT_WEIGHT_DECAY = 0.0
-LORA_DROPOUT = 0.05           # on the LoRA input during SFT (04 plays and trains the adapter without it)
 MAX_INVALID_EXAMPLES = 30     # invalid answers kept whole in quality.json (the untuned base fails them all)
 
 
@@ -513,7 +508,7 @@ def answer_lengths(examples: list[dict]) -> dict:
 
 def fine_tune(args: Args, model, tok, examples: list[dict], out_dir) -> None:
     """Step 8: LoRA SFT on `examples`, resumable from out_dir/checkpoint/ (common.train_lora_sft)."""
-    common.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=LORA_DROPOUT)
+    common.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=common.LORA_DROPOUT)
     if args.init_adapter:
         # continuing an SFT with a new step budget: a checkpoint cannot (its schedule is tied to --steps)
         common.load_lora(model, args.init_adapter)
@@ -525,8 +520,8 @@ def fine_tune(args: Args, model, tok, examples: list[dict], out_dir) -> None:
                                                     "cite_candidates")}
     if args.init_adapter:
         same_run["init_adapter"] = args.init_adapter
-    schedule = SimpleNamespace(**asdict(args), warmup=SFT_WARMUP, weight_decay=SFT_WEIGHT_DECAY, eval_every=0,
-                               stop_after=0)
+    schedule = SimpleNamespace(**asdict(args), warmup=common.SFT_WARMUP, weight_decay=common.SFT_WEIGHT_DECAY,
+                               eval_every=0, stop_after=0)
     common.train_lora_sft(model, tok.pad_token_id, {"recommend": examples}, {"recommend": 1.0}, schedule, out_dir,
                           same_run, desc="recommender SFT")
 

@@ -1518,6 +1518,14 @@ def mean_token_loss(model: nn.Module, examples: list[dict], pad_id: int, batch_s
     return total / max(tokens, 1)
 
 
+# The SFT schedule and regularisation of 02 and 03 (no finding varied them): a linear warm-up over
+# 10% of the steps, then linear decay to 0; no weight decay; dropout on the LoRA input (04 plays and
+# trains the adapter without it: old and new log-probs must agree).
+SFT_WARMUP = 0.1
+SFT_WEIGHT_DECAY = 0.0
+LORA_DROPOUT = 0.05
+
+
 def train_lora_sft(model: nn.Module, pad_id: int, pools: dict[str, list[dict]], weights: dict[str, float], args,
                    out_dir: str | os.PathLike, same_run: dict, eval_fn=None, desc: str = "SFT") -> bool:
     """Supervised fine-tuning of the LoRA weights of `model` on chat examples, resumable.
