@@ -357,12 +357,7 @@ def main(argv=None) -> dict:
 
     # 2. The base LLM with a fresh LoRA adapter.
     model, tok = common.load_llm(args.model, args.load_in_4bit, args.device)
-    common.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=common.LORA_DROPOUT)
-    if args.init_adapter:
-        common.load_lora(model, args.init_adapter)
-        print(f"[02] LoRA initialised from {args.init_adapter}")
-    if args.gradient_checkpointing:
-        common.enable_gradient_checkpointing(model)
+    common.add_sft_lora(model, args, "02")
 
     # 3. Three tasks per sample, each its own instruction; labels on the answer only.
     train_examples, skipped = build_examples(train_samples, items, tok, tasks, args)

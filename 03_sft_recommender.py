@@ -508,13 +508,7 @@ def answer_lengths(examples: list[dict]) -> dict:
 
 def fine_tune(args: Args, model, tok, examples: list[dict], out_dir) -> None:
     """Step 8: LoRA SFT on `examples`, resumable from out_dir/checkpoint/ (common.train_lora_sft)."""
-    common.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=common.LORA_DROPOUT)
-    if args.init_adapter:
-        # continuing an SFT with a new step budget: a checkpoint cannot (its schedule is tied to --steps)
-        common.load_lora(model, args.init_adapter)
-        print(f"[03] LoRA initialised from {args.init_adapter}")
-    if args.gradient_checkpointing:
-        common.enable_gradient_checkpointing(model)
+    common.add_sft_lora(model, args, "03")
     same_run = {key: getattr(args, key) for key in ("model", "lora_r", "lora_alpha", "batch_size", "grad_accum",
                                                     "max_len", "max_samples", "seed", "steps", "lr", "candidates",
                                                     "cite_candidates")}

@@ -1526,6 +1526,19 @@ SFT_WEIGHT_DECAY = 0.0
 LORA_DROPOUT = 0.05
 
 
+def add_sft_lora(model: nn.Module, args, stage: str) -> None:
+    """02's and 03's trainable adapter: LoRA of rank args.lora_r and alpha args.lora_alpha with
+    LORA_DROPOUT, loaded from args.init_adapter when given (continuing an SFT with a new step
+    budget: a checkpoint cannot, its schedule is tied to --steps), and activation checkpointing
+    when args.gradient_checkpointing."""
+    add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=LORA_DROPOUT)
+    if args.init_adapter:
+        load_lora(model, args.init_adapter)
+        print(f"[{stage}] LoRA initialised from {args.init_adapter}")
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+
+
 def train_lora_sft(model: nn.Module, pad_id: int, pools: dict[str, list[dict]], weights: dict[str, float], args,
                    out_dir: str | os.PathLike, same_run: dict, eval_fn=None, desc: str = "SFT") -> bool:
     """Supervised fine-tuning of the LoRA weights of `model` on chat examples, resumable.
