@@ -38,7 +38,7 @@ first 3 distinct matched titles; on new targets, its first 3 distinct matched ti
 does not name, the same rule as the popularity baseline's (a title the prompt names cannot be a new
 target, and the trained answer lists such titles first).
 Training examples are drawn in an order derived from the seed and the step alone, so a run that
-is killed (or stopped with --stop-after) and started again ends with the same weights.
+is killed and started again ends with the same weights.
 """
 from __future__ import annotations
 
@@ -48,7 +48,6 @@ import re
 import time
 import unicodedata
 from dataclasses import asdict, dataclass
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -77,7 +76,6 @@ class Args:
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (memory for time)")
     eval_every: int = arg(0, "validation loss every N steps (0 = never)")
     save_every: int = arg(50, "checkpoint every N steps")
-    stop_after: int = arg(0, "stop with a checkpoint once this step is reached (rerun to resume); 0 = run all")
     quality_split: str = arg("valid", "split of quality.json (test only for a final table)", choices=["valid", "test"])
     max_eval_samples: int = arg(100, "samples of valid (validation loss) and of the quality split, drawn with --seed")
     gen_batch_size: int = arg(8, "prompts per generation batch")
@@ -379,12 +377,8 @@ def main(argv=None) -> dict:
                                                               args.batch_size, args.device), 5)
                               for t in common.SIM_TASKS if valid_examples[t]}}
 
-    schedule = SimpleNamespace(**asdict(args), warmup=common.SFT_WARMUP, weight_decay=common.SFT_WEIGHT_DECAY)
-    finished = common.train_lora_sft(model, tok.pad_token_id, train_examples, weights, schedule, out_dir, same_run,
-                                     eval_fn=validation_loss, desc="simulator SFT")
-    if not finished:
-        print(f"[02] stopped at step {args.stop_after} of {args.steps}; rerun without --stop-after to resume")
-        return {"stopped_at": args.stop_after}
+    common.train_lora_sft(model, tok.pad_token_id, train_examples, weights, args, out_dir, same_run,
+                          eval_fn=validation_loss, desc="simulator SFT")
 
     # 5. The adapter in PEFT layout, and the simulator's quality next to the untuned base model's.
     model.eval()

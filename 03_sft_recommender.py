@@ -514,8 +514,7 @@ def fine_tune(args: Args, model, tok, examples: list[dict], out_dir) -> None:
                                                     "cite_candidates")}
     if args.init_adapter:
         same_run["init_adapter"] = args.init_adapter
-    schedule = SimpleNamespace(**asdict(args), warmup=common.SFT_WARMUP, weight_decay=common.SFT_WEIGHT_DECAY,
-                               eval_every=0, stop_after=0)
+    schedule = SimpleNamespace(**asdict(args), eval_every=0)  # 03's quality report comes once, at the end
     common.train_lora_sft(model, tok.pad_token_id, {"recommend": examples}, {"recommend": 1.0}, schedule, out_dir,
                           same_run, desc="recommender SFT")
 
@@ -555,7 +554,7 @@ def quality_report(args: Args, model, tok, items: list[dict], titles: common.Tit
     retriever_order = [c[:common.REC_TOP_N] for c in candidates]
     quality = {"split": "valid", "candidates": args.candidates,
                "decoding": {"greedy": True, "max_new_tokens": args.max_new_tokens,
-                            "no_repeat_ngram": common.GREEDY_NO_REPEAT_NGRAM, "constrain_answer": False},
+                            "no_repeat_ngram": common.GREEDY_NO_REPEAT_NGRAM},
                "retriever_order": common.score_rankings(retriever_order, held_out, ks=(1, 5, 10))["new"],
                "tuned": recommender_quality(model, tok, held_out, candidates, items, titles, args, "tuned")}
     with common.lora_disabled(model):

@@ -89,7 +89,7 @@ class Args:
     limit: int = arg(100, "multi-turn rows: samples (seeded draw among those with a new target); 0 = all")
     test_states: str = arg("all", "multi-turn rows: test samples to draw from; reachable: a target among the "
                                   "retriever's first-turn K candidates (the rows then compare re-ranking and "
-                                  "feedback, not recall)", choices=list(common.STATE_RULES))
+                                  "feedback, not recall)", choices=list(common.START_STATES))
     turns: int = arg(5, "multi-turn rows: turns T per conversation")
     stop_on_label: bool = arg(False, "label-using (iEvaLM): end a conversation once the recommender's own list "
                                      "ranks a true target first; default: every conversation plays all T turns "
@@ -101,8 +101,6 @@ class Args:
     max_new_tokens: int = arg(320, "generation budget of one recommender answer")
     no_repeat_ngram: int = arg(common.GREEDY_NO_REPEAT_NGRAM, "forbid a recommender answer to repeat one of its "
                                                               "own n-grams (greedy loop guard; 0 = off)")
-    constrain_answer: bool = arg(False, "decode an opened <answer> block constrained to 10 distinct candidate "
-                                        "titles (common.AnswerListConstraint); off = the model's own format")
     sim_max_new_tokens: int = arg(60, "generation budget of one simulator reply")
     gen_batch_size: int = arg(8, "prompts per generation batch")
     exclude_seen: bool = arg(True, "never rank items already mentioned in the dialogue")
@@ -343,7 +341,7 @@ def conversation_log(e: common.Episode, items: list[dict]) -> dict:
 
 # the settings two evaluations must share for their rows to sit in one table
 MERGE_KEYS = ("split", "limit", "test_states", "turns", "stop_on_label", "candidates", "seed", "exclude_seen",
-              "max_new_tokens", "constrain_answer", "no_repeat_ngram")
+              "max_new_tokens", "no_repeat_ngram")
 # what a results.json written before a flag existed ran with, where that is not the flag's default
 BEFORE_FLAG = {"stop_on_label": True}
 # the conversation protocol this code plays: the retriever reads the real turns and the latest feedback,
@@ -365,6 +363,8 @@ def merge_earlier(results: dict, path) -> dict:
     protocol = (old.get("retriever_query", "whole-dialogue"), old.get("recommender_turn", "list"))
     if ("retriever_query" in old or "stop_on_label" not in old) and protocol != PROTOCOL:
         differ["retriever_query, recommender_turn"] = (protocol, PROTOCOL)
+    if old.get("constrain_answer"):  # decoded by a constraint this code no longer has
+        differ["constrain_answer"] = (True, False)
     if earlier.get("prompt_version", 1) != results["prompt_version"]:  # rows of recommenders that read other prompts
         differ["prompt_version"] = (earlier.get("prompt_version", 1), results["prompt_version"])
     if earlier["dataset"] != results["dataset"] or differ:

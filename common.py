@@ -1310,94 +1310,11 @@ class CompletionNoRepeatNGram:
         return scores
 
 
-class AnswerListConstraint:
-    """A logits processor that, once a completion has opened <answer>, lets it write only a list
-    the parser accepts: a newline, then n lines "i. <title>" or "i. #<candidate number> <title>"
-    naming n distinct candidates (titles exactly as the prompt shows them, the number the title's
-    own), then </answer> and the end of the turn. What comes before
-    <answer> (the reasoning chain) is left free, and inside the list the model still picks which
-    candidate goes on each line: the constraint only removes the tokens no valid list can take.
-    This is constrained decoding in the way of GENRE's prefix trie (De Cao et al., 2021), with one
-    trie per line over the candidates not yet listed.
-
-    titles: per batch row, the candidates' titles; prompt_len: the padded prompt length, where
-    every row's completion starts; end_id: the end-of-turn token forced after </answer>.
-    input_ids: [B, prompt_len + generated so far], scores: [B, V] -> scores with -inf where banned.
-    A row whose <answer> tag shares a token with other text (so no list can start cleanly) stays free."""
-
-    OPEN, CLOSE = "<answer>", "</answer>"
-
-    def __init__(self, tokenizer, titles: Sequence[Sequence[str]], prompt_len: int, end_id: int, n: int | None = None):
-        self.tok, self.prompt_len, self.n = tokenizer, prompt_len, n or REC_TOP_N
-        self.titles = [list(dict.fromkeys(t)) for t in titles]
-        self.numbers = [{t: k for k, t in reversed(list(enumerate(row, 1)))} for row in titles]  # first wins
-        self.end_id = end_id
-        self.newline = _tokenize(tokenizer, "\n")
-        self.close = _tokenize(tokenizer, self.CLOSE) + [end_id]
-        self.start: list[int | None] = [None] * len(titles)  # completion index where the list begins
-        self.free: list[bool] = [False] * len(titles)  # rows the constraint gave up on
-        self.opens_with_newline = [True] * len(titles)
-        self._lines: dict[tuple[int, str], list[int]] = {}
-
-    def _line(self, number: int, title: str, cited: int | None = None) -> list[int]:
-        key = (number, title, cited)
-        if key not in self._lines:
-            self._lines[key] = _tokenize(self.tok, f"{number}. " + (f"#{cited} " if cited else "") + f"{title}\n")
-        return self._lines[key]
-
-    def allowed(self, row: int, written: list[int]) -> set[int]:
-        """Tokens that may follow `written`, the tokens of row `row` after its <answer> tag."""
-        used: set[str] = set()
-        stage, pos = (0 if self.opens_with_newline[row] else 1), 0
-        while True:
-            if stage == 0:
-                options = [(None, self.newline)]
-            elif stage <= self.n:
-                options = [(t, self._line(stage, t, cited)) for t in self.titles[row] if t not in used
-                           for cited in (None, self.numbers[row][t])]
-            else:
-                options = [(None, self.close)]
-            rest = written[pos:]
-            live = [(t, o) for t, o in options if o[:len(rest)] == rest[:len(o)]]
-            done = [(t, o) for t, o in live if len(o) <= len(rest)]
-            if done:  # a unit is complete (the units of a stage are prefix-free: each ends its line)
-                title, unit = done[0]
-                used.add(title)
-                pos += len(unit)
-                stage += 1
-                if stage > self.n + 1:
-                    return {self.end_id}
-                continue
-            return {o[len(rest)] for _, o in live} or {self.end_id}
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        completions = input_ids[:, self.prompt_len:].tolist()
-        for b, seq in enumerate(completions):
-            if self.free[b]:
-                continue
-            if self.start[b] is None:
-                tail = self.tok.decode(seq[-4:], skip_special_tokens=True)
-                if self.OPEN not in tail:
-                    continue
-                after = tail[tail.index(self.OPEN) + len(self.OPEN):]
-                if after.strip():
-                    self.free[b] = True
-                    continue
-                self.start[b], self.opens_with_newline[b] = len(seq), not after.endswith("\n")
-            keep = torch.tensor(sorted(self.allowed(b, seq[self.start[b]:])), device=scores.device)
-            kept = scores[b, keep]
-            if not torch.isfinite(kept).any():  # a sampling warper cut them all: choose among them evenly
-                kept = torch.zeros_like(kept)
-            scores[b] = float("-inf")
-            scores[b, keep] = kept
-        return scores
-
-
 @torch.inference_mode()  # no_grad, and no version counters on the KV cache: only ids leave this function
 def generate(model: nn.Module, tokenizer, prompts: list[list[dict] | str], max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, stop_strings: Sequence[str] | None = None,
              batch_size: int = 8, return_tokens: bool = False, no_repeat_ngram: int = 0,
-             answer_titles: Sequence[Sequence[str]] | None = None, progress: str | None = None):
+             progress: str | None = None):
     """Complete chat prompts with the KV cache, `batch_size` prompts at a time, left padded.
 
     prompts: chat messages (rendered with the generation prompt) or raw strings (tokenized as
@@ -1407,8 +1324,6 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[dict] | str], max_n
     stop_strings: a row stops at the first of them; its text ends just before it and its
     completion ids end with the token that completed it.
     no_repeat_ngram: n > 0 forbids repeating an n-gram of the completion (CompletionNoRepeatNGram).
-    answer_titles: per prompt, the candidates' titles; given, an <answer> block can only hold a valid
-       list of them (AnswerListConstraint); None leaves decoding free.
     -> texts: list[str]; with return_tokens, (texts, prompt_ids, completion_ids), ids as
        list[list[int]] without padding; completion ids include the final EOS when one was made.
     progress: a progress bar over the batches with this description (None = no bar).
@@ -1446,12 +1361,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[dict] | str], max_n
                 n = len(encoded[i])
                 input_ids[b, T - n:] = torch.tensor(encoded[i])
                 attention_mask[b, T - n:] = 1
-            processors = []
-            if answer_titles is not None:
-                end_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(eos)
-                processors.append(AnswerListConstraint(tokenizer, [answer_titles[i] for i in rows], T, end_id))
-            if no_repeat_ngram:
-                processors.append(CompletionNoRepeatNGram(no_repeat_ngram, T))
+            processors = [CompletionNoRepeatNGram(no_repeat_ngram, T)] if no_repeat_ngram else []
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **gen_kwargs,
                                  **({"logits_processor": processors} if processors else {}))
             for b, i in enumerate(rows):
@@ -1540,22 +1450,22 @@ def add_sft_lora(model: nn.Module, args, stage: str) -> None:
 
 
 def train_lora_sft(model: nn.Module, pad_id: int, pools: dict[str, list[dict]], weights: dict[str, float], args,
-                   out_dir: str | os.PathLike, same_run: dict, eval_fn=None, desc: str = "SFT") -> bool:
+                   out_dir: str | os.PathLike, same_run: dict, eval_fn=None, desc: str = "SFT") -> None:
     """Supervised fine-tuning of the LoRA weights of `model` on chat examples, resumable.
 
     pools: task -> build_chat_example outputs; each step takes the next batch_size * grad_accum
     examples of the mixed, shuffled order epoch_order(pools, weights, seed, epoch).
-    args: steps, batch_size, grad_accum, lr, weight_decay, warmup (fraction of steps, linear
-    warm-up then linear decay to 0), save_every, stop_after (0 = run all), eval_every, seed, device.
+    args: steps, batch_size, grad_accum, lr, save_every, eval_every (0 = never), seed, device; the
+    schedule is SFT_WARMUP's linear warm-up, then linear decay to 0, without weight decay.
     Writes out_dir/train_log.jsonl (step, loss, lr, seconds; eval_fn()'s dict every eval_every
     steps) and out_dir/checkpoint/checkpoint.pt every save_every steps and at the end. If a
     checkpoint is there it resumes from it, after checking it was written with `same_run`; the
     batches are a function of (seed, step), so a resumed run ends with the same weights as an
-    uninterrupted one. Returns True when all `steps` are done, False when stopped by stop_after.
+    uninterrupted one.
     """
     out_dir = Path(out_dir)
-    optimizer = torch.optim.AdamW(lora_parameters(model), lr=args.lr, weight_decay=args.weight_decay)
-    warmup = max(1, round(args.warmup * args.steps))
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=args.lr, weight_decay=SFT_WEIGHT_DECAY)
+    warmup = max(1, round(SFT_WARMUP * args.steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (args.steps - s) / max(1, args.steps - warmup))))
     ckpt_dir = out_dir / "checkpoint"
@@ -1573,9 +1483,8 @@ def train_lora_sft(model: nn.Module, pad_id: int, pools: dict[str, list[dict]], 
     per_step = args.batch_size * args.grad_accum
     epochs: dict[int, list] = {}
     epoch_len = len(epoch_order(pools, weights, args.seed, 0))
-    end = min(args.steps, args.stop_after) if args.stop_after else args.steps
     model.train()
-    bar = tqdm(range(step, end), desc=desc, initial=step, total=end)
+    bar = tqdm(range(step, args.steps), desc=desc, initial=step, total=args.steps)
     for step in bar:
         t0 = time.time()
         picks = []
@@ -1602,11 +1511,10 @@ def train_lora_sft(model: nn.Module, pad_id: int, pools: dict[str, list[dict]], 
         with open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.1e}")
-        if (step + 1) % args.save_every == 0 or step + 1 == end:
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             save_checkpoint(ckpt_dir, step + 1, lora_state_dict(model), optimizer, scheduler,
                             extra={"same_run": same_run, "log": log_rows})
     model.eval()
-    return end == args.steps
 
 
 # ---- checkpoints --------------------------------------------------------------------------
@@ -1802,11 +1710,8 @@ def format_candidates(items: Sequence[dict], candidate_ids: Sequence[int]) -> st
     """'1. Knives Out (2019) | mystery, crime | dir. Rian Johnson | with Daniel Craig' per line.
 
     The recommender's answer copies titles from these lines, so a title must end where no title
-    can go on: " | " is in no ReDial or INSPIRED title, while ": " (format_item's separator) is in
-    453 ReDial ones ("Thor: Ragnarok (2017)"). With ": ", an answer line that copied a title
-    without a year ("Thor") ran on into invented attributes ("Thor: action, adventure; dir. Bryan
-    Singer"): 37% of the 300-step ReDial adapter's answers in 05's conversations failed to parse
-    when a candidate had no year, 14% otherwise (tools/parse_failures.py; README, Latest results)."""
+    can go on: " | " is in no ReDial or INSPIRED title, while ": " is in 453 ReDial ones ("Thor:
+    Ragnarok (2017)"), and an answer line that copied "Thor" ran on into invented attributes."""
     return "\n".join(f"{n}. " + " | ".join([items[i]["title"], *item_facts(items[i], max_genres=2, max_stars=1)])
                      for n, i in enumerate(candidate_ids, 1))
 
@@ -1873,19 +1778,16 @@ def recommend_with_llm(model: nn.Module, tokenizer, items: Sequence[dict], title
                        contexts: Sequence[Sequence[dict]], candidates: Sequence[Sequence[int]],
                        max_new_tokens: int = 320, temperature: float = 0.0, top_p: float = 1.0,
                        batch_size: int = 8, max_turns: int = 4, no_repeat_ngram: int = 0,
-                       constrain_answer: bool = False, progress: str | None = None) -> list[dict]:
+                       progress: str | None = None) -> list[dict]:
     """The recommender's answer for each (dialogue, K candidates): prompt, generate, parse, fill.
-    no_repeat_ngram: the completion loop guard of generate (0 = off); constrain_answer: an opened
-    <answer> block can only hold 10 distinct candidate titles (AnswerListConstraint). Keep both off
-    for RL rollouts, whose log-probs must be those of the distribution that sampled them.
+    no_repeat_ngram: the completion loop guard of generate (0 = off); keep it off for RL rollouts,
+    whose log-probs must be those of the distribution that sampled them.
     progress: a progress bar over the generation batches with this description (None = none).
     -> one {text, prompt_ids, completion_ids, parsed, ranked} per dialogue (ranked: 10 item ids)."""
     prompts = [recommender_messages(ctx, items, c, max_turns=max_turns) for ctx, c in zip(contexts, candidates)]
     texts, prompt_ids, completion_ids = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                                  temperature=temperature, top_p=top_p, batch_size=batch_size,
-                                                 return_tokens=True, no_repeat_ngram=no_repeat_ngram, progress=progress,
-                                                 answer_titles=([[items[i]["title"] for i in c] for c in candidates]
-                                                                if constrain_answer else None))
+                                                 return_tokens=True, no_repeat_ngram=no_repeat_ngram, progress=progress)
     out = []
     for text, p_ids, c_ids, c in zip(texts, prompt_ids, completion_ids, candidates):
         parsed = parse_recommendation(text, titles, c)
@@ -1998,14 +1900,13 @@ class Conversation:
                  simulator_weights: dict[str, torch.Tensor] | None, candidates: int = 20, show_top: int = 3,
                  max_turns: int = 4, simulator_max_turns: int = 8, rec_max_new_tokens: int = 320,
                  sim_max_new_tokens: int = 60, batch_size: int = 8, exclude_seen: bool = True,
-                 popularity: Sequence[float] | None = None, no_repeat_ngram: int = 0, constrain_answer: bool = False):
+                 popularity: Sequence[float] | None = None, no_repeat_ngram: int = 0):
         self.model, self.tok, self.items, self.retriever = model, tokenizer, items, retriever
         self.simulator_weights = simulator_weights
         self.k, self.show_top = candidates, show_top
         self.max_turns, self.simulator_max_turns = max_turns, simulator_max_turns
         self.rec_max_new_tokens, self.sim_max_new_tokens = rec_max_new_tokens, sim_max_new_tokens
         self.batch_size, self.exclude_seen, self.no_repeat_ngram = batch_size, exclude_seen, no_repeat_ngram
-        self.constrain_answer = constrain_answer
         self.titles = TitleIndex(items, popularity)
 
     def recommend(self, episodes: Sequence[Episode], weights, temperature: float = 0.0, top_p: float = 1.0,
@@ -2031,8 +1932,7 @@ class Conversation:
                 answers = recommend_with_llm(self.model, self.tok, self.items, self.titles,
                                              [e.context for e in episodes], cands, self.rec_max_new_tokens,
                                              temperature, top_p, self.batch_size, self.max_turns,
-                                             self.no_repeat_ngram if temperature == 0 else 0,
-                                             self.constrain_answer, progress)
+                                             self.no_repeat_ngram if temperature == 0 else 0, progress)
         for e, c, answer in zip(episodes, cands, answers):
             own = answer["ranked"] if weights == "retriever" else answer["parsed"]["ids"][:REC_TOP_N]
             e.turns.append({"candidates": c, **answer, "rank": best_rank(answer["ranked"], e.truth),
@@ -2098,29 +1998,19 @@ class Conversation:
         return list(episodes)
 
 
-# Which samples an RL run starts from (04 --start-states, which its validation follows) and which test samples 05
-# draws (--test-states), from (a target among the first turn's K candidates, a target among the
-# first 10 of them); see first_turn_recall
-STATE_RULES = {"all": lambda in_k, in_top10: True,
-               "reachable": lambda in_k, in_top10: in_k}
-
-
-def first_turn_recall(conversation: Conversation, samples: list[dict]) -> list[tuple[bool, bool]]:
-    """Whether a true target is among each sample's first-turn candidates, and among the first 10
-    of them (the retriever's own top 10): a first turn played with the retriever's own list (no
-    LLM), so the K candidates are recalled as in an episode (from the fold net that did not train
-    on the dialogue, 03's cross-fitting). -> [(in the K, in the top 10)] per sample"""
-    episodes = start_episodes(samples)
-    conversation.recommend(episodes, "retriever")
-    return [(any(t in e.truth for t in e.turns[0]["candidates"]),
-             any(t in e.truth for t in e.turns[0]["candidates"][:REC_TOP_N])) for e in episodes]
+# Which samples an RL run starts from (04 --start-states, which its validation follows) and which test
+# samples 05 draws (--test-states): all, or those whose first-turn candidates hold a true target
+START_STATES = ("all", "reachable")
 
 
 def keep_states(conversation: Conversation, samples: list[dict], rule: str) -> list[dict]:
-    """The samples that STATE_RULES[rule] keeps (all of them for "all", without playing a turn)."""
+    """The samples that rule keeps: "all", or "reachable": a true target is among the first turn's
+    K candidates, recalled as in an episode (a turn played with the retriever's own list, no LLM, so
+    a training dialogue's candidates come from the fold net that did not train on it)."""
     if rule == "all":
         return list(samples)
-    return [s for s, recall in zip(samples, first_turn_recall(conversation, samples)) if STATE_RULES[rule](*recall)]
+    episodes = conversation.play(start_episodes(samples), 1, "retriever")
+    return [e.sample for e in episodes if set(e.truth) & set(e.turns[0]["candidates"])]
 
 
 def recommender_prompt_version(folder: str | os.PathLike) -> int | None:
@@ -2148,11 +2038,10 @@ def load_conversation(run: RunPaths, folders: Sequence[str], items: Sequence[dic
     """One base LLM carrying the adapters of `folders` (e.g. recommender_sft, simulator) as
     swappable weights, the fused retriever, and the Conversation that plays them (04 and 05).
     The base is args.model, else the one recommender_sft/ (else the first adapter) was trained
-    on. args: model, load_in_4bit, device, candidates, show_top, max_new_tokens,
-    sim_max_new_tokens, gen_batch_size, exclude_seen and, where
-    args has them, no_repeat_ngram (05's greedy loop guard; else GREEDY_NO_REPEAT_NGRAM) and
-    constrain_answer (05's; 04 has none: its rollouts decode freely). LoRA dropout is 0: the swapped adapters
-    are evaluated or trained as RL policies, where dropout would make old and new log-probs differ.
+    on. args: model, load_in_4bit, device, candidates, show_top, max_new_tokens, sim_max_new_tokens,
+    gen_batch_size, exclude_seen and, where args has it, no_repeat_ngram (05's greedy loop guard; else
+    GREEDY_NO_REPEAT_NGRAM). LoRA dropout is 0: the swapped adapters are evaluated or trained as RL
+    policies, where dropout would make old and new log-probs differ.
     -> (conversation, {folder: LoRA weights}); the model's live adapter is a fresh zero-B one."""
     configs = {}
     for f in folders:
@@ -2176,7 +2065,6 @@ def load_conversation(run: RunPaths, folders: Sequence[str], items: Sequence[dic
         model, tok, items, retriever, simulator_weights=None, candidates=args.candidates, show_top=args.show_top,
         rec_max_new_tokens=args.max_new_tokens, sim_max_new_tokens=args.sim_max_new_tokens,
         batch_size=args.gen_batch_size, exclude_seen=args.exclude_seen, popularity=popularity,
-        no_repeat_ngram=getattr(args, "no_repeat_ngram", GREEDY_NO_REPEAT_NGRAM),
-        constrain_answer=getattr(args, "constrain_answer", False))
+        no_repeat_ngram=getattr(args, "no_repeat_ngram", GREEDY_NO_REPEAT_NGRAM))
     conversation.base_model = model_name  # written into the adapters 04 saves
     return conversation, weights

@@ -98,8 +98,7 @@ def main(argv=None) -> None:
     steps = args.warmup + args.repeats
     examples = synthetic_examples(tok, steps * args.batch_size * args.grad_accum, args.seq_len, args.answer_tokens)
     sft = SimpleNamespace(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=1e-4,
-                          weight_decay=0.0, warmup=0.0, save_every=10**9, stop_after=0, eval_every=0,
-                          seed=args.seed, device=device)
+                          save_every=10**9, eval_every=0, seed=args.seed, device=device)
     with tempfile.TemporaryDirectory() as out_dir:
         # the real loop; its per-step "seconds" covers batching, forward, backward and optimizer step
         common.train_lora_sft(model, tok.pad_token_id, {"sft": examples}, {"sft": 1.0}, sft, out_dir,

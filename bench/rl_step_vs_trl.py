@@ -189,7 +189,8 @@ def run_trl(args, model, tok, prompts, peaks: PeakMemory) -> list[dict]:
         gradient_checkpointing=args.gradient_checkpointing, dataloader_num_workers=0, log_completions=False)
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                       target_modules=list(common.LORA_TARGETS), task_type="CAUSAL_LM")
-    dataset = Dataset.from_dict({"prompt": [prompts[i % len(prompts)] for i in range(args.prompts * (args.warmup + args.repeats))]})
+    rows = args.prompts * (args.warmup + args.repeats)
+    dataset = Dataset.from_dict({"prompt": [prompts[i % len(prompts)] for i in range(rows)]})
     trainer = GRPOTrainer(model=model, reward_funcs=distinct_word_reward, args=config, train_dataset=dataset,
                           processing_class=tok, peft_config=lora, callbacks=[StepTimer()])
     inner = trainer._generate_single_turn
@@ -304,12 +305,14 @@ def round_ratios(ours: dict, trl: dict) -> str:
 
 
 def comparison_table(ours: dict, trl: dict) -> str:
-    """Markdown table of two result lines (ours, TRL) and their ratios (tools/update_readme_results.py copies it)."""
-    lines = ["| | seconds/step | generating | training | generated tokens/s | peak memory GiB |", "|---|---|---|---|---|---|"]
+    """Markdown table of two result lines (ours, TRL) and their ratios."""
+    lines = ["| | seconds/step | generating | training | generated tokens/s | peak memory GiB |",
+             "|---|---|---|---|---|---|"]
     for name, r in (("ours", ours), ("TRL GRPOTrainer", trl)):
         lines.append(f"| {name} | {r['step_s']:.1f} | {r['generate_s']:.1f} | {r['train_s']:.1f} | "
                      f"{r['generated_tokens_per_s']:.1f} | {r['peak_memory_gib']:.2f} |")
-    ratio = {k: ours[k] / trl[k] for k in ("step_s", "generate_s", "train_s", "generated_tokens_per_s", "peak_memory_gib")}
+    keys = ("step_s", "generate_s", "train_s", "generated_tokens_per_s", "peak_memory_gib")
+    ratio = {k: ours[k] / trl[k] for k in keys}
     lines.append(f"| ours / TRL | {ratio['step_s']:.2f} | {ratio['generate_s']:.2f} | {ratio['train_s']:.2f} | "
                  f"{ratio['generated_tokens_per_s']:.2f} | {ratio['peak_memory_gib']:.2f} |")
     return "\n".join(lines)

@@ -443,16 +443,15 @@ def test_reachable_start_states_are_those_whose_first_turn_candidates_hold_a_tar
     k = conversation.k
     try:
         conversation.k = 200  # the tiny retriever recalls few targets in 20 of ~1.7k items: both kinds are needed
-        recall = common.first_turn_recall(conversation, samples)
         reachable = common.keep_states(conversation, samples, "reachable")
         # what an episode's first turn really holds (the retriever's own list, no LLM)
         episodes = conversation.play(common.start_episodes(samples), 1, "retriever")
     finally:
         conversation.k = k
     held = [any(t in e.truth for t in e.turns[0]["candidates"]) for e in episodes]
-    in_top10 = [any(t in e.truth for t in e.turns[0]["candidates"][:10]) for e in episodes]
-    assert recall == list(zip(held, in_top10)) and 0 < sum(held) < len(held)
+    assert 0 < sum(held) < len(held)  # both kinds, so the rule has something to tell apart
     assert reachable == [s for s, h in zip(samples, held) if h]
+    assert common.keep_states(conversation, samples, "all") == samples
     stats = rl.summarize([{"terms": [{"reward": 0, "format": 0, "recommend": 0, "preference": 0}], "returns": [],
                            "hits": [rl.episode_hits(e, 2) for e in episodes], "zero_variance_groups": 0, "groups": 0,
                            "tokens_generated": 0}])

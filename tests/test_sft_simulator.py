@@ -229,13 +229,31 @@ def test_epoch_order_respects_the_mix_and_is_a_function_of_seed_and_epoch():
     assert order != common.epoch_order(pools, {"feedback": 2.0, "attributes": 1.0, "target": 1.0}, 0, 1)
 
 
-def test_killed_run_resumes_to_identical_weights(inspired_data, tmp_path, run_copy):
+def test_killed_run_resumes_to_identical_weights(inspired_data, tmp_path, run_copy, monkeypatch):
+    """Killed in step 4, after its log row and before its checkpoint: the same command again resumes
+    from step 2's checkpoint, drops the rows of steps 3 and 4 it logged, and ends with the weights of an
+    uninterrupted run."""
     args = ["--steps", "4", "--save-every", "2", "--grad-accum", "2", "--max-eval-samples", "2"] + TINY
     whole = run_copy(inspired_data, tmp_path, "whole")
     sim.main(["--run-dir", str(whole)] + args)
     split = run_copy(inspired_data, tmp_path, "split")
-    assert sim.main(["--run-dir", str(split)] + args + ["--stop-after", "2"]) == {"stopped_at": 2}
+    save, saved = common.save_checkpoint, []
+
+    class Killed(Exception):
+        pass
+
+    def killed_at_the_second_checkpoint(*a, **k):
+        if saved:
+            raise Killed
+        saved.append(save(*a, **k))
+
+    monkeypatch.setattr(common, "save_checkpoint", killed_at_the_second_checkpoint)
+    with pytest.raises(Killed):
+        sim.main(["--run-dir", str(split)] + args)
+    monkeypatch.setattr(common, "save_checkpoint", save)
     assert not (split / "simulator" / "adapter_model.safetensors").exists()
+    logged = [json.loads(line)["step"] for line in (split / "simulator" / "train_log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4]
     sim.main(["--run-dir", str(split)] + args)  # the same command again: resumes at step 2
     _, a = common.read_lora(whole / "simulator")
     _, b = common.read_lora(split / "simulator")

@@ -41,61 +41,14 @@ def test_retriever_then_eval_smoke(inspired_run):
 
     retriever_only = ["--parts", "retriever", "--max-samples", "120", "--dim", "32"]
     report = sft_recommender.main(run + retriever_only + ["--epochs", "2"])
-    # each variant's reported recall, counted here label by label from the lists its saved net ranks (the
-    # cached encoder vectors of the same 120 samples): a report of another epoch's weights than the saved
-    # best, of the wrong split or of "all" targets, a cut at the wrong k or a miscounted label fails
-    features = torch.load(inspired_run / "retriever" / "features.pt", weights_only=False)["features"]
-    held_out = {split: common.load_samples(common.RunPaths(inspired_run), split)[:120] for split in ("valid", "test")}
-    for variant in ("fused", "semantic", "collaborative"):
-        assert (inspired_run / "retriever" / variant / "retriever.pt").exists()
-        rep = report["variants"][variant]
-        assert 1 <= rep["best_epoch"] <= 2
-        net = common.DualViewRetriever.load(inspired_run / "retriever" / variant)
-        for split, rows in held_out.items():
-            assert len(features[split]) == len(rows)
-            ranked = common.rank_items(net, features[split], [s["context_items"] for s in rows], 50)
-            labels = [(r, t) for r, s in zip(ranked, rows) for t in s["new_targets"]]
-            assert rep[split]["labels"]["new"] == len(labels) > 0
-            for k in (20, 50):
-                hits = sum(t in r[:k] for r, t in labels)
-                assert rep[split]["new"][f"recall@{k}"] == hits / len(labels), (variant, split, k)
-    log = [json.loads(line) for line in (inspired_run / "retriever" / "train_log.jsonl").read_text().splitlines()]
-    assert [row["variant"] for row in log] == [v for v in ("fused", "semantic", "collaborative")
-                                               + tuple(f"fused/fold{f}" for f in range(5)) for _ in range(2)]
-    assert all(row["loss"] > 0 for row in log)
-
-    # cross-fitting: 5 copies of the fused retriever, each without one fold of the training dialogues
-    folds_dir = inspired_run / "retriever" / "fused" / "folds"
-    fold_of = json.loads((folds_dir / "folds.json").read_text())["dialogues"]
-    paths = common.RunPaths(inspired_run)
-    assert set(fold_of) == {d["dialog_id"] for d in common.load_dialogues(paths, "train")}
-    train = common.load_samples(paths, "train")[:120]
-    labels = sum(len(s["new_targets"]) for s in train)
-    per_fold = report["cross_fitting"]["per_fold"]
-    for f, fold in enumerate(per_fold):   # a fold's net trained on every label outside its dialogues
-        in_fold = sum(len(s["new_targets"]) for s in train if fold_of[s["dialog_id"]] == f)
-        assert fold["training_labels"] == labels - in_fold
-    assert sum(fold["training_labels"] for fold in per_fold) == 4 * labels
-    assert labels == report["variants"]["fused"]["training_labels"]
-    assert set(report["candidate_targets"]) == {"train, full retriever", "train, out of fold", "valid"}
-    # the retriever later stages use asks a training dialogue's fold, and the full net for the rest
-    retriever = common.Retriever(inspired_run / "retriever" / "fused")
-    some = train[:6] + common.load_samples(paths, "valid")[:2]
-    ids = [s["dialog_id"] for s in some]
-    contexts, items = [s["context"] for s in some], [s["context_items"] for s in some]
-    encoded = common.encode_texts([common.dialogue_text(c) for c in contexts], retriever.tokenizer, retriever.encoder,
-                                  progress=False)
-    found = retriever.search(contexts, items, 20, dialog_ids=ids)
-    for i, d in enumerate(ids):
-        net = retriever.fold_nets[fold_of[d]] if d in fold_of else retriever.net
-        assert found[i] == common.rank_items(net, encoded[i:i + 1], [items[i]], 20)[0], d
-    assert retriever.search(contexts, items, 20) == common.rank_items(retriever.net, encoded, items, 20)
+    check_reported_recall(inspired_run, report)
+    check_cross_fitting(inspired_run, report)
 
     # a second run reuses the cached encoder features; retraining the fused net drops its old folds
     features_mtime = (inspired_run / "retriever" / "features.pt").stat().st_mtime
     sft_recommender.main(run + retriever_only + ["--epochs", "1", "--variants", "fused", "--retriever-folds", "0"])
     assert (inspired_run / "retriever" / "features.pt").stat().st_mtime == features_mtime
-    assert not folds_dir.exists()
+    assert not (inspired_run / "retriever" / "fused" / "folds").exists()
 
     results = evaluate.main(run + ["--rows", *evaluate.SINGLE_SHOT_ROWS, "--bootstrap", "200"])
     assert set(results["rows"]) == {"popularity", "retriever-semantic", "retriever-collab", "retriever-fused"}
@@ -107,22 +60,83 @@ def test_retriever_then_eval_smoke(inspired_run):
     table = (inspired_run / "eval" / "results.md").read_text()
     assert "retriever-fused" in table and f"single shot: {results['samples']} samples" in table
     assert results["samples"] == len(common.load_samples(common.RunPaths(inspired_run), "test"))
+    check_merge(run, inspired_run, results)
 
-    # --merge keeps the earlier rows and replaces the rerun one, in table order; other settings are refused
+
+def check_reported_recall(run_dir, report):
+    """Each variant's reported recall, counted here label by label from the lists its saved net ranks (the
+    cached encoder vectors of the same 120 samples): a report of another epoch's weights than the saved
+    best, of the wrong split or of "all" targets, a cut at the wrong k or a miscounted label fails."""
+    features = torch.load(run_dir / "retriever" / "features.pt", weights_only=False)["features"]
+    held_out = {split: common.load_samples(common.RunPaths(run_dir), split)[:120] for split in ("valid", "test")}
+    for variant in ("fused", "semantic", "collaborative"):
+        assert (run_dir / "retriever" / variant / "retriever.pt").exists()
+        rep = report["variants"][variant]
+        assert 1 <= rep["best_epoch"] <= 2
+        net = common.DualViewRetriever.load(run_dir / "retriever" / variant)
+        for split, rows in held_out.items():
+            assert len(features[split]) == len(rows)
+            ranked = common.rank_items(net, features[split], [s["context_items"] for s in rows], 50)
+            labels = [(r, t) for r, s in zip(ranked, rows) for t in s["new_targets"]]
+            assert rep[split]["labels"]["new"] == len(labels) > 0
+            for k in (20, 50):
+                hits = sum(t in r[:k] for r, t in labels)
+                assert rep[split]["new"][f"recall@{k}"] == hits / len(labels), (variant, split, k)
+    log = [json.loads(line) for line in (run_dir / "retriever" / "train_log.jsonl").read_text().splitlines()]
+    assert [row["variant"] for row in log] == [v for v in ("fused", "semantic", "collaborative")
+                                               + tuple(f"fused/fold{f}" for f in range(5)) for _ in range(2)]
+    assert all(row["loss"] > 0 for row in log)
+
+
+def check_cross_fitting(run_dir, report):
+    """5 copies of the fused retriever, each without one fold of the training dialogues; the retriever
+    later stages use asks a training dialogue's fold, and the full net for the rest."""
+    folds_dir = run_dir / "retriever" / "fused" / "folds"
+    fold_of = json.loads((folds_dir / "folds.json").read_text())["dialogues"]
+    paths = common.RunPaths(run_dir)
+    assert set(fold_of) == {d["dialog_id"] for d in common.load_dialogues(paths, "train")}
+    train = common.load_samples(paths, "train")[:120]
+    labels = sum(len(s["new_targets"]) for s in train)
+    per_fold = report["cross_fitting"]["per_fold"]
+    for f, fold in enumerate(per_fold):   # a fold's net trained on every label outside its dialogues
+        in_fold = sum(len(s["new_targets"]) for s in train if fold_of[s["dialog_id"]] == f)
+        assert fold["training_labels"] == labels - in_fold
+    assert sum(fold["training_labels"] for fold in per_fold) == 4 * labels
+    assert labels == report["variants"]["fused"]["training_labels"]
+    assert set(report["candidate_targets"]) == {"train, full retriever", "train, out of fold", "valid"}
+    retriever = common.Retriever(run_dir / "retriever" / "fused")
+    some = train[:6] + common.load_samples(paths, "valid")[:2]
+    ids = [s["dialog_id"] for s in some]
+    contexts, items = [s["context"] for s in some], [s["context_items"] for s in some]
+    encoded = common.encode_texts([common.dialogue_text(c) for c in contexts], retriever.tokenizer, retriever.encoder,
+                                  progress=False)
+    found = retriever.search(contexts, items, 20, dialog_ids=ids)
+    for i, d in enumerate(ids):
+        net = retriever.fold_nets[fold_of[d]] if d in fold_of else retriever.net
+        assert found[i] == common.rank_items(net, encoded[i:i + 1], [items[i]], 20)[0], d
+    assert retriever.search(contexts, items, 20) == common.rank_items(retriever.net, encoded, items, 20)
+
+
+def check_merge(run, run_dir, results):
+    """--merge keeps the earlier rows and replaces the rerun one, in table order; other settings are refused."""
     merged = evaluate.main(run + ["--rows", "popularity", "--bootstrap", "50", "--merge"])
     assert list(merged["rows"]) == evaluate.SINGLE_SHOT_ROWS
     assert merged["rows"]["retriever-fused"] == results["rows"]["retriever-fused"]
     assert merged["rows"]["popularity"]["ci"] != results["rows"]["popularity"]["ci"]  # 50 resamples, not 200
-    assert len(merged["merged_args"]) == 1 and "retriever-fused" in (inspired_run / "eval" / "results.md").read_text()
+    assert len(merged["merged_args"]) == 1 and "retriever-fused" in (run_dir / "eval" / "results.md").read_text()
     with pytest.raises(SystemExit, match="other settings"):
         evaluate.main(run + ["--rows", "popularity", "--merge", "--turns", "3"])
     # a results.json from before a flag existed merges as if it had run with the flag's default
-    path = inspired_run / "eval" / "results.json"
+    path = run_dir / "eval" / "results.json"
     older = json.loads(path.read_text())
-    del older["args"]["constrain_answer"]
+    del older["args"]["no_repeat_ngram"]
     path.write_text(json.dumps(older))
     assert list(evaluate.main(run + ["--rows", "popularity", "--bootstrap", "50", "--merge"])["rows"]) == \
         evaluate.SINGLE_SHOT_ROWS
+    # ... but not one decoded under the answer constraint this code no longer has
+    path.write_text(json.dumps({**older, "args": {**older["args"], "constrain_answer": True}}))
+    with pytest.raises(SystemExit, match="constrain_answer"):
+        evaluate.main(run + ["--rows", "popularity", "--bootstrap", "50", "--merge"])
     alone = evaluate.main(run + ["--rows", "popularity", "--bootstrap", "50"])
     assert list(alone["rows"]) == ["popularity"]
     # ... except where the default changed: before --stop-on-label, conversations stopped on the label
