@@ -138,6 +138,32 @@ def test_lora_update_without_grad_is_added_in_row_chunks_with_the_same_result(dt
     torch.testing.assert_close(expected.float(), manual, atol=1e-4 if dtype == torch.float32 else 0.2, rtol=0.02)
 
 
+def test_lora_merged_folds_the_update_and_restores_the_base_exactly(tok):
+    """Inside lora_merged the base weight holds W + (alpha/r) B A and the adapter path is skipped: the
+    logits are the unmerged ones up to float rounding; afterwards the original weights are back, bit
+    for bit. Bypassed adapters (lora_disabled) and nf4 bases are left alone."""
+    model = tiny(tok)
+    L.add_lora(model, r=4, alpha=8, dropout=0.0)
+    for _, m in L.lora_modules(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+    batch = sft_batch(tok)
+    unmerged, before = logits_of(model, batch), base_params(model)
+    with L.lora_merged(model):
+        assert all(m.merged for _, m in L.lora_modules(model))
+        torch.testing.assert_close(logits_of(model, batch), unmerged, atol=1e-5, rtol=1e-5)
+        q = model.model.layers[0].self_attn.q_proj
+        assert not torch.equal(q.base_layer.weight, before["model.layers.0.self_attn.q_proj.base_layer.weight"])
+    assert not any(m.merged for _, m in L.lora_modules(model))
+    after = base_params(model)
+    assert all(torch.equal(after[k], before[k]) for k in before) and torch.equal(logits_of(model, batch), unmerged)
+    with L.lora_disabled(model), L.lora_merged(model):
+        assert not any(m.merged for _, m in L.lora_modules(model))
+    quantized = L.quantize_to_4bit(tiny(tok), torch.float32)
+    L.add_lora(quantized, r=4, alpha=8, dropout=0.0)
+    with L.lora_merged(quantized):
+        assert not any(m.merged for _, m in L.lora_modules(quantized))
+
+
 def test_training_changes_only_lora(tok):
     model = tiny(tok)
     batch = sft_batch(tok)
@@ -366,21 +392,14 @@ def test_generate_batched_equals_single(tok):
         assert tok.decode(comp, skip_special_tokens=True) == text and len(comp) == 12
 
 
-def test_generate_eos_and_stop_strings(tok):
+def test_generate_ends_a_row_at_its_eos(tok):
     model = tiny(tok)
     full, _, full_ids = L.generate(model, tok, PROMPTS, max_new_tokens=12, return_tokens=True)
-    # stop on a piece of row 1's text: it is cut right before it, other rows stop wherever it occurs
-    stop = full[1][len(full[1]) // 2:len(full[1]) // 2 + 3]
-    cut, _, cut_ids = L.generate(model, tok, PROMPTS, max_new_tokens=12, stop_strings=[stop], return_tokens=True)
-    for f, c, fi, ci in zip(full, cut, full_ids, cut_ids):
-        if stop in f:
-            assert c == f[:f.index(stop)] and stop not in c
-            assert stop in tok.decode(ci) and stop not in tok.decode(ci[:-1]) and ci == fi[:len(ci)]
-        else:
-            assert c == f and ci == fi
-    # an EOS ends its row (kept in the ids, not in the text) while the other row goes on
+    # an EOS ends its row (kept in the ids, not in the text) and the row leaves the batch, while the
+    # other row goes on as if alone
     def eos_in_row0(module, args, out):
-        out[0, :, tok.eos_token_id] += 1000.0
+        if out.shape[0] == 2:  # while both rows decode
+            out[0, :, tok.eos_token_id] += 1000.0
         return out
 
     handle = model.lm_head.register_forward_hook(eos_in_row0)
@@ -402,6 +421,48 @@ def test_sampling_repeats_with_seed(tok):
     b = L.generate(model, tok, PROMPTS, max_new_tokens=8, temperature=1.0, top_p=0.9)
     greedy = L.generate(model, tok, PROMPTS, max_new_tokens=8)
     assert a == b and a != greedy
+
+
+def test_decoding_matches_hf_generate(tok):
+    """Our decoding loop against transformers' model.generate on the same model with a LoRA adapter
+    (B random): the same greedy tokens for rows of different lengths, a duplicated prompt (prefilled
+    once) and a row that ends early at its EOS (it leaves the batch; the others must not notice)."""
+    model = tiny(tok)
+    L.add_lora(model, r=4, alpha=8, dropout=0.0)
+    for _, m in L.lora_modules(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+    model.eval()
+    texts = [L.render_chat(tok, p, True) for p in PROMPTS[:3]] + [L.render_chat(tok, PROMPTS[0], True)]
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    eos = tok.eos_token_id
+    with torch.inference_mode():
+        free = L.decode(model, prompts, 16, {eos}, tok.pad_token_id)
+        # taken as an EOS, a token row 1 first writes at step k + 1 ends it there (and any row that writes it)
+        k = next(k for k in range(8, 0, -1) if free[1][k] not in free[1][:k])
+        ours = L.decode(model, prompts, 16, {eos, free[1][k]}, tok.pad_token_id)
+    assert ours[1] == free[1][:k + 1] and ours[0] == ours[3] and any(len(o) == 16 for o in ours)
+    T = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, temperature=None,
+                            top_p=None, top_k=None, eos_token_id=[eos, free[1][k]],
+                            pad_token_id=tok.pad_token_id)[:, T:].tolist()
+    assert [row[:len(o)] for row, o in zip(hf, ours)] == ours
+    assert all(set(row[len(o):]) <= {tok.pad_token_id} for row, o in zip(hf, ours))  # HF pads a row that ended
+
+
+def test_nucleus_sampling_keeps_what_transformers_keeps():
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    scores = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    expected = torch.isfinite(TopPLogitsWarper(0.7)(None, scores.clone()))
+    torch.manual_seed(0)
+    draws = torch.stack([L.sample_next(scores, temperature=1.0, top_p=0.7) for _ in range(400)], 1)  # [3, 400]
+    for row in range(3):
+        assert set(draws[row].tolist()) <= set(expected[row].nonzero().flatten().tolist())
+        assert len(set(draws[row].tolist())) > 1  # it samples, within the nucleus
+    assert torch.equal(L.sample_next(scores), scores.argmax(-1))
 
 
 # ---- log-probs and loss -------------------------------------------------------------------
@@ -525,14 +586,13 @@ def test_REAL_MODEL_smollm2_gguf():
     assert "Paris" in text, text
 
 
-def test_completion_no_repeat_ngram_bans_only_repeats_of_the_completion():
-    guard = L.CompletionNoRepeatNGram(n=3, prompt_len=4)
-    # prompt 7 8 9 7 (its 7 8 -> 9 is not the completion's); completion 1 2 3 1 2: "1 2" was
-    # followed by 3, so 3 is banned next; nothing else is
-    ids = torch.tensor([[7, 8, 9, 7, 1, 2, 3, 1, 2], [7, 8, 9, 7, 5, 7, 8, 6, 6]])
-    scores = L.CompletionNoRepeatNGram.__call__(guard, ids, torch.zeros(2, 12))
+def test_loop_guard_bans_only_repeats_of_the_completion():
+    # completion 1 2 3 1 2: "1 2" was followed by 3, so 3 is banned next; nothing else is
+    scores = L.ban_repeated_ngrams(torch.zeros(2, 12), [[1, 2, 3, 1, 2], [5, 7, 8, 6, 6]], n=3)
     assert torch.isinf(scores[0]).nonzero().flatten().tolist() == [3]
-    assert not torch.isinf(scores[1]).any()  # "6 6" never seen before; "7 8" -> 9 is in the prompt only
+    assert not torch.isinf(scores[1]).any()  # "6 6" never seen before
+    # a row where every token is banned keeps its scores rather than losing them all
+    assert torch.isfinite(L.ban_repeated_ngrams(torch.zeros(1, 1), [[0, 0, 0]], n=2)).all()
 
 
 def test_generate_with_the_loop_guard_never_repeats_a_completion_ngram(tok):
