@@ -909,7 +909,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.disabled = False  # set by lora_disabled(): plain base-model outputs
-        self.merged = False  # set by lora_merged(): the base weight holds the update
+        self.merged = False  # set by decoding_weights(): the base weight holds the update
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in_features] -> [..., out_features]
@@ -1041,29 +1041,59 @@ def lora_swapped(model: nn.Module, weights: dict[str, torch.Tensor]):
         set_lora_weights(model, saved)
 
 
+def decoding_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The dtype every stage decodes in: bf16 where the device multiplies it natively (CUDA, or a CPU
+    with AVX512-BF16 or AMX), else None (the model's own). An fp32 CPU step streams half the bytes in
+    bf16, the bound of a decode step: rollouts of SmolLM2 on 2 cores went from 40 to 53 tokens/s
+    (bench/generate.py). Training and the RL log-probs stay in the model's dtype."""
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+
+
 @contextlib.contextmanager
 @torch.no_grad()
-def lora_merged(model: nn.Module):
-    """Run a no-grad block with each adapter folded into its base weight, W + (alpha/r)·B·A, computed
-    in fp32 and stored in W's dtype: decoding then costs one matmul per adapted layer instead of
-    three and their Python calls. Bases in nf4 cannot hold the sum and keep the adapter path, as do
-    bypassed adapters (lora_disabled). The original weight tensors are put back afterwards, bit-exact;
-    the merged copies cost the adapted weights' memory once more while the block runs."""
-    swapped = []
+def decoding_weights(model: nn.Module, dtype: torch.dtype | None = None):
+    """Run a no-grad block with the weights decoding wants, and put the originals back bit-exactly.
+
+    - Each adapter is folded into its base weight, W + (alpha/r)·B·A computed in fp32: a decode step
+      then costs one matmul per adapted layer instead of three and their Python calls. Bases in nf4
+      cannot hold the sum and keep the adapter path, as do bypassed adapters (lora_disabled).
+    - dtype (e.g. torch.bfloat16): the model's fp32 parameters are read in this dtype meanwhile
+      (buffers such as RoPE's frequencies stay fp32; a model with nf4 layers is left as it is). On a
+      CPU with bf16 matmul units this halves the bytes a step streams; there attention runs "eager"
+      (plain matmuls), since PyTorch's CPU SDPA kernel is slower in bf16 than in fp32.
+    Costs the changed weights' memory once more while the block runs."""
+    quantized = any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    cast = dtype if dtype is not None and not quantized else None
+    saved = []  # (parameter, its original data)
     for _, m in lora_modules(model):
         base = m.base_layer
         if m.disabled or type(base) is not nn.Linear:
             continue
         update = (m.lora_B.weight.float() @ m.lora_A.weight.float()) * m.scaling  # [out, in]
-        swapped.append((m, base.weight.data))
-        base.weight.data = (base.weight.data.float() + update).to(base.weight.dtype)
+        saved.append((base.weight, base.weight.data))
+        base.weight.data = (base.weight.data.float() + update).to(cast or base.weight.dtype)
         m.merged = True
+    if cast is not None:
+        done = {id(p) for p, _ in saved}
+        for p in model.parameters():
+            if p.dtype == torch.float32 and id(p) not in done:
+                saved.append((p, p.data))
+                p.data = p.data.to(cast)
+    attention = getattr(model.config, "_attn_implementation", None)
+    eager = cast is not None and cast != torch.float32 and next(model.parameters()).device.type == "cpu"
+    if eager and attention != "eager":
+        model.set_attn_implementation("eager")
     try:
         yield model
     finally:
-        for m, weight in swapped:
-            m.base_layer.weight.data = weight
+        for p, data in saved:
+            p.data = data
+        for _, m in lora_modules(model):
             m.merged = False
+        if eager and attention != "eager":
+            model.set_attn_implementation(attention)
 
 
 @contextlib.contextmanager
@@ -1413,9 +1443,10 @@ def decode(model: nn.Module, prompts: Sequence[list[int]], max_new_tokens: int, 
 @torch.inference_mode()  # no_grad, and no version counters on the KV cache: only ids leave this function
 def generate(model: nn.Module, tokenizer, prompts: list[list[dict] | str], max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8, return_tokens: bool = False,
-             no_repeat_ngram: int = 0, progress: str | None = None):
+             no_repeat_ngram: int = 0, progress: str | None = None, dtype: torch.dtype | str | None = "auto"):
     """Complete chat prompts, `batch_size` prompts at a time (decode), the adapter folded into the
-    base weights where the base allows it (lora_merged).
+    base weights where the base allows it and the weights read in `dtype` (decoding_weights):
+    "auto" = decoding_dtype(device), None = the model's own.
 
     prompts: chat messages (rendered with the generation prompt) or raw strings (tokenized as
     they are: no BOS is added).
@@ -1438,7 +1469,9 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[dict] | str], max_n
     was_training = model.training
     model.eval()
     try:
-        with lora_merged(model):
+        if dtype == "auto":
+            dtype = decoding_dtype(next(model.parameters()).device)
+        with decoding_weights(model, dtype):
             for s in tqdm(range(0, len(order), batch_size), desc=progress, disable=progress is None, unit="batch"):
                 rows = order[s:s + batch_size]
                 done = decode(model, [encoded[i] for i in rows], max_new_tokens, eos, pad_id, temperature, top_p,

@@ -7,8 +7,11 @@ a LoRA adapter on the base as the stages decode (B random, so the adapter change
   ours       common.generate, the path of every stage
   hf         transformers' model.generate on the same inputs, same adapter
   roofline   the decode steps' memory traffic at the machine's bandwidth: each step reads every
-             weight once and the KV cache of every row; bandwidth = a large tensor copy, timed here
-It checks that ours and hf return the same tokens, and appends one JSON line per run to --out.
+             weight once, in the dtype ours decodes in, and the KV cache of every row;
+             bandwidth = a large tensor copy, timed here
+ours decodes in --decode-dtype (the stages: bf16 where the hardware has it, common.decoding_dtype), hf
+in the model's dtype. It reports whether both return the same tokens (and how many leading tokens
+each row shares), and appends one JSON line per run to --out.
 
     python bench/generate.py                                   # SmolLM2-135M on this CPU
     python bench/generate.py --model /tmp/qwen2.5-1.5b-random --load-in-4bit --batch-size 32   # a GPU
@@ -36,6 +39,8 @@ class Args:
     completion_tokens: int = arg(256, "new tokens of each completion")
     batch_size: int = arg(4, "prompts decoded together")
     distinct: int = arg(0, "distinct prompts among them, the rest copies, as in a GRPO group's first turn (0 = all)")
+    decode_dtype: str = arg("auto", "dtype ours decodes in: auto (the stages' choice, common.decoding_dtype), "
+                                    "float32 or bfloat16", choices=["auto", "float32", "bfloat16"])
     lora_r: int = arg(16, "rank of the LoRA adapter on the base (0 = none)")
     repeats: int = arg(2, "timed runs of each path (the median is reported), after one untimed run")
     paths: list = arg(["ours", "hf"], "what to time, among ours and hf")
@@ -101,7 +106,8 @@ def time_path(path: str, model, tok, prompts: list[str], args: Args) -> tuple[fl
     t = time.perf_counter()
     if path == "ours":
         _, _, completions = common.generate(model, tok, prompts, max_new_tokens=args.completion_tokens,
-                                            batch_size=args.batch_size, return_tokens=True)
+                                            batch_size=args.batch_size, return_tokens=True,
+                                            dtype=args.decode_dtype if args.decode_dtype == "auto" else getattr(torch, args.decode_dtype))
     else:
         enc = tok(prompts, add_special_tokens=False, return_tensors="pt", padding=True).to(device)
         out = model.generate(**enc, max_new_tokens=args.completion_tokens, do_sample=False, temperature=None,
@@ -144,11 +150,18 @@ def main(argv=None) -> dict:
     hook.remove()
     if "ours" in outputs and "hf" in outputs:
         result["same_tokens"] = outputs["ours"] == outputs["hf"]
-        print(f"ours and hf return the same tokens: {result['same_tokens']}")
+        # bf16 decoding drifts from fp32: how many leading tokens each row shares with hf
+        shared = [next((i for i, (a, b) in enumerate(zip(o, h)) if a != b), len(o))
+                  for o, h in zip(outputs["ours"], outputs["hf"])]
+        result["shared_prefix_tokens"] = shared
+        print(f"ours and hf return the same tokens: {result['same_tokens']} (shared prefix per row: {shared})")
     bandwidth = memory_bandwidth(device)
     mean_context = args.prompt_tokens + args.completion_tokens / 2
-    step_bytes = decode_bytes(model, args.batch_size, int(mean_context))
+    dtype = common.decoding_dtype(device) if args.decode_dtype == "auto" else getattr(torch, args.decode_dtype)
+    with common.decoding_weights(model, dtype):  # the bytes ours reads: its dtype, the adapter folded in
+        step_bytes = decode_bytes(model, args.batch_size, int(mean_context))
     roofline = args.batch_size * bandwidth / step_bytes
+    result["decode_dtype"] = str(dtype)
     result["roofline"] = {"bandwidth_gb_s": round(bandwidth / 1e9, 1),
                           "bytes_per_step_mb": round(step_bytes / 1e6, 1), "tokens_per_s": round(roofline, 1)}
     print(f"roofline {roofline:9.1f} generated tokens/s "

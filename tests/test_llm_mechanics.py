@@ -138,30 +138,58 @@ def test_lora_update_without_grad_is_added_in_row_chunks_with_the_same_result(dt
     torch.testing.assert_close(expected.float(), manual, atol=1e-4 if dtype == torch.float32 else 0.2, rtol=0.02)
 
 
-def test_lora_merged_folds_the_update_and_restores_the_base_exactly(tok):
-    """Inside lora_merged the base weight holds W + (alpha/r) B A and the adapter path is skipped: the
-    logits are the unmerged ones up to float rounding; afterwards the original weights are back, bit
-    for bit. Bypassed adapters (lora_disabled) and nf4 bases are left alone."""
+def test_decoding_weights_fold_the_update_cast_and_restore_the_base_exactly(tok):
+    """Inside decoding_weights the base weight holds W + (alpha/r) B A and the adapter path is skipped:
+    the logits are the unmerged ones up to float rounding; afterwards the original weights are back,
+    bit for bit. With a dtype, every fp32 parameter is read in it (buffers stay) and attention runs
+    eager on a CPU. Bypassed adapters (lora_disabled) and nf4 bases are left alone."""
     model = tiny(tok)
     L.add_lora(model, r=4, alpha=8, dropout=0.0)
     for _, m in L.lora_modules(model):
         torch.nn.init.normal_(m.lora_B.weight, std=0.1)
     batch = sft_batch(tok)
     unmerged, before = logits_of(model, batch), base_params(model)
-    with L.lora_merged(model):
+    with L.decoding_weights(model):
         assert all(m.merged for _, m in L.lora_modules(model))
         torch.testing.assert_close(logits_of(model, batch), unmerged, atol=1e-5, rtol=1e-5)
         q = model.model.layers[0].self_attn.q_proj
         assert not torch.equal(q.base_layer.weight, before["model.layers.0.self_attn.q_proj.base_layer.weight"])
+    attention = model.config._attn_implementation
+    with L.decoding_weights(model, torch.bfloat16):
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        assert {b.dtype for b in model.buffers()} == {torch.float32}  # RoPE frequencies keep their precision
+        assert model.config._attn_implementation == "eager"
+        torch.testing.assert_close(logits_of(model, batch).float(), unmerged, atol=0.1, rtol=0.05)
+    assert model.config._attn_implementation == attention
     assert not any(m.merged for _, m in L.lora_modules(model))
     after = base_params(model)
     assert all(torch.equal(after[k], before[k]) for k in before) and torch.equal(logits_of(model, batch), unmerged)
-    with L.lora_disabled(model), L.lora_merged(model):
+    with L.lora_disabled(model), L.decoding_weights(model):
         assert not any(m.merged for _, m in L.lora_modules(model))
     quantized = L.quantize_to_4bit(tiny(tok), torch.float32)
     L.add_lora(quantized, r=4, alpha=8, dropout=0.0)
-    with L.lora_merged(quantized):
+    with L.decoding_weights(quantized, torch.bfloat16):
         assert not any(m.merged for _, m in L.lora_modules(quantized))
+        assert {p.dtype for _, m in L.lora_modules(quantized) for p in m.parameters() if p.is_floating_point()} \
+            == {torch.float32}
+
+
+def test_bf16_decoding_matches_hf_generate_on_the_bf16_model(tok):
+    """generate(dtype=bf16) is the same decoding as transformers' model.generate on the model with its
+    parameters cast to bf16 and eager attention: the same greedy tokens."""
+    model = tiny(tok)
+    model.eval()
+    ours = L.generate(model, tok, PROMPTS, max_new_tokens=16, dtype=torch.bfloat16, return_tokens=True)[2]
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    model.set_attn_implementation("eager")
+    for prompt, completion in zip(PROMPTS, ours):
+        ids = tok(L.render_chat(tok, prompt, True), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            hf = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
+                                do_sample=False, temperature=None, top_p=None, top_k=None,
+                                pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+        assert hf == completion
 
 
 def test_training_changes_only_lora(tok):
