@@ -420,8 +420,10 @@ def draw_samples(train: list[dict], step: int, rank: int, world: int, args) -> l
 
 def rollout(conversation: common.Conversation, samples: list[dict], policy: dict, args) -> list[list[common.Episode]]:
     """G episodes per start state with the policy sampling -> one group (list of G episodes) per sample."""
+    # bf16 where the hardware has it: rollouts decode twice as fast, the update stays in fp32
     episodes = conversation.play(common.start_episodes(samples, args.group_size), args.turns, policy,
-                                 temperature=args.temperature, stop_on_success=True)
+                                 temperature=args.temperature, stop_on_success=True,
+                                 dtype=common.decoding_dtype(conversation.model.device))
     return [episodes[i:i + args.group_size] for i in range(0, len(episodes), args.group_size)]
 
 

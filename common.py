@@ -1042,10 +1042,11 @@ def lora_swapped(model: nn.Module, weights: dict[str, torch.Tensor]):
 
 
 def decoding_dtype(device: torch.device | str) -> torch.dtype | None:
-    """The dtype every stage decodes in: bf16 where the device multiplies it natively (CUDA, or a CPU
-    with AVX512-BF16 or AMX), else None (the model's own). An fp32 CPU step streams half the bytes in
-    bf16, the bound of a decode step: rollouts of SmolLM2 on 2 cores went from 40 to 53 tokens/s
-    (bench/generate.py). Training and the RL log-probs stay in the model's dtype."""
+    """The dtype 04's sampled rollouts decode in: bf16 where the device multiplies it natively (CUDA,
+    or a CPU with AVX512-BF16 or AMX), else None (the model's own). A bf16 CPU step streams half the
+    bytes of an fp32 one, the bound of a decode step: SmolLM2 on 2 cores went from 40 to 53
+    tokens/s (bench/generate.py). Training and the RL log-probs stay in the model's dtype; the
+    sampling policy differs from it by a mean KL of 0.0009 a token (docs/findings.md)."""
     if torch.device(device).type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
@@ -1443,10 +1444,11 @@ def decode(model: nn.Module, prompts: Sequence[list[int]], max_new_tokens: int, 
 @torch.inference_mode()  # no_grad, and no version counters on the KV cache: only ids leave this function
 def generate(model: nn.Module, tokenizer, prompts: list[list[dict] | str], max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8, return_tokens: bool = False,
-             no_repeat_ngram: int = 0, progress: str | None = None, dtype: torch.dtype | str | None = "auto"):
+             no_repeat_ngram: int = 0, progress: str | None = None, dtype: torch.dtype | None = None):
     """Complete chat prompts, `batch_size` prompts at a time (decode), the adapter folded into the
-    base weights where the base allows it and the weights read in `dtype` (decoding_weights):
-    "auto" = decoding_dtype(device), None = the model's own.
+    base weights where the base allows it and the weights read in `dtype` (decoding_weights; None =
+    the model's own, which greedy evaluation keeps: bf16 changed 23 of 24 greedy answers of the
+    tuned 135M recommender, docs/findings.md).
 
     prompts: chat messages (rendered with the generation prompt) or raw strings (tokenized as
     they are: no BOS is added).
@@ -1469,8 +1471,6 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[dict] | str], max_n
     was_training = model.training
     model.eval()
     try:
-        if dtype == "auto":
-            dtype = decoding_dtype(next(model.parameters()).device)
         with decoding_weights(model, dtype):
             for s in tqdm(range(0, len(order), batch_size), desc=progress, disable=progress is None, unit="batch"):
                 rows = order[s:s + batch_size]
@@ -1883,16 +1883,18 @@ def recommend_with_llm(model: nn.Module, tokenizer, items: Sequence[dict], title
                        contexts: Sequence[Sequence[dict]], candidates: Sequence[Sequence[int]],
                        max_new_tokens: int = 320, temperature: float = 0.0, top_p: float = 1.0,
                        batch_size: int = 8, max_turns: int = 4, no_repeat_ngram: int = 0,
-                       progress: str | None = None) -> list[dict]:
+                       progress: str | None = None, dtype: torch.dtype | None = None) -> list[dict]:
     """The recommender's answer for each (dialogue, K candidates): prompt, generate, parse, fill.
     no_repeat_ngram: the completion loop guard of generate (0 = off); keep it off for RL rollouts,
     whose log-probs must be those of the distribution that sampled them.
     progress: a progress bar over the generation batches with this description (None = none).
+    dtype: the dtype generate decodes in (None = the model's own).
     -> one {text, prompt_ids, completion_ids, parsed, ranked} per dialogue (ranked: 10 item ids)."""
     prompts = [recommender_messages(ctx, items, c, max_turns=max_turns) for ctx, c in zip(contexts, candidates)]
     texts, prompt_ids, completion_ids = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                                  temperature=temperature, top_p=top_p, batch_size=batch_size,
-                                                 return_tokens=True, no_repeat_ngram=no_repeat_ngram, progress=progress)
+                                                 return_tokens=True, no_repeat_ngram=no_repeat_ngram, progress=progress,
+                                                 dtype=dtype)
     out = []
     for text, p_ids, c_ids, c in zip(texts, prompt_ids, completion_ids, candidates):
         parsed = parse_recommendation(text, titles, c)
@@ -2015,7 +2017,7 @@ class Conversation:
         self.titles = TitleIndex(items, popularity)
 
     def recommend(self, episodes: Sequence[Episode], weights, temperature: float = 0.0, top_p: float = 1.0,
-                  progress: str | None = None) -> None:
+                  progress: str | None = None, dtype: torch.dtype | None = None) -> None:
         """Append a turn {candidates, text, prompt_ids, completion_ids, parsed, ranked, rank, own_rank}
         to each episode: K candidates from the retriever (a training dialogue's from its fold's net),
         then the recommender's answer under `weights` (None: the base model; "retriever": no LLM,
@@ -2037,7 +2039,7 @@ class Conversation:
                 answers = recommend_with_llm(self.model, self.tok, self.items, self.titles,
                                              [e.context for e in episodes], cands, self.rec_max_new_tokens,
                                              temperature, top_p, self.batch_size, self.max_turns,
-                                             self.no_repeat_ngram if temperature == 0 else 0, progress)
+                                             self.no_repeat_ngram if temperature == 0 else 0, progress, dtype)
         for e, c, answer in zip(episodes, cands, answers):
             own = answer["ranked"] if weights == "retriever" else answer["parsed"]["ids"][:REC_TOP_N]
             e.turns.append({"candidates": c, **answer, "rank": best_rank(answer["ranked"], e.truth),
@@ -2056,7 +2058,8 @@ class Conversation:
             said += " " + re.sub(r"#(\d+)", lambda m: numbered.get(m.group(1), m.group(0)), found.group(1).strip())
         return said
 
-    def reply(self, episodes: Sequence[Episode], progress: str | None = None) -> None:
+    def reply(self, episodes: Sequence[Episode], progress: str | None = None,
+              dtype: torch.dtype | None = None) -> None:
         """The simulator answers each episode's latest recommender turn; both turns join the
         dialogue. Adds to the turn: said, shown, reply, copies (the reply mostly repeats what the
         recommender said: copies_turn), names_target (the reply names a true target; label-using,
@@ -2067,7 +2070,7 @@ class Conversation:
                    for e, s, ids in zip(episodes, said, shown)]
         with adapter(self.model, self.simulator_weights):
             replies = generate(self.model, self.tok, prompts, max_new_tokens=self.sim_max_new_tokens,
-                               batch_size=self.batch_size, progress=progress)
+                               batch_size=self.batch_size, progress=progress, dtype=dtype)
         for e, s, ids, r in zip(episodes, said, shown, replies):
             r = r.strip() or "(no reply)"
             history = " ".join(t["text"] for t in e.context) + " " + s
@@ -2078,12 +2081,14 @@ class Conversation:
             e.context += [{"role": "recommender", "text": s}, {"role": "seeker", "text": r}]
 
     def play(self, episodes: Sequence[Episode], turns: int, weights, progress: str = "",
-             temperature: float = 0.0, top_p: float = 1.0, stop_on_success: bool = False) -> list[Episode]:
+             temperature: float = 0.0, top_p: float = 1.0, stop_on_success: bool = False,
+             dtype: torch.dtype | None = None) -> list[Episode]:
         """`turns` turns of every conversation (label-free: nothing the players see depends on the
         true target). stop_on_success: an episode ends once the recommender's own list ranks a true
         target first (own_rank 1: 04's absorbing success; 05's label-using --stop-on-label) and
         keeps that list for the later turns.
         temperature, top_p: the recommender's decoding (0 = greedy, for evaluation; RL samples).
+        dtype: the dtype both players decode in (None = the model's own; 04's rollouts: decoding_dtype).
         progress: a bar over the turns with this description, and one over each turn's generation batches."""
         bar = tqdm(range(1, turns + 1), desc=progress or "turns", disable=not progress)
         for t in bar:
@@ -2092,13 +2097,13 @@ class Conversation:
                 break
             # a turn of 100 conversations takes minutes on a CPU: show its batches too
             inner = f"turn {t} recommender" if progress and weights != "retriever" else None
-            self.recommend(active, weights, temperature, top_p, progress=inner)
+            self.recommend(active, weights, temperature, top_p, progress=inner, dtype=dtype)
             for e in active:
                 e.done = stop_on_success and e.turns[-1]["own_rank"] == 1
             if t < turns:
                 still = [e for e in active if not e.done]
                 if still:
-                    self.reply(still, progress=f"turn {t} simulator" if progress else None)
+                    self.reply(still, progress=f"turn {t} simulator" if progress else None, dtype=dtype)
             bar.set_postfix(active=len(active))
         return list(episodes)
 

@@ -9,9 +9,10 @@ a LoRA adapter on the base as the stages decode (B random, so the adapter change
   roofline   the decode steps' memory traffic at the machine's bandwidth: each step reads every
              weight once, in the dtype ours decodes in, and the KV cache of every row;
              bandwidth = a large tensor copy, timed here
-ours decodes in --decode-dtype (the stages: bf16 where the hardware has it, common.decoding_dtype), hf
-in the model's dtype. It reports whether both return the same tokens (and how many leading tokens
-each row shares), and appends one JSON line per run to --out.
+ours decodes in --decode-dtype (auto: 04's rollouts' choice, bf16 where the hardware has it,
+common.decoding_dtype; float32: the greedy evaluation of 02, 03 and 05), hf in the model's dtype.
+It reports whether both return the same tokens (and how many leading tokens each row shares), and
+appends one JSON line per run to --out.
 
     python bench/generate.py                                   # SmolLM2-135M on this CPU
     python bench/generate.py --model /tmp/qwen2.5-1.5b-random --load-in-4bit --batch-size 32   # a GPU
@@ -39,7 +40,7 @@ class Args:
     completion_tokens: int = arg(256, "new tokens of each completion")
     batch_size: int = arg(4, "prompts decoded together")
     distinct: int = arg(0, "distinct prompts among them, the rest copies, as in a GRPO group's first turn (0 = all)")
-    decode_dtype: str = arg("auto", "dtype ours decodes in: auto (the stages' choice, common.decoding_dtype), "
+    decode_dtype: str = arg("auto", "dtype ours decodes in: auto (04's rollouts, common.decoding_dtype), "
                                     "float32 or bfloat16", choices=["auto", "float32", "bfloat16"])
     lora_r: int = arg(16, "rank of the LoRA adapter on the base (0 = none)")
     repeats: int = arg(2, "timed runs of each path (the median is reported), after one untimed run")
@@ -99,6 +100,10 @@ def decode_bytes(model, batch: int, context: int) -> float:
     return weights + kv
 
 
+def decode_dtype(args: Args, device) -> torch.dtype:
+    return common.decoding_dtype(device) if args.decode_dtype == "auto" else getattr(torch, args.decode_dtype)
+
+
 def time_path(path: str, model, tok, prompts: list[str], args: Args) -> tuple[float, list[list[int]]]:
     """Seconds of one greedy decode of every prompt, and the completion ids."""
     device = next(model.parameters()).device
@@ -107,7 +112,7 @@ def time_path(path: str, model, tok, prompts: list[str], args: Args) -> tuple[fl
     if path == "ours":
         _, _, completions = common.generate(model, tok, prompts, max_new_tokens=args.completion_tokens,
                                             batch_size=args.batch_size, return_tokens=True,
-                                            dtype=args.decode_dtype if args.decode_dtype == "auto" else getattr(torch, args.decode_dtype))
+                                            dtype=decode_dtype(args, device))
     else:
         enc = tok(prompts, add_special_tokens=False, return_tensors="pt", padding=True).to(device)
         out = model.generate(**enc, max_new_tokens=args.completion_tokens, do_sample=False, temperature=None,
@@ -157,7 +162,7 @@ def main(argv=None) -> dict:
         print(f"ours and hf return the same tokens: {result['same_tokens']} (shared prefix per row: {shared})")
     bandwidth = memory_bandwidth(device)
     mean_context = args.prompt_tokens + args.completion_tokens / 2
-    dtype = common.decoding_dtype(device) if args.decode_dtype == "auto" else getattr(torch, args.decode_dtype)
+    dtype = decode_dtype(args, device)
     with common.decoding_weights(model, dtype):  # the bytes ours reads: its dtype, the adapter folded in
         step_bytes = decode_bytes(model, args.batch_size, int(mean_context))
     roofline = args.batch_size * bandwidth / step_bytes
