@@ -9,7 +9,9 @@ Writes  <run-dir>/retriever/
           semantic/, collaborative/  single-view ablations trained the same way
           report.json              Recall@K (K = candidate-set size) and more on valid and test; where
                                    the target sits in the K candidates of training samples (full retriever,
-                                   out of fold) and of valid samples
+                                   out of fold) and of valid samples; "baselines": the same metrics of
+                                   popularity, cooccurrence, encoder-cosine and cooccurrence+cosine
+                                   (baseline_report; --parts baselines recomputes only these)
           train_log.jsonl          loss and validation recall per epoch and variant
         <run-dir>/recommender_sft/
           adapter_config.json, adapter_model.safetensors   the recommender's LoRA adapter (PEFT layout)
@@ -29,6 +31,10 @@ not new recommendations). The best epoch by validation Recall@K is kept. A retri
 dialogues it trained on far better than new ones, so it also trains --retriever-folds copies,
 each without one fold of the training dialogues: the SFT examples here and 04's training episodes
 get a training dialogue's candidates from the copy that never saw it, as a test dialogue gets them.
+Beside the trained variants the report holds what needs no training (common.CountBaselines):
+popularity, item co-occurrence (sum over the mentioned items of their co-mention counts in
+training dialogues; popularity breaks ties), the frozen encoder's cosine between the dialogue and
+the item texts, and a z-scored mix of the last two whose weight is chosen on valid Recall@10.
 
 Part 2, the recommender (docs/design.md section 5): the prompt is the dialogue's last 4 turns, the
 seeker's latest feedback and the retriever's K numbered candidates with short attributes
@@ -64,8 +70,10 @@ from common import arg
 class Args:
     dataset: str = arg("redial", "dataset whose run directory to use", choices=["redial", "inspired"])
     run_dir: str = arg("", "run directory (default: runs/<dataset>)")
-    parts: list = arg(["retriever", "recommender"], "what to train: retriever (part 1) and/or recommender (part 2)",
-                      choices=["retriever", "recommender"])
+    parts: list = arg(["retriever", "recommender"], "what to train: retriever (part 1) and/or recommender (part 2); "
+                                                    "baselines: only recompute report.json's baseline rows (part 1 "
+                                                    "computes them too) from the cached encoder features",
+                      choices=["retriever", "baselines", "recommender"])
     # part 1: the dual-view retriever
     encoder: str = arg(common.DEFAULT_ENCODER, "frozen sentence encoder: Hugging Face id or folder")
     variants: list = arg(["fused", "semantic", "collaborative"],
@@ -334,6 +342,36 @@ def candidate_targets(args: Args, run: common.RunPaths, features: dict, samples:
         print(f"[03] target among the {args.candidates} candidates, {where}: first {p['first']:.2f}, "
               f"top 10 {p['top10']:.2f}, anywhere {p['candidates']:.2f} ({p['samples']} samples)")
     return positions
+
+
+def baseline_report(args: Args, features: dict, samples: dict[str, list[dict]], train_dialogues: list[dict]) -> dict:
+    """Step 5b: the rows a trained retriever must beat (common.CountBaselines: popularity, co-occurrence,
+    frozen-encoder cosine and their z-scored mix), counted on the training dialogues, the mix weight
+    chosen on valid Recall@10. features: "items" [N, E] and one [S, E] per split.
+    -> {"mix_weight", "rows": {row: {split: score_rankings}}, "valid_new_recall@10_by_weight": {w: recall},
+        "seconds"}"""
+    started = time.time()
+    baselines = common.CountBaselines.fit(train_dialogues, len(features["items"]), features["items"])
+    by_weight = baselines.fit_mix_weight(features["valid"], samples["valid"], args.exclude_seen)
+    report = {"mix_weight": baselines.mix_weight, "rows": {},
+              f"valid_new_recall@{common.MIX_RECALL_K}_by_weight": {f"{w:.1f}": r for w, r in by_weight.items()}}
+    for split in ("valid", "test"):
+        ranked = baselines.rankings(common.BASELINE_ROWS, samples[split], max(common.METRIC_KS), features[split],
+                                    args.exclude_seen)
+        for row, lists in ranked.items():
+            report["rows"].setdefault(row, {})[split] = common.score_rankings(lists, samples[split])
+    report["seconds"] = round(time.time() - started, 1)
+    return report
+
+
+def recall_table(report: dict, split: str = "test") -> str:
+    """report.json's baselines and retriever variants on one split: Recall@10, 20, 50 on new targets."""
+    rows = {**report.get("baselines", {}).get("rows", {}),
+            **{f"retriever-{v}": r for v, r in report.get("variants", {}).items()}}
+    lines = [f"{split}, new targets        R@10   R@20   R@50"]
+    for name, r in rows.items():
+        lines.append(f"  {name:<22}" + "".join(f" {r[split]['new'][f'recall@{k}']:.3f} " for k in (10, 20, 50)))
+    return "\n".join(lines)
 
 
 # ---- part 2: the reasoning chain the recommender learns -----------------------------------------
@@ -644,9 +682,16 @@ def main(argv=None) -> dict:
         if "fused" in args.variants:
             # 5. Where the target sits among the K candidates, in sample, out of fold and on valid.
             report["candidate_targets"] = candidate_targets(args, run, features, samples)
-        report["seconds"] = round(time.time() - started, 1)
+    elif "baselines" in args.parts and (run.retriever / "report.json").exists():
+        report = common.read_json(run.retriever / "report.json")  # keep the trained variants' rows
+    if "retriever" in args.parts or "baselines" in args.parts:
+        # 5b. Baselines counted on the training dialogues and the frozen encoder alone, beside the variants.
+        report["baselines"] = baseline_report(args, features, samples, common.load_dialogues(run, "train"))
+        if "retriever" in args.parts:
+            report["seconds"] = round(time.time() - started, 1)
         common.write_json(run.retriever / "report.json", report)
-        print(f"[03] wrote {run.retriever}/ in {report['seconds']} s")
+        print(f"[03] baselines: co-occurrence weight {report['baselines']['mix_weight']} in the mix (valid)\n"
+              + recall_table(report) + f"\n[03] wrote {run.retriever}/report.json after {time.time() - started:.1f} s")
 
     if "recommender" in args.parts:
         # 6-9. The reasoning recommender, fine-tuned on the fused retriever's candidates.
