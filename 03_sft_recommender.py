@@ -368,9 +368,9 @@ def recall_table(report: dict, split: str = "test") -> str:
     """report.json's baselines and retriever variants on one split: Recall@10, 20, 50 on new targets."""
     rows = {**report.get("baselines", {}).get("rows", {}),
             **{f"retriever-{v}": r for v, r in report.get("variants", {}).items()}}
-    lines = [f"{split}, new targets        R@10   R@20   R@50"]
+    lines = [f"{split + ', new targets':<26}" + "".join(f"{f'R@{k}':>7}" for k in (10, 20, 50))]
     for name, r in rows.items():
-        lines.append(f"  {name:<22}" + "".join(f" {r[split]['new'][f'recall@{k}']:.3f} " for k in (10, 20, 50)))
+        lines.append(f"  {name:<24}" + "".join(f"{r[split]['new'][f'recall@{k}']:>7.3f}" for k in (10, 20, 50)))
     return "\n".join(lines)
 
 
