@@ -522,8 +522,20 @@ def popularity_counts(dialogues: Sequence[dict], num_items: int) -> torch.Tensor
     return counts
 
 
+VIEW_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # the view weights a tried on valid (0: the count mix)
+RETRIEVER_FORMAT = 2  # 2: the fused net adds the count mix to its view score (older files are refused)
+
+
+def multi_hot(item_ids: torch.Tensor, num_items: int) -> torch.Tensor:
+    """item_ids [B, L] (-1 = padding, repeats allowed) -> [B, num_items] float, 1 where an item occurs."""
+    out = torch.zeros(item_ids.shape[0], num_items, device=item_ids.device)
+    out.scatter_add_(1, item_ids.clamp(min=0), (item_ids >= 0).float())
+    return out.clamp(max=1)
+
+
 class DualViewRetriever(nn.Module):
-    """Scores every catalogue item for a dialogue from two views fused by cross-attention.
+    """Scores every catalogue item for a dialogue from two views fused by cross-attention, and (the
+    fused net, with counts) from count features of the training dialogues.
 
     Semantic view: frozen sentence-encoder vectors of the dialogue text [E] and of every item's
     text [N, E], projected to d. Collaborative view: trainable item embeddings [N, d] initialised
@@ -538,16 +550,26 @@ class DualViewRetriever(nn.Module):
     text reads which items were mentioned and the items read what was said. With one view (the
     ablations), the query attends over its own tokens. The dialogue vector u [B, d*V] is scored
     against item vectors [N, d*V] (the item's projected semantic vector and/or its collaborative
-    embedding), plus a learned per-item bias in the collaborative view: scores [B, N].
+    embedding), plus a learned per-item bias in the collaborative view: the view score [B, N].
+
+    counts = (cooccurrence [N, N], popularity [N]) of the training dialogues (CountBaselines) makes
+    the score
+        a * z(view score) + w * z(cooccurrence) + (1 - w) * z(encoder cosine),
+    z over the catalogue per dialogue (zscore_rows): the cooccurrence+cosine baseline (its w, chosen
+    on valid) plus the learned views with weight a (03 picks a on valid; a = 0 is the baseline
+    itself). The views train alone (view_scores); the counts travel in the checkpoint (sparse), so a
+    loaded net needs nothing else.
     """
 
     def __init__(self, item_sem: torch.Tensor, collab_init: torch.Tensor | None = None,
-                 views: Sequence[str] = RETRIEVER_VIEWS, dim: int = 128, heads: int = 4, dropout: float = 0.1):
+                 views: Sequence[str] = RETRIEVER_VIEWS, dim: int = 128, heads: int = 4, dropout: float = 0.1,
+                 counts: tuple[torch.Tensor, torch.Tensor] | None = None, mix_weight: float = 0.5):
         super().__init__()
         assert views and all(v in RETRIEVER_VIEWS for v in views), f"views must be among {RETRIEVER_VIEWS}"
         self.views = tuple(v for v in RETRIEVER_VIEWS if v in views)
         self.config = {"views": list(self.views), "dim": dim, "heads": heads, "dropout": dropout,
-                       "num_items": item_sem.shape[0], "sem_dim": item_sem.shape[1]}
+                       "num_items": item_sem.shape[0], "sem_dim": item_sem.shape[1],
+                       "count_features": counts is not None, "format": RETRIEVER_FORMAT}
         num_items, sem_dim = item_sem.shape
         self.register_buffer("item_sem", item_sem.float(), persistent=True)
         self.sem_item_proj = nn.Linear(sem_dim, dim)
@@ -563,6 +585,13 @@ class DualViewRetriever(nn.Module):
                                                    nn.Dropout(dropout), nn.Linear(2 * dim, dim)) for v in self.views})
         self.out_norm = nn.ModuleDict({v: nn.LayerNorm(dim) for v in self.views})
         self.dropout = nn.Dropout(dropout)
+        if counts is not None:
+            cooc = counts[0].float().to_sparse().coalesce()  # ~1% non-zero: [N, N] dense would be 190 MB on ReDial
+            self.register_buffer("cooc_index", cooc.indices())
+            self.register_buffer("cooc_value", cooc.values())
+            self.register_buffer("popularity", counts[1].float())
+            self.register_buffer("mix_weight", torch.tensor(float(mix_weight)))   # w
+            self.register_buffer("view_weight", torch.tensor(0.0))                # a
 
     def item_matrix(self) -> torch.Tensor:
         """Item vectors [N, d*V] in the order of self.views."""
@@ -597,11 +626,33 @@ class DualViewRetriever(nn.Module):
             parts.append(self.out_norm[v](h).squeeze(1))
         return torch.cat(parts, -1)
 
-    def forward(self, ctx_sem: torch.Tensor, ctx_items: torch.Tensor, exclude_seen: bool = False) -> torch.Tensor:
-        """Scores [B, N] of every item; with exclude_seen, items already mentioned get -inf."""
+    def counts_matrix(self) -> torch.Tensor:
+        """The co-occurrence counts the net was given, sparse [N, N]."""
+        return torch.sparse_coo_tensor(self.cooc_index, self.cooc_value, (len(self.popularity),) * 2,
+                                       check_invariants=False, is_coalesced=True)  # coalesced in __init__
+
+    @torch.no_grad()
+    def count_scores(self, ctx_sem: torch.Tensor, ctx_items: torch.Tensor) -> torch.Tensor:
+        """CountBaselines' cooccurrence+cosine scores [B, N] with the net's counts and w:
+        w * z(cooccurrence_scores) + (1 - w) * z(encoder_cosine_scores)."""
+        num_items = len(self.popularity)
+        ctx = multi_hot(ctx_items, num_items)                                          # [B, N]
+        cooc = torch.sparse.mm(self.counts_matrix(), ctx.T).T                           # [B, N] (symmetric counts)
+        cooc = cooc + self.popularity / (self.popularity.max() + 1)                     # cooccurrence_scores' tie-break
+        return mix_zscored(zscore_rows(cooc), zscore_rows(encoder_cosine_scores(ctx_sem, self.item_sem)),
+                           self.mix_weight)
+
+    def view_scores(self, ctx_sem: torch.Tensor, ctx_items: torch.Tensor) -> torch.Tensor:
+        """The learned views' scores [B, N] (what training fits): u . item vectors (+ item bias)."""
         scores = self.dialogue_vector(ctx_sem, ctx_items) @ self.item_matrix().T
-        if "collaborative" in self.views:
-            scores = scores + self.item_bias
+        return scores + self.item_bias if "collaborative" in self.views else scores
+
+    def forward(self, ctx_sem: torch.Tensor, ctx_items: torch.Tensor, exclude_seen: bool = False) -> torch.Tensor:
+        """Scores [B, N] of every item (with counts: a * z(view_scores) + count_scores); with
+        exclude_seen, items already mentioned get -inf."""
+        scores = self.view_scores(ctx_sem, ctx_items)
+        if self.config["count_features"]:
+            scores = self.view_weight * zscore_rows(scores) + self.count_scores(ctx_sem, ctx_items)
         if exclude_seen:
             scores = mask_seen(scores, ctx_items)
         return scores
@@ -612,11 +663,23 @@ class DualViewRetriever(nn.Module):
 
     @classmethod
     def load(cls, folder: str | os.PathLike, map_location: str = "cpu") -> "DualViewRetriever":
-        blob = torch.load(Path(folder) / "retriever.pt", map_location=map_location, weights_only=False)
+        path = Path(folder) / "retriever.pt"
+        blob = torch.load(path, map_location=map_location, weights_only=False)
         cfg = blob["config"]
+        if cfg.get("format") != RETRIEVER_FORMAT:
+            raise StageMissing(f"error: {path} was written by an older 03_sft_recommender.py (retriever format "
+                               f"{cfg.get('format', 1)}; this code reads format {RETRIEVER_FORMAT}, whose fused net "
+                               "also scores count features). Rerun `python 03_sft_recommender.py --parts retriever` "
+                               "on this run directory.")
+        state = blob["state_dict"]
+        counts = None
+        if cfg["count_features"]:  # placeholders of the saved shapes; load_state_dict fills them
+            counts = (torch.sparse_coo_tensor(state["cooc_index"], state["cooc_value"],
+                                              (cfg["num_items"], cfg["num_items"]), check_invariants=True),
+                      state["popularity"])
         model = cls(torch.zeros(cfg["num_items"], cfg["sem_dim"]), None, cfg["views"], cfg["dim"], cfg["heads"],
-                    cfg["dropout"])
-        model.load_state_dict(blob["state_dict"])
+                    cfg["dropout"], counts)
+        model.load_state_dict(state)
         model.extra = blob.get("extra", {})
         return model.eval()
 

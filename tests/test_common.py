@@ -290,6 +290,46 @@ def test_every_baseline_row_excludes_the_items_already_mentioned():
     assert common.rank_scores(torch.arange(42.0).unsqueeze(0), [many], 3) == [[41, 40]]
 
 
+def counted_net(dialogues, mix_weight=0.3, seed=0):
+    """A fused retriever over 5 items with the count features of `dialogues`."""
+    torch.manual_seed(seed)
+    baselines = common.CountBaselines.fit(dialogues, 5, F.normalize(torch.randn(5, 4), dim=-1))
+    baselines.mix_weight = mix_weight
+    net = common.DualViewRetriever(baselines.item_sem, torch.randn(5, 8), dim=8, heads=2, dropout=0.0,
+                                   counts=(baselines.cooccurrence, baselines.popularity), mix_weight=mix_weight)
+    return net.eval(), baselines
+
+
+def test_fused_net_with_counts_is_the_count_mix_at_view_weight_0_and_its_views_then_add():
+    net, baselines = counted_net(hand_dialogues())
+    samples = [{"context_items": c} for c in ([1, 3], [], [2], [0, 1], [4])]
+    context, ctx_sem = [s["context_items"] for s in samples], torch.randn(5, 4)
+    mix = baselines.scores("cooccurrence+cosine", context, ctx_sem)
+    scores = net(ctx_sem, common.pad_item_lists(context))
+    assert float(net.view_weight) == 0 and torch.allclose(scores, mix, atol=1e-5)
+    ranked = common.rank_items(net, ctx_sem, context, 5)        # mentioned items last, at -inf
+    mixed = baselines.rankings(["cooccurrence+cosine"], samples, 5, ctx_sem)["cooccurrence+cosine"]
+    assert [r[:len(m)] for r, m in zip(ranked, mixed)] == mixed
+    net.view_weight.fill_(2.0)       # a * z(view scores) on top of the mix
+    views = common.zscore_rows(net.view_scores(ctx_sem, common.pad_item_lists(context)))
+    assert torch.allclose(net(ctx_sem, common.pad_item_lists(context)), mix + 2 * views, atol=1e-5)
+
+
+def test_counted_retriever_saves_and_loads_and_an_older_file_is_refused(tmp_path):
+    net, _ = counted_net(hand_dialogues())
+    net.view_weight.fill_(0.7)
+    net.save(tmp_path / "r")
+    loaded = common.DualViewRetriever.load(tmp_path / "r")
+    ctx_sem, context = torch.randn(3, 4), common.pad_item_lists([[1, 3], [], [2]])
+    assert torch.equal(loaded(ctx_sem, context), net(ctx_sem, context))
+    assert torch.equal(loaded.counts_matrix().to_dense(), common.cooccurrence_counts(hand_dialogues(), 5))
+    blob = torch.load(tmp_path / "r" / "retriever.pt", weights_only=False)
+    del blob["config"]["format"]                                    # as 03 wrote it before count features
+    torch.save(blob, tmp_path / "r" / "retriever.pt")
+    with pytest.raises(SystemExit, match=r"older 03_sft_recommender.py .* --parts retriever"):
+        common.DualViewRetriever.load(tmp_path / "r")
+
+
 def test_zscore_rows_by_hand():
     z = common.zscore_rows(torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0]]))
     std = math.sqrt(1.25)    # population std of 1, 2, 3, 4 around 2.5

@@ -75,7 +75,7 @@ def check_reported_recall(run_dir, report):
     for variant in ("fused", "semantic", "collaborative"):
         assert (run_dir / "retriever" / variant / "retriever.pt").exists()
         rep = report["variants"][variant]
-        assert 1 <= rep["best_epoch"] <= 2
+        assert 0 <= rep["best_epoch"] <= 2   # epoch 0: the untrained net (the fused one: the count mix)
         net = common.DualViewRetriever.load(run_dir / "retriever" / variant)
         for split, rows in held_out.items():
             assert len(features[split]) == len(rows)
@@ -120,6 +120,12 @@ def check_cross_fitting(run_dir, report):
     assert labels == report["variants"]["fused"]["training_labels"]
     assert set(report["candidate_targets"]) == {"train, full retriever", "train, out of fold", "valid"}
     retriever = common.Retriever(run_dir / "retriever" / "fused")
+    # each net's count features count exactly the training dialogues it trained on: none of its fold's
+    dialogues = common.load_dialogues(paths, "train")
+    for f, net in [(None, retriever.net), *enumerate(retriever.fold_nets)]:
+        counted = common.CountBaselines.fit([d for d in dialogues if fold_of[d["dialog_id"]] != f], net.item_sem.shape[0])
+        assert torch.equal(net.popularity, counted.popularity), f
+        assert torch.equal(net.counts_matrix().to_dense(), counted.cooccurrence), f
     some = train[:6] + common.load_samples(paths, "valid")[:2]
     ids = [s["dialog_id"] for s in some]
     contexts, items = [s["context"] for s in some], [s["context_items"] for s in some]
