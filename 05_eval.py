@@ -25,6 +25,11 @@ keeps each row's lists at those turns, so rows evaluated by separate --merge pro
 
 Single-shot rows, on the whole split:
   popularity          items ranked by how many training dialogues mention them
+  cooccurrence        item j scored by the sum over the dialogue's mentioned items i of the training
+                      dialogues that mention both i and j; popularity breaks ties
+  encoder-cosine      the frozen sentence encoder's cosine between the dialogue and each item text
+  cooccurrence+cosine the two z-scored over the catalogue and mixed, w * cooc + (1 - w) * cosine,
+                      w in 0, 0.1, ..., 1 chosen on valid Recall@10 (results.json keeps it)
   retriever-semantic  the retriever with its semantic view only (ablation)
   retriever-collab    the retriever with its collaborative view only (ablation)
   retriever-fused     the dual-view retriever (cross-attention fusion): what the recommender re-ranks
@@ -62,7 +67,7 @@ import common
 from common import arg
 
 RETRIEVER_ROWS = {"retriever-semantic": "semantic", "retriever-collab": "collaborative", "retriever-fused": "fused"}
-SINGLE_SHOT_ROWS = ["popularity", *RETRIEVER_ROWS]
+SINGLE_SHOT_ROWS = [*common.BASELINE_ROWS, *RETRIEVER_ROWS]  # the baselines: common.CountBaselines
 # multi-turn row -> (recommender: "retriever", "base" or an adapter folder; simulator adapter folder)
 MULTI_TURN_ROWS = {
     "retriever+simulator": ("retriever", "simulator"),
@@ -123,12 +128,19 @@ def chosen_rows(run: common.RunPaths, rows: list[str]) -> list[str]:
     return rows or available_rows(run)
 
 
+def row_retriever_files(row: str) -> list[str]:
+    """What a row reads of 03's retriever/: the text baselines its encoder vectors (features.pt), the
+    count baselines nothing, every other row a trained retriever."""
+    if row in common.BASELINE_ROWS:
+        return ["retriever/features.pt"] if row in common.TEXT_BASELINE_ROWS else []
+    return [f"retriever/{RETRIEVER_ROWS.get(row, 'fused')}/retriever.pt"]
+
+
 def available_rows(run: common.RunPaths) -> list[str]:
     """Every row whose stage outputs are in the run directory; says which are skipped and why."""
     rows, skipped = [], []
     for row in ALL_ROWS:
-        needs = ["data/items.jsonl"] + ([] if row == "popularity" else
-                                        [f"retriever/{RETRIEVER_ROWS.get(row, 'fused')}/retriever.pt"])
+        needs = ["data/items.jsonl"] + row_retriever_files(row)
         needs += [f"{f}/adapter_config.json" for f in MULTI_TURN_ROWS.get(row, ()) if f not in ("retriever", "base")]
         missing = [f for f in needs if not (run.root / f).exists()]
         if missing:
@@ -140,29 +152,52 @@ def available_rows(run: common.RunPaths) -> list[str]:
     return rows
 
 
-def popularity_rankings(run: common.RunPaths, num_items: int, samples: list[dict], k: int,
-                        exclude_seen: bool) -> list[list[int]]:
-    """The most-mentioned training items, minus those already in each dialogue: [samples][k] item ids."""
-    counts = common.popularity_counts(common.load_dialogues(run, "train"), num_items)  # [N]
-    scores = counts.unsqueeze(0).expand(len(samples), -1)  # [samples, N]
-    if exclude_seen:
-        seen = common.pad_item_lists([s["context_items"] for s in samples], max_len=10**6)
-        scores = common.mask_seen(scores, seen)
-    return scores.topk(k, dim=1).indices.tolist()
+def baseline_rankings(run: common.RunPaths, rows: list[str], num_items: int, samples: list[dict], k: int,
+                      args: Args) -> tuple[dict[str, list[list[int]]], dict]:
+    """The common.BASELINE_ROWS among rows, counted on the training dialogues, the mix weight chosen
+    on valid Recall@10 (new targets, seen items excluded as on --split):
+    ({row: [samples][k] item ids}, {"mix_weight", "valid_new_recall@10_by_weight"} when mixed)."""
+    rows = [r for r in common.BASELINE_ROWS if r in rows]
+    if not rows:
+        return {}, {}
+    vectors = {}
+    if any(r in common.TEXT_BASELINE_ROWS for r in rows):
+        valid = common.load_samples(run, "valid")
+        vectors = encoder_vectors(run, features_encoder(run), {"valid": valid, args.split: samples}, args.device,
+                                  items=True)
+    baselines = common.CountBaselines.fit(common.load_dialogues(run, "train"), num_items, vectors.get("items"))
+    mix = {}
+    if "cooccurrence+cosine" in rows:
+        by_weight = baselines.fit_mix_weight(vectors["valid"], valid, args.exclude_seen)
+        mix = {"mix_weight": baselines.mix_weight,
+               f"valid_new_recall@{common.MIX_RECALL_K}_by_weight": {f"{w:.1f}": r for w, r in by_weight.items()}}
+        print(f"[05] cooccurrence+cosine: co-occurrence weight {baselines.mix_weight}, chosen on valid")
+    return baselines.rankings(rows, samples, k, vectors.get(args.split), args.exclude_seen), mix
 
 
-def cached_features(run: common.RunPaths, encoder: str, split: str, count: int):
-    """The split's dialogue vectors [count, D] from 03's retriever/features.pt when they were encoded by
-    the same encoder from exactly the current data (same fingerprint); else None."""
+def features_encoder(run: common.RunPaths) -> str:
+    """The encoder 03's retriever/features.pt was written with (the default one when there is none)."""
     path = run.retriever / "features.pt"
-    if not path.exists():
-        return None
-    blob = torch.load(path, weights_only=False)
-    texts = common.encoder_texts(common.load_items(run), {s: common.load_samples(run, s) for s in common.SPLITS})
-    if blob.get("fingerprint") != common.texts_fingerprint(encoder, texts) or len(blob["features"][split]) != count:
-        return None
-    print(f"[05] reusing the {split} dialogue vectors of {path}")
-    return blob["features"][split]
+    return torch.load(path, weights_only=False).get("encoder", common.DEFAULT_ENCODER) if path.exists() \
+        else common.DEFAULT_ENCODER
+
+
+def encoder_vectors(run: common.RunPaths, encoder: str, samples: dict[str, list[dict]], device: str,
+                    items: bool = False) -> dict[str, torch.Tensor]:
+    """Frozen-encoder vectors {split: [S, E]} of the dialogues of `samples` (and "items": [N, E]):
+    03's retriever/features.pt when it was encoded by the same encoder from exactly the current
+    data (same fingerprint), else encoded here."""
+    names = [*samples, *(["items"] if items else [])]
+    path = run.retriever / "features.pt"
+    blob = torch.load(path, weights_only=False) if path.exists() else {}
+    current = common.encoder_texts(common.load_items(run), {s: common.load_samples(run, s) for s in common.SPLITS})
+    if blob.get("fingerprint") == common.texts_fingerprint(encoder, current) and \
+            all(len(blob["features"][s]) == len(rows) for s, rows in samples.items()):
+        print(f"[05] reusing the {', '.join(names)} vectors of {path}")
+        return {name: blob["features"][name] for name in names}
+    tokenizer, model = common.load_sentence_encoder(encoder, device)
+    texts = common.encoder_texts(common.load_items(run), samples)
+    return {name: common.encode_texts(texts[name], tokenizer, model, desc=f"encoding {name}") for name in names}
 
 
 def retriever_rankings(run: common.RunPaths, variants: list[str], samples: list[dict], k: int,
@@ -175,24 +210,19 @@ def retriever_rankings(run: common.RunPaths, variants: list[str], samples: list[
         run.require("retriever", f"{v}/retriever.pt")
         nets[v] = common.DualViewRetriever.load(folder / v).to(args.device)
     encoder_name = nets[variants[0]].extra.get("encoder", common.DEFAULT_ENCODER)
-    ctx_sem = cached_features(run, encoder_name, args.split, len(samples))
-    if ctx_sem is None:
-        tokenizer, encoder = common.load_sentence_encoder(encoder_name, args.device)
-        ctx_sem = common.encode_texts([common.dialogue_text(s["context"]) for s in samples], tokenizer, encoder,
-                                      desc=f"encoding {args.split} dialogues")
+    ctx_sem = encoder_vectors(run, encoder_name, {args.split: samples}, args.device)[args.split]
     context_items = [s["context_items"] for s in samples]
     return {v: common.rank_items(net, ctx_sem, context_items, k, args.exclude_seen, device=args.device)
             for v, net in nets.items()}
 
 
 def single_shot_rows(run: common.RunPaths, items: list[dict], samples: list[dict], args: Args) -> tuple[dict, dict]:
-    """Popularity and the retriever variants ranked once on the whole split and scored at every
-    k of common.METRIC_KS. -> ({row: score_rankings}, {"retrievers": seconds} when one ran)"""
+    """The baselines and the retriever variants ranked once on the whole split and scored at every
+    k of common.METRIC_KS. -> ({row: score_rankings, the mix's row also with its mix_weight},
+    {"retrievers": seconds} when one ran)"""
     k = max(common.METRIC_KS)
-    rankings: dict[str, list[list[int]]] = {}
+    rankings, mix = baseline_rankings(run, args.rows, len(items), samples, k, args)
     seconds = {}
-    if "popularity" in args.rows:
-        rankings["popularity"] = popularity_rankings(run, len(items), samples, k, args.exclude_seen)
     variants = [RETRIEVER_ROWS[r] for r in args.rows if r in RETRIEVER_ROWS]
     if variants:
         started = time.time()
@@ -201,6 +231,8 @@ def single_shot_rows(run: common.RunPaths, items: list[dict], samples: list[dict
         seconds["retrievers"] = round(time.time() - started, 1)
     rows = {row: common.score_rankings(rankings[row], samples, bootstrap=args.bootstrap, seed=args.seed)
             for row in args.rows if row in SINGLE_SHOT_ROWS}
+    if mix:
+        rows["cooccurrence+cosine"].update(mix)
     return rows, seconds
 
 
@@ -424,9 +456,11 @@ def single_shot_table(results: dict) -> str:
         cells = [f"{r['new'][m]:.3f}" for m, _ in k_cols]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | [{lo:.3f}, {hi:.3f}] | "
                      f"{r['all']['recall@10']:.3f} | {r['all']['recall@50']:.3f} |")
+    mixed = [f"{name}: w = {r['mix_weight']} on co-occurrence, chosen on valid R@10"
+             for name, r in results["rows"].items() if "mix_weight" in r]
     return (f"{results['dataset']} {results['split']}, single shot: {results['samples']} samples, "
             f"{results['labels']['new']} new-target labels, {results['labels']['all']} target labels\n\n"
-            + "\n".join(lines))
+            + "\n".join(lines + ([""] + mixed if mixed else [])))
 
 
 def multi_turn_table(results: dict) -> str:

@@ -6,7 +6,8 @@ Sections, in reading order:
   3. model loading: any Hugging Face id or folder, plus the offline defaults
   4. title <-> item matching for generated text
   5. ranking metrics (Recall / NDCG / MRR @k, one label per target item) and bootstrap CIs
-  6. the dual-view retriever (semantic + collaborative views fused by cross-attention)
+  6. the dual-view retriever (semantic + collaborative views fused by cross-attention) and the
+     baselines it must beat (popularity, co-occurrence counts, frozen-encoder cosine, their mix)
   7. LLM mechanics: loading (GGUF, 4-bit nf4), hand-written LoRA (PEFT file layout), chat
      examples with an assistant-only loss mask, batched generation, per-token log-probs,
      resumable checkpoints
@@ -522,8 +523,20 @@ def popularity_counts(dialogues: Sequence[dict], num_items: int) -> torch.Tensor
     return counts
 
 
+VIEW_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # the view weights a tried on valid (0: the count mix)
+RETRIEVER_FORMAT = 2  # 2: the fused net adds the count mix to its view score (older files are refused)
+
+
+def multi_hot(item_ids: torch.Tensor, num_items: int) -> torch.Tensor:
+    """item_ids [B, L] (-1 = padding, repeats allowed) -> [B, num_items] float, 1 where an item occurs."""
+    out = torch.zeros(item_ids.shape[0], num_items, device=item_ids.device)
+    out.scatter_add_(1, item_ids.clamp(min=0), (item_ids >= 0).float())
+    return out.clamp(max=1)
+
+
 class DualViewRetriever(nn.Module):
-    """Scores every catalogue item for a dialogue from two views fused by cross-attention.
+    """Scores every catalogue item for a dialogue from two views fused by cross-attention, and (the
+    fused net, with counts) from count features of the training dialogues.
 
     Semantic view: frozen sentence-encoder vectors of the dialogue text [E] and of every item's
     text [N, E], projected to d. Collaborative view: trainable item embeddings [N, d] initialised
@@ -538,16 +551,26 @@ class DualViewRetriever(nn.Module):
     text reads which items were mentioned and the items read what was said. With one view (the
     ablations), the query attends over its own tokens. The dialogue vector u [B, d*V] is scored
     against item vectors [N, d*V] (the item's projected semantic vector and/or its collaborative
-    embedding), plus a learned per-item bias in the collaborative view: scores [B, N].
+    embedding), plus a learned per-item bias in the collaborative view: the view score [B, N].
+
+    counts = (cooccurrence [N, N], popularity [N]) of the training dialogues (CountBaselines) makes
+    the score
+        a * z(view score) + w * z(cooccurrence) + (1 - w) * z(encoder cosine),
+    z over the catalogue per dialogue (zscore_rows): the cooccurrence+cosine baseline (its w, chosen
+    on valid) plus the learned views with weight a (03 picks a on valid; a = 0 is the baseline
+    itself). The views train alone (view_scores); the counts travel in the checkpoint (sparse), so a
+    loaded net needs nothing else.
     """
 
     def __init__(self, item_sem: torch.Tensor, collab_init: torch.Tensor | None = None,
-                 views: Sequence[str] = RETRIEVER_VIEWS, dim: int = 128, heads: int = 4, dropout: float = 0.1):
+                 views: Sequence[str] = RETRIEVER_VIEWS, dim: int = 128, heads: int = 4, dropout: float = 0.1,
+                 counts: tuple[torch.Tensor, torch.Tensor] | None = None, mix_weight: float = 0.5):
         super().__init__()
         assert views and all(v in RETRIEVER_VIEWS for v in views), f"views must be among {RETRIEVER_VIEWS}"
         self.views = tuple(v for v in RETRIEVER_VIEWS if v in views)
         self.config = {"views": list(self.views), "dim": dim, "heads": heads, "dropout": dropout,
-                       "num_items": item_sem.shape[0], "sem_dim": item_sem.shape[1]}
+                       "num_items": item_sem.shape[0], "sem_dim": item_sem.shape[1],
+                       "count_features": counts is not None, "format": RETRIEVER_FORMAT}
         num_items, sem_dim = item_sem.shape
         self.register_buffer("item_sem", item_sem.float(), persistent=True)
         self.sem_item_proj = nn.Linear(sem_dim, dim)
@@ -563,6 +586,13 @@ class DualViewRetriever(nn.Module):
                                                    nn.Dropout(dropout), nn.Linear(2 * dim, dim)) for v in self.views})
         self.out_norm = nn.ModuleDict({v: nn.LayerNorm(dim) for v in self.views})
         self.dropout = nn.Dropout(dropout)
+        if counts is not None:
+            cooc = counts[0].float().to_sparse().coalesce()  # ~1% non-zero: [N, N] dense would be 190 MB on ReDial
+            self.register_buffer("cooc_index", cooc.indices())
+            self.register_buffer("cooc_value", cooc.values())
+            self.register_buffer("popularity", counts[1].float())
+            self.register_buffer("mix_weight", torch.tensor(float(mix_weight)))   # w
+            self.register_buffer("view_weight", torch.tensor(0.0))                # a
 
     def item_matrix(self) -> torch.Tensor:
         """Item vectors [N, d*V] in the order of self.views."""
@@ -597,11 +627,33 @@ class DualViewRetriever(nn.Module):
             parts.append(self.out_norm[v](h).squeeze(1))
         return torch.cat(parts, -1)
 
-    def forward(self, ctx_sem: torch.Tensor, ctx_items: torch.Tensor, exclude_seen: bool = False) -> torch.Tensor:
-        """Scores [B, N] of every item; with exclude_seen, items already mentioned get -inf."""
+    def counts_matrix(self) -> torch.Tensor:
+        """The co-occurrence counts the net was given, sparse [N, N]."""
+        return torch.sparse_coo_tensor(self.cooc_index, self.cooc_value, (len(self.popularity),) * 2,
+                                       check_invariants=False, is_coalesced=True)  # coalesced in __init__
+
+    @torch.no_grad()
+    def count_scores(self, ctx_sem: torch.Tensor, ctx_items: torch.Tensor) -> torch.Tensor:
+        """CountBaselines' cooccurrence+cosine scores [B, N] with the net's counts and w:
+        w * z(cooccurrence_scores) + (1 - w) * z(encoder_cosine_scores)."""
+        num_items = len(self.popularity)
+        ctx = multi_hot(ctx_items, num_items)                                          # [B, N]
+        cooc = torch.sparse.mm(self.counts_matrix(), ctx.T).T                           # [B, N] (symmetric counts)
+        cooc = cooc + self.popularity / (self.popularity.max() + 1)                     # cooccurrence_scores' tie-break
+        return mix_zscored(zscore_rows(cooc), zscore_rows(encoder_cosine_scores(ctx_sem, self.item_sem)),
+                           self.mix_weight)
+
+    def view_scores(self, ctx_sem: torch.Tensor, ctx_items: torch.Tensor) -> torch.Tensor:
+        """The learned views' scores [B, N] (what training fits): u . item vectors (+ item bias)."""
         scores = self.dialogue_vector(ctx_sem, ctx_items) @ self.item_matrix().T
-        if "collaborative" in self.views:
-            scores = scores + self.item_bias
+        return scores + self.item_bias if "collaborative" in self.views else scores
+
+    def forward(self, ctx_sem: torch.Tensor, ctx_items: torch.Tensor, exclude_seen: bool = False) -> torch.Tensor:
+        """Scores [B, N] of every item (with counts: a * z(view_scores) + count_scores); with
+        exclude_seen, items already mentioned get -inf."""
+        scores = self.view_scores(ctx_sem, ctx_items)
+        if self.config["count_features"]:
+            scores = self.view_weight * zscore_rows(scores) + self.count_scores(ctx_sem, ctx_items)
         if exclude_seen:
             scores = mask_seen(scores, ctx_items)
         return scores
@@ -612,11 +664,23 @@ class DualViewRetriever(nn.Module):
 
     @classmethod
     def load(cls, folder: str | os.PathLike, map_location: str = "cpu") -> "DualViewRetriever":
-        blob = torch.load(Path(folder) / "retriever.pt", map_location=map_location, weights_only=False)
+        path = Path(folder) / "retriever.pt"
+        blob = torch.load(path, map_location=map_location, weights_only=False)
         cfg = blob["config"]
+        if cfg.get("format") != RETRIEVER_FORMAT:
+            raise StageMissing(f"error: {path} was written by an older 03_sft_recommender.py (retriever format "
+                               f"{cfg.get('format', 1)}; this code reads format {RETRIEVER_FORMAT}, whose fused net "
+                               "also scores count features). Rerun `python 03_sft_recommender.py --parts retriever` "
+                               "on this run directory.")
+        state = blob["state_dict"]
+        counts = None
+        if cfg["count_features"]:  # placeholders of the saved shapes; load_state_dict fills them
+            counts = (torch.sparse_coo_tensor(state["cooc_index"], state["cooc_value"],
+                                              (cfg["num_items"], cfg["num_items"]), check_invariants=True),
+                      state["popularity"])
         model = cls(torch.zeros(cfg["num_items"], cfg["sem_dim"]), None, cfg["views"], cfg["dim"], cfg["heads"],
-                    cfg["dropout"])
-        model.load_state_dict(blob["state_dict"])
+                    cfg["dropout"], counts)
+        model.load_state_dict(state)
         model.extra = blob.get("extra", {})
         return model.eval()
 
@@ -709,6 +773,124 @@ def rank_items(net: DualViewRetriever, ctx_sem: torch.Tensor, context_items: Seq
         scores = net(ctx_sem[start:start + batch_size].to(device), items, exclude_seen=exclude_seen)
         out.extend(scores.topk(min(k, scores.shape[1]), dim=1).indices.tolist())
     return out
+
+
+# ---- baselines fitted by counting, and the frozen encoder alone (03's report, 05's rows) -------------
+
+BASELINE_ROWS = ("popularity", "cooccurrence", "encoder-cosine", "cooccurrence+cosine")
+TEXT_BASELINE_ROWS = ("encoder-cosine", "cooccurrence+cosine")  # the rows that read the encoder's vectors
+MIX_WEIGHTS = tuple(n / 10 for n in range(11))  # the co-occurrence weights w tried on valid
+MIX_RECALL_K = 10  # the mix weight maximises valid Recall@10 on new targets
+
+
+def cooccurrence_counts(dialogues: Sequence[dict], num_items: int) -> torch.Tensor:
+    """counts[i, j] [N, N]: training dialogues that mention both items i and j (i != j; symmetric).
+    Pairs come from co-mention in a dialogue rather than from samples (context item -> new target):
+    on the course runs' valid split, new targets, co-mention scored Recall@10 0.134 against 0.103
+    (ReDial) and 0.132 against 0.104 (INSPIRED): it counts every pair of a dialogue, not only
+    (context, later new target) pairs, so it has more counts to go on."""
+    counts = torch.zeros(num_items, num_items)
+    for d in dialogues:
+        ids = torch.tensor(sorted({i for t in d["turns"] for i in t["items"]}), dtype=torch.long)
+        counts[ids.unsqueeze(1), ids.unsqueeze(0)] += 1.0  # distinct ids: no index repeats
+    return counts.fill_diagonal_(0)  # the diagonal would be popularity_counts, which breaks ties instead
+
+
+def cooccurrence_scores(counts: torch.Tensor, context_items: Sequence[Sequence[int]],
+                        popularity: torch.Tensor) -> torch.Tensor:
+    """Item j's score for each sample: the sum over its distinct context items i of counts[i, j],
+    plus popularity[j] / (max popularity + 1). That term is below 1, so it only orders items of equal
+    count: ties, and the whole catalogue of a sample whose items were never counted (or that has none).
+    counts [N, N], popularity [N] -> [S, N]"""
+    pairs = [(row, i) for row, items in enumerate(context_items) for i in set(items)]
+    index = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).T                       # [2, nnz]
+    multi_hot = torch.sparse_coo_tensor(index, torch.ones(len(pairs)), (len(context_items), len(counts)),
+                                        check_invariants=True)                          # [S, N]
+    return torch.sparse.mm(multi_hot, counts) + popularity / (popularity.max() + 1)
+
+
+def encoder_cosine_scores(ctx_sem: torch.Tensor, item_sem: torch.Tensor) -> torch.Tensor:
+    """Cosine of each dialogue's frozen-encoder vector ctx_sem [S, E] with each item's item_sem
+    [N, E] -> [S, N] (encode_texts' vectors are unit already; normalised again for any other)."""
+    return F.normalize(ctx_sem.float(), dim=-1) @ F.normalize(item_sem.float(), dim=-1).T
+
+
+def zscore_rows(scores: torch.Tensor) -> torch.Tensor:
+    """scores [S, N], each row minus its mean over the catalogue, over its standard deviation
+    (population; a constant row becomes 0): counts and cosines on one scale before they are mixed."""
+    mean = scores.mean(1, keepdim=True)
+    std = scores.std(1, correction=0, keepdim=True)
+    return (scores - mean) / std.clamp(min=1e-12)
+
+
+def mix_zscored(z_cooc: torch.Tensor, z_cos: torch.Tensor, weight: float) -> torch.Tensor:
+    """weight * z_cooc + (1 - weight) * z_cos, both [S, N] z-scored rows."""
+    return weight * z_cooc + (1 - weight) * z_cos
+
+
+def rank_scores(scores: torch.Tensor, context_items: Sequence[Sequence[int]], k: int,
+                exclude_seen: bool = True) -> list[list[int]]:
+    """Top-k item ids [S][<= k] of scores [S, N]; with exclude_seen, every item of a sample's context
+    is left out (all of them: pad_item_lists keeps only the latest 32 by default). Equal scores go
+    by item id: count scores tie often, and topk's choice among ties changed with k."""
+    if exclude_seen:
+        scores = mask_seen(scores, pad_item_lists(context_items, max_len=10**6))
+    top = scores.sort(dim=1, descending=True, stable=True)
+    values, ids = top.values[:, :k].tolist(), top.indices[:, :k].tolist()
+    return [[i for i, v in zip(row_ids, row_values) if v != float("-inf")] for row_ids, row_values in zip(ids, values)]
+
+
+@dataclasses.dataclass
+class CountBaselines:
+    """The BASELINE_ROWS, fitted on the training split without a gradient step: popularity [N]
+    (training dialogues mentioning each item), cooccurrence [N, N] (cooccurrence_counts of the
+    training dialogues), item_sem [N, E] (frozen-encoder item vectors; None: no text rows) and the
+    mix's co-occurrence weight (fit_mix_weight, on valid; None until then)."""
+    popularity: torch.Tensor
+    cooccurrence: torch.Tensor
+    item_sem: torch.Tensor | None = None
+    mix_weight: float | None = None
+
+    @classmethod
+    def fit(cls, train_dialogues: Sequence[dict], num_items: int,
+            item_sem: torch.Tensor | None = None) -> "CountBaselines":
+        return cls(popularity_counts(train_dialogues, num_items), cooccurrence_counts(train_dialogues, num_items),
+                   item_sem)
+
+    def scores(self, row: str, context_items: Sequence[Sequence[int]],
+               ctx_sem: torch.Tensor | None = None) -> torch.Tensor:
+        """One row's scores [S, N] for S samples: context_items, their mentioned items; ctx_sem [S, E],
+        their frozen-encoder dialogue vectors (the query text of the semantic view), for TEXT_BASELINE_ROWS."""
+        if row == "popularity":
+            return self.popularity.expand(len(context_items), -1)
+        if row == "cooccurrence":
+            return cooccurrence_scores(self.cooccurrence, context_items, self.popularity)
+        if row == "encoder-cosine":
+            return encoder_cosine_scores(ctx_sem, self.item_sem)
+        assert row == "cooccurrence+cosine" and self.mix_weight is not None, f"{row}: fit_mix_weight first"
+        return mix_zscored(zscore_rows(self.scores("cooccurrence", context_items)),
+                           zscore_rows(self.scores("encoder-cosine", context_items, ctx_sem)), self.mix_weight)
+
+    def fit_mix_weight(self, ctx_sem: torch.Tensor, samples: Sequence[dict], exclude_seen: bool = True,
+                       weights: Sequence[float] = MIX_WEIGHTS) -> dict[float, float]:
+        """Sets mix_weight to the w of `weights` whose mix has the best Recall@10 on the new targets of
+        `samples` (valid; ctx_sem [S, E] their dialogue vectors), the first w of a tie (the grid's order).
+        -> {w: that Recall@10}"""
+        context = [s["context_items"] for s in samples]
+        z_cooc = zscore_rows(self.scores("cooccurrence", context))
+        z_cos = zscore_rows(self.scores("encoder-cosine", context, ctx_sem))
+        recall = {}
+        for w in weights:
+            ranked = rank_scores(mix_zscored(z_cooc, z_cos, w), context, MIX_RECALL_K, exclude_seen)
+            recall[w] = score_rankings(ranked, samples, ks=(MIX_RECALL_K,))["new"][f"recall@{MIX_RECALL_K}"]
+        self.mix_weight = max(weights, key=lambda w: recall[w])  # max keeps the first of equals
+        return recall
+
+    def rankings(self, rows: Sequence[str], samples: Sequence[dict], k: int, ctx_sem: torch.Tensor | None = None,
+                 exclude_seen: bool = True) -> dict[str, list[list[int]]]:
+        """{row: top-k item ids [S][k]} of samples (ctx_sem [S, E] for TEXT_BASELINE_ROWS)."""
+        context = [s["context_items"] for s in samples]
+        return {row: rank_scores(self.scores(row, context, ctx_sem), context, k, exclude_seen) for row in rows}
 
 
 # --------------------------------------------------------------------------------------

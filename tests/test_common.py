@@ -250,6 +250,121 @@ def test_fused_retriever_uses_both_views_on_held_out_dialogues(tmp_path):
     assert torch.allclose(loaded(*test[:2]), last(*test[:2]))
 
 
+# ---------------------------------------------------------------- baselines without training
+
+def hand_dialogues():
+    """Training dialogues over 5 items: item 1 with 2 twice, 0 with 1 and 2 once, 2 with 3 once.
+    popularity (dialogues mentioning each item) = [1, 2, 3, 1, 0]."""
+    turns = [[[0, 1], [2]], [[1], [2, 1]], [[2], [3]]]
+    return [{"turns": [{"items": items} for items in d]} for d in turns]
+
+
+def test_cooccurrence_counts_and_scores_by_hand():
+    counts = common.cooccurrence_counts(hand_dialogues(), 5)
+    assert counts.tolist() == [[0, 1, 1, 0, 0],
+                               [1, 0, 2, 0, 0],
+                               [1, 2, 0, 1, 0],
+                               [0, 0, 1, 0, 0],
+                               [0, 0, 0, 0, 0]]
+    popularity = common.popularity_counts(hand_dialogues(), 5)
+    assert popularity.tolist() == [1, 2, 3, 1, 0]
+    # context [1, 3]: item j scores counts[1, j] + counts[3, j], plus popularity / (3 + 1) for ties;
+    # an empty context is ranked by popularity alone, equal popularity by item id (0 before 3)
+    scores = common.cooccurrence_scores(counts, [[1, 3], [], [3, 3]], popularity)
+    assert torch.allclose(scores[0], torch.tensor([1 + 1 / 4, 0 + 2 / 4, 3 + 3 / 4, 0 + 1 / 4, 0.0]))
+    assert common.rank_scores(scores, [[], [], []], 5)[:2] == [[2, 0, 1, 3, 4], [2, 1, 0, 3, 4]]
+    assert torch.allclose(scores[2], torch.tensor([0.25, 0.5, 1.75, 0.25, 0.0]))  # a repeated item counts once
+
+
+def test_every_baseline_row_excludes_the_items_already_mentioned():
+    baselines = common.CountBaselines.fit(hand_dialogues(), 5, F.normalize(torch.randn(5, 4), dim=-1))
+    baselines.mix_weight = 0.5
+    samples = [{"context_items": [1, 3]}, {"context_items": []}, {"context_items": [2]}]
+    ranked = baselines.rankings(common.BASELINE_ROWS, samples, 5, torch.randn(3, 4))
+    assert set(ranked) == set(common.BASELINE_ROWS)
+    for row, lists in ranked.items():
+        assert (lists[0] == [2, 0, 4]) if row == "cooccurrence" else (set(lists[0]) == {0, 2, 4}), row
+        assert sorted(lists[1]) == [0, 1, 2, 3, 4] and 2 not in lists[2] and len(lists[2]) == 4, row
+    assert ranked["popularity"][1] == [2, 1, 0, 3, 4]
+    many = list(range(40))   # more mentioned items than pad_item_lists keeps by default: all masked
+    assert common.rank_scores(torch.arange(42.0).unsqueeze(0), [many], 3) == [[41, 40]]
+
+
+def counted_net(dialogues, mix_weight=0.3, seed=0):
+    """A fused retriever over 5 items with the count features of `dialogues`."""
+    torch.manual_seed(seed)
+    baselines = common.CountBaselines.fit(dialogues, 5, F.normalize(torch.randn(5, 4), dim=-1))
+    baselines.mix_weight = mix_weight
+    net = common.DualViewRetriever(baselines.item_sem, torch.randn(5, 8), dim=8, heads=2, dropout=0.0,
+                                   counts=(baselines.cooccurrence, baselines.popularity), mix_weight=mix_weight)
+    return net.eval(), baselines
+
+
+def test_fused_net_with_counts_is_the_count_mix_at_view_weight_0_and_its_views_then_add():
+    net, baselines = counted_net(hand_dialogues())
+    samples = [{"context_items": c} for c in ([1, 3], [], [2], [0, 1], [4])]
+    context, ctx_sem = [s["context_items"] for s in samples], torch.randn(5, 4)
+    mix = baselines.scores("cooccurrence+cosine", context, ctx_sem)
+    scores = net(ctx_sem, common.pad_item_lists(context))
+    assert float(net.view_weight) == 0 and torch.allclose(scores, mix, atol=1e-5)
+    ranked = common.rank_items(net, ctx_sem, context, 5)        # mentioned items last, at -inf
+    mixed = baselines.rankings(["cooccurrence+cosine"], samples, 5, ctx_sem)["cooccurrence+cosine"]
+    assert [r[:len(m)] for r, m in zip(ranked, mixed)] == mixed
+    net.view_weight.fill_(2.0)       # a * z(view scores) on top of the mix
+    views = common.zscore_rows(net.view_scores(ctx_sem, common.pad_item_lists(context)))
+    assert torch.allclose(net(ctx_sem, common.pad_item_lists(context)), mix + 2 * views, atol=1e-5)
+
+
+def test_counted_retriever_saves_and_loads_and_an_older_file_is_refused(tmp_path):
+    net, _ = counted_net(hand_dialogues())
+    net.view_weight.fill_(0.7)
+    net.save(tmp_path / "r")
+    loaded = common.DualViewRetriever.load(tmp_path / "r")
+    ctx_sem, context = torch.randn(3, 4), common.pad_item_lists([[1, 3], [], [2]])
+    assert torch.equal(loaded(ctx_sem, context), net(ctx_sem, context))
+    assert torch.equal(loaded.counts_matrix().to_dense(), common.cooccurrence_counts(hand_dialogues(), 5))
+    blob = torch.load(tmp_path / "r" / "retriever.pt", weights_only=False)
+    del blob["config"]["format"]                                    # as 03 wrote it before count features
+    torch.save(blob, tmp_path / "r" / "retriever.pt")
+    with pytest.raises(SystemExit, match=r"older 03_sft_recommender.py .* --parts retriever"):
+        common.DualViewRetriever.load(tmp_path / "r")
+
+
+def test_zscore_rows_by_hand():
+    z = common.zscore_rows(torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0]]))
+    std = math.sqrt(1.25)    # population std of 1, 2, 3, 4 around 2.5
+    assert torch.allclose(z[0], torch.tensor([-1.5, -0.5, 0.5, 1.5]) / std)
+    assert z[1].tolist() == [0.0] * 4     # a constant row carries no preference
+    assert common.mix_zscored(z, 2 * z, 0.25).allclose(1.75 * z)
+
+
+def mix_case(target_leads_on: str):
+    """30 items; the sample mentions item 0 and wants item 1; items 2-11 are 10 decoys. On the view
+    target_leads_on the target leads the decoys by a hair, on the other view it trails them far
+    behind: so only the mix that reads one view alone (w = 1: co-occurrence, w = 0: cosine) ranks
+    the target in the top 10; every other w puts the 10 decoys above it."""
+    counts, unit = torch.zeros(30, 30), torch.tensor([1.0, 0.0])
+    item_sem = torch.tensor([-1.0, 0.0]).repeat(30, 1)                     # cosine -1 with the dialogue
+    decoy_angle = torch.tensor([0.99, math.sqrt(1 - 0.99 ** 2)])           # cosine 0.99
+    if target_leads_on == "cooccurrence":
+        counts[0, 1], counts[0, 2:12] = 41, 40
+        item_sem[2:12] = unit                                               # decoys: cosine 1
+    else:
+        counts[0, 2:12] = 1
+        item_sem[1], item_sem[2:12] = unit, decoy_angle
+    baselines = common.CountBaselines(torch.zeros(30), counts, item_sem)
+    return baselines, [{"context_items": [0], "new_targets": [1], "targets": [1]}], unit.unsqueeze(0)
+
+
+@pytest.mark.parametrize("view, best", [("cooccurrence", 1.0), ("cosine", 0.0)])
+def test_mix_weight_is_the_one_that_wins_on_valid(view, best):
+    baselines, valid, ctx_sem = mix_case(view)
+    recall = baselines.fit_mix_weight(ctx_sem, valid)
+    assert list(recall) == list(common.MIX_WEIGHTS) and baselines.mix_weight == best
+    assert recall[best] == 1.0 and sum(recall.values()) == 1.0, recall
+    assert 1 in baselines.rankings(["cooccurrence+cosine"], valid, 10, ctx_sem)["cooccurrence+cosine"][0]
+
+
 def test_score_rankings_separates_new_and_all_targets():
     samples = [{"new_targets": [3], "targets": [3, 1]},   # 1 was mentioned before: not new
                {"new_targets": [], "targets": [2]}]       # no new target: no "new" label

@@ -43,6 +43,7 @@ def test_retriever_then_eval_smoke(inspired_run):
     report = sft_recommender.main(run + retriever_only + ["--epochs", "2"])
     check_reported_recall(inspired_run, report)
     check_cross_fitting(inspired_run, report)
+    check_baselines(run, inspired_run, report)
 
     # a second run reuses the cached encoder features; retraining the fused net drops its old folds
     features_mtime = (inspired_run / "retriever" / "features.pt").stat().st_mtime
@@ -51,7 +52,9 @@ def test_retriever_then_eval_smoke(inspired_run):
     assert not (inspired_run / "retriever" / "fused" / "folds").exists()
 
     results = evaluate.main(run + ["--rows", *evaluate.SINGLE_SHOT_ROWS, "--bootstrap", "200"])
-    assert set(results["rows"]) == {"popularity", "retriever-semantic", "retriever-collab", "retriever-fused"}
+    assert list(results["rows"]) == ["popularity", "cooccurrence", "encoder-cosine", "cooccurrence+cosine",
+                                     "retriever-semantic", "retriever-collab", "retriever-fused"]
+    assert results["rows"]["cooccurrence+cosine"]["mix_weight"] in common.MIX_WEIGHTS
     for row in results["rows"].values():
         for k in (1, 10, 50):
             lo, hi = row["ci"]["new"][f"recall@{k}"]
@@ -72,7 +75,7 @@ def check_reported_recall(run_dir, report):
     for variant in ("fused", "semantic", "collaborative"):
         assert (run_dir / "retriever" / variant / "retriever.pt").exists()
         rep = report["variants"][variant]
-        assert 1 <= rep["best_epoch"] <= 2
+        assert 0 <= rep["best_epoch"] <= 2   # epoch 0: the untrained net (the fused one: the count mix)
         net = common.DualViewRetriever.load(run_dir / "retriever" / variant)
         for split, rows in held_out.items():
             assert len(features[split]) == len(rows)
@@ -86,6 +89,18 @@ def check_reported_recall(run_dir, report):
     assert [row["variant"] for row in log] == [v for v in ("fused", "semantic", "collaborative")
                                                + tuple(f"fused/fold{f}" for f in range(5)) for _ in range(2)]
     assert all(row["loss"] > 0 for row in log)
+
+
+def check_baselines(run, run_dir, report):
+    """report.json's baseline rows on valid and test; --parts baselines recomputes them alone from the
+    cached features and keeps the trained variants' rows."""
+    baselines = report["baselines"]
+    assert list(baselines["rows"]) == list(common.BASELINE_ROWS) and baselines["mix_weight"] in common.MIX_WEIGHTS
+    for row in baselines["rows"].values():
+        assert row["test"]["labels"] == report["variants"]["fused"]["test"]["labels"]
+    again = sft_recommender.main(run + ["--parts", "baselines", "--max-samples", "120"])
+    assert again["baselines"]["rows"] == baselines["rows"] and again["variants"] == report["variants"]
+    assert common.read_json(run_dir / "retriever" / "report.json")["cross_fitting"] == report["cross_fitting"]
 
 
 def check_cross_fitting(run_dir, report):
@@ -105,6 +120,12 @@ def check_cross_fitting(run_dir, report):
     assert labels == report["variants"]["fused"]["training_labels"]
     assert set(report["candidate_targets"]) == {"train, full retriever", "train, out of fold", "valid"}
     retriever = common.Retriever(run_dir / "retriever" / "fused")
+    # each net's count features count exactly the training dialogues it trained on: none of its fold's
+    dialogues = common.load_dialogues(paths, "train")
+    for f, net in [(None, retriever.net), *enumerate(retriever.fold_nets)]:
+        counted = common.CountBaselines.fit([d for d in dialogues if fold_of[d["dialog_id"]] != f], net.item_sem.shape[0])
+        assert torch.equal(net.popularity, counted.popularity), f
+        assert torch.equal(net.counts_matrix().to_dense(), counted.cooccurrence), f
     some = train[:6] + common.load_samples(paths, "valid")[:2]
     ids = [s["dialog_id"] for s in some]
     contexts, items = [s["context"] for s in some], [s["context_items"] for s in some]
@@ -238,14 +259,18 @@ def test_merge_refuses_rows_of_recommenders_that_read_other_prompts(tmp_path):
         evaluate.merge_earlier(now, tmp_path / "results.json")
 
 
-def test_popularity_ranking_excludes_items_already_in_the_dialogue(inspired_run):
+def test_count_rankings_exclude_items_already_in_the_dialogue(inspired_run):
     run = common.RunPaths(inspired_run)
     samples = [s for s in common.load_samples(run, "test") if s["context_items"]][:20]
-    ranked = evaluate.popularity_rankings(run, len(common.load_items(run)), samples, 50, exclude_seen=True)
-    for r, s in zip(ranked, samples):
-        assert not set(r) & set(s["context_items"])
-        assert len(set(r)) == 50
+    rankings, mix = evaluate.baseline_rankings(run, ["popularity", "cooccurrence"], len(common.load_items(run)),
+                                               samples, 50, evaluate.Args())
+    assert mix == {} and set(rankings) == {"popularity", "cooccurrence"}
+    for ranked in rankings.values():
+        for r, s in zip(ranked, samples):
+            assert not set(r) & set(s["context_items"])
+            assert len(set(r)) == 50
     counts = common.popularity_counts(common.load_dialogues(run, "train"), len(common.load_items(run)))
+    ranked = rankings["popularity"]
     assert counts[ranked[0][0]] >= counts[ranked[0][-1]]
 
 
