@@ -123,7 +123,8 @@ def check_cross_fitting(run_dir, report):
     # each net's count features count exactly the training dialogues it trained on: none of its fold's
     dialogues = common.load_dialogues(paths, "train")
     for f, net in [(None, retriever.net), *enumerate(retriever.fold_nets)]:
-        counted = common.CountBaselines.fit([d for d in dialogues if fold_of[d["dialog_id"]] != f], net.item_sem.shape[0])
+        own = [d for d in dialogues if fold_of[d["dialog_id"]] != f]
+        counted = common.CountBaselines.fit(own, net.item_sem.shape[0])
         assert torch.equal(net.popularity, counted.popularity), f
         assert torch.equal(net.counts_matrix().to_dense(), counted.cooccurrence), f
     some = train[:6] + common.load_samples(paths, "valid")[:2]
