@@ -51,6 +51,12 @@ conversation ends once the recommender's own list ranks a true target first and 
 so R@1 can never fall over the turns and the gains of R@10 and NDCG lean upward; the table says
 which protocol it used. The simulator's leakage rate is the share of its replies that name a true
 target it was neither shown nor told.
+With --simulator-knows-target, iEvaLM's protocol and an upper bound that uses the label, the simulator
+is also told each target's genres, people and the start of its plot, never its title
+(common.target_description); its rows are named "<row> (target-aware)", kept apart from the label-free
+rows in their own table with R@10 at every turn, and merge beside them (--merge). A reply that names a
+target it was not shown counts as leakage, as above. It tests whether the loop can use informative
+feedback at all: the label-free simulator's replies may say nothing useful.
 With --test-states reachable the draw is among the samples whose first-turn K candidates hold a
 true target (the retriever's own first turn, no LLM): a table of conditional figures, where a row
 can gain by ranking and feedback alone, since the retriever's misses are left out for every row alike.
@@ -83,6 +89,7 @@ ALL_ROWS = SINGLE_SHOT_ROWS + list(MULTI_TURN_ROWS)
 TURN_KS = (1, 5, 10)
 GAIN_METRICS = ("recall@1", "recall@10", "ndcg@10")  # new targets, paired: turn 1 -> turn T, and row - reference
 REFERENCE_ROW = "sft+simulator"  # the other multi-turn rows are also compared with it, sample by sample
+TARGET_AWARE = " (target-aware)"  # the name suffix of the rows played with --simulator-knows-target
 
 
 @dataclass
@@ -99,6 +106,9 @@ class Args:
     stop_on_label: bool = arg(False, "label-using (iEvaLM): end a conversation once the recommender's own list "
                                      "ranks a true target first; default: every conversation plays all T turns "
                                      "(label-free)")
+    simulator_knows_target: bool = arg(False, "upper bound that uses the label (iEvaLM): the simulator is told "
+                                              "each target's genres, people and plot, never its title; rows are "
+                                              "named '<row> (target-aware)'")
     candidates: int = arg(20, "candidates K the retriever recalls each turn")
     show_top: int = arg(3, "movies of the list the simulator is shown (and answers)")
     model: str = arg("", "base LLM (default: the one recommender_sft/ was trained on)")
@@ -285,7 +295,7 @@ def multi_turn_rows(run: common.RunPaths, items: list[dict], samples: list[dict]
     played, seconds = play_pairs(conversation, weights, subset, rows, args)
     multi_turn = {}
     for row in rows:
-        key = MULTI_TURN_ROWS[row]
+        key, name = MULTI_TURN_ROWS[row], row + (TARGET_AWARE if args.simulator_knows_target else "")
         episodes, single = played[key], row in SINGLE_TURN_ROWS
         r = {"recommender": key[0], "simulator": key[1],
              **score_episodes(episodes, 1 if single else args.turns, args), "seconds": seconds[key],
@@ -294,9 +304,10 @@ def multi_turn_rows(run: common.RunPaths, items: list[dict], samples: list[dict]
         if single:  # no later turns: turn T = turn 1
             r["turns"] = [dict(r["turns"][0], turn=t) for t in range(1, args.turns + 1)]
         else:
-            common.write_jsonl(out / f"conversations_{row}.jsonl", [conversation_log(e, items) for e in episodes])
-        multi_turn[row] = r
-        print(f"[05] {row}: R@10 new turn 1 {r['turns'][0]['new']['recall@10']:.3f}, "
+            common.write_jsonl(out / f"conversations_{name.replace(TARGET_AWARE, '-target-aware')}.jsonl",
+                               [conversation_log(e, items) for e in episodes])
+        multi_turn[name] = r
+        print(f"[05] {name}: R@10 new turn 1 {r['turns'][0]['new']['recall@10']:.3f}, "
               f"turn {args.turns} {r['turns'][-1]['new']['recall@10']:.3f} ({r['seconds']} s)")
     first = next(iter(multi_turn.values()))
     meta = {"samples": len(subset), "labels": first["turns"][0]["labels"]["new"], "candidates": args.candidates,
@@ -405,13 +416,18 @@ def merge_earlier(results: dict, path) -> dict:
     merged = dict(results)
     for key in ("rows", "multi_turn", "seconds"):
         both = {**earlier.get(key, {}), **results[key]}
-        merged[key] = {name: both[name]
-                       for name in sorted(both, key=lambda n: ALL_ROWS.index(n) if n in ALL_ROWS else -1)}
+        merged[key] = {name: both[name] for name in sorted(both, key=row_order)}
     for key in ("labels", "multi_turn_meta"):
         if not results.get(key) and earlier.get(key):
             merged[key] = earlier[key]
     merged["merged_args"] = earlier.get("merged_args", []) + [earlier["args"]]
     return merged
+
+
+def row_order(name: str) -> tuple[bool, int]:
+    """Where a row sits in the tables: ALL_ROWS order, the target-aware rows after the label-free ones."""
+    base = name.removesuffix(TARGET_AWARE)
+    return name != base, ALL_ROWS.index(base) if base in ALL_ROWS else -1
 
 
 def compare_with_reference(multi_turn: dict, subset: list[dict], args: Args) -> None:
@@ -424,7 +440,7 @@ def compare_with_reference(multi_turn: dict, subset: list[dict], args: Args) -> 
     that split, limit, test_states and seed agree)."""
     reference = multi_turn.get(REFERENCE_ROW, {}).get("lists")
     for name, row in multi_turn.items():
-        if name in (REFERENCE_ROW, "sft-single-turn"):
+        if name in (REFERENCE_ROW, "sft-single-turn") or name.endswith(TARGET_AWARE):  # another protocol
             continue
         if not (reference and row.get("lists")):
             if REFERENCE_ROW in args.rows:  # compared with episodes this file no longer holds
@@ -476,6 +492,8 @@ def multi_turn_table(results: dict) -> str:
         return v + (" [{:.3f}, {:.3f}]".format(*turn["ci"]["new"][metric]) if ci else "")
 
     for name, r in results["multi_turn"].items():
+        if name.endswith(TARGET_AWARE):
+            continue
         first, last = r["turns"][0], r["turns"][-1]
         parse = "n/a" if r["recommender"] == "retriever" else f"{r['parse_rate_by_turn'][0]:.2f}"
         leak = "n/a" if r["leakage_rate"] is None else f"{r['leakage_rate']:.3f}"
@@ -495,6 +513,24 @@ def multi_turn_table(results: dict) -> str:
             + test_states_phrase(mt.get("test_states"))
             + ("all of them; " if not results["limit"] else f"a seeded draw of --limit {results['limit']}; ")
             + "single-turn rows repeat turn 1 in the turn-T columns\n\n" + "\n".join(lines))
+
+
+def target_aware_table(results: dict) -> str:
+    """The --simulator-knows-target rows: R@10 (new targets) after each turn, the paired change from
+    turn 1 to T, the simulator's leakage."""
+    rows = {name: r for name, r in results["multi_turn"].items() if name.endswith(TARGET_AWARE)}
+    T = results["turns"]
+    lines = ["| system | " + " | ".join(f"R@10 t{t}" for t in range(1, T + 1))
+             + f" | ΔR@10 t1→t{T} [paired 95% CI] (samples up / down) | leakage |", "|" + "---|" * (T + 3)]
+    for name, r in rows.items():
+        gain = format_gain((r.get("gain_first_to_last") or {}).get("recall@10"))
+        leak = "n/a" if r["leakage_rate"] is None else f"{r['leakage_rate']:.3f} ({r['simulator_replies']} replies)"
+        lines.append(f"| {name} | " + " | ".join(f"{x['new']['recall@10']:.3f}" for x in r["turns"])
+                     + f" | {gain} | {leak} |")
+    return (f"Upper bound that uses the label (--simulator-knows-target, iEvaLM's protocol), on the same "
+            f"{results['multi_turn_meta']['samples']} samples: the simulator is told each target's genres, people "
+            "and plot, never its title; leakage: the share of its replies that name a target it was neither shown "
+            "nor told\n\n" + "\n".join(lines))
 
 
 def paired_table(paired: dict, T: int) -> str:
@@ -526,10 +562,11 @@ def plot_recall_by_turn(results: dict, path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, r in results["multi_turn"].items():
-        if name in SINGLE_TURN_ROWS:
+        if name.removesuffix(TARGET_AWARE) in SINGLE_TURN_ROWS:
             continue
         turns = [x["turn"] for x in r["turns"]]
-        ax.plot(turns, [x["new"]["recall@10"] for x in r["turns"]], marker="o", label=name)
+        ax.plot(turns, [x["new"]["recall@10"] for x in r["turns"]], marker="o", label=name,
+                linestyle="--" if name.endswith(TARGET_AWARE) else "-")
         ax.fill_between(turns, [x["ci"]["new"]["recall@10"][0] for x in r["turns"]],
                         [x["ci"]["new"]["recall@10"][1] for x in r["turns"]], alpha=0.12)
     ax.set_xlabel("turn")
@@ -545,8 +582,10 @@ def plot_recall_by_turn(results: dict, path) -> None:
 def write_results(results: dict, out) -> None:
     """results.json, results.md (the tables) and, with multi-turn rows, recall_by_turn.png."""
     common.write_json(out / "results.json", results)
+    label_free = [name for name in results["multi_turn"] if not name.endswith(TARGET_AWARE)]
     tables = ([single_shot_table(results)] if results["rows"] else []) \
-        + ([multi_turn_table(results)] if results["multi_turn"] else [])
+        + ([multi_turn_table(results)] if label_free else []) \
+        + ([target_aware_table(results)] if len(label_free) < len(results["multi_turn"]) else [])
     table = "\n\n".join(tables) + "\n"
     common.atomic_write_bytes(out / "results.md", table.encode())
     if results["multi_turn"]:

@@ -1912,19 +1912,43 @@ def format_dialogue(context: Sequence[dict], max_turns: int = 8) -> str:
     return "\n".join(lines) or "(the conversation has not started)"
 
 
+def redact_title(text: str, title: str, placeholder: str = "this movie") -> str:
+    """`text` with every whole-word mention of a movie's title (with or without its year) replaced."""
+    bare = re.sub(r"\s*\(\d{4}\)\s*$", "", title).strip()
+    for name in sorted({title.strip(), bare}, key=len, reverse=True):
+        if name:
+            text = re.sub(r"(?<!\w)" + re.escape(name) + r"(?!\w)", placeholder, text, flags=re.I)
+    return text
+
+
+def target_description(item: dict, plot_words: int = 40) -> str:
+    """What the target-aware simulator (05 --simulator-knows-target, iEvaLM's protocol) is told of a
+    target movie: genres, director, stars and the start of its plot, never its title (redact_title)."""
+    parts = item_facts(item)
+    if item.get("plot"):
+        words = item["plot"].split()
+        parts.append("plot: " + " ".join(words[:plot_words]) + (" ..." if len(words) > plot_words else ""))
+    return redact_title("; ".join(parts), item["title"]) or "(nothing is known of it)"
+
+
 def simulator_messages(task: str, context: Sequence[dict], items: Sequence[dict] | None = None,
                        recommender_text: str = "", recommended_ids: Sequence[int] = (),
-                       answer: str | None = None, max_turns: int = 8) -> list[dict]:
+                       answer: str | None = None, max_turns: int = 8, target_ids: Sequence[int] = ()) -> list[dict]:
     """Chat messages of one simulator task. The simulator sees the dialogue so far and, for
-    `feedback`, the recommender's new turn (its text and the recommended movies); never the target.
+    `feedback`, the recommender's new turn (its text and the recommended movies); never the target,
+    except that target_ids (05 --simulator-knows-target, an upper bound that uses the label) adds
+    each target's target_description to a feedback prompt, without its title.
     answer: the assistant turn (training); None leaves the prompt for generation."""
     if task not in SIM_TASKS:
         raise ValueError(f"unknown simulator task {task!r}; expected one of {SIM_TASKS}")
     user = "Conversation so far:\n" + format_dialogue(context, max_turns)
     if task == "feedback":
         user += ("\n\nThe recommender now says: " + (recommender_text or "(nothing)")
-                 + "\nRecommended movies:\n" + format_items_for_prompt(items or [], recommended_ids)
-                 + "\n\nYour reply as the seeker:")
+                 + "\nRecommended movies:\n" + format_items_for_prompt(items or [], recommended_ids))
+        if target_ids:
+            user += ("\n\nThe movie you are looking for (you do not know its title; describe what you want):\n"
+                     + "\n".join(f"- {target_description(items[t])}" for t in target_ids))
+        user += "\n\nYour reply as the seeker:"
     elif task == "attributes":
         user += "\n\nAttributes of the movies this seeker likes:"
     else:
@@ -2176,7 +2200,8 @@ class Conversation:
 
     Each turn: the retriever recalls K candidates from the dialogue (history + the simulator's
     latest feedback); the recommender ranks 10 of them (or, with recommender weights "retriever",
-    the retriever's own top 10 is the list); the simulator, which never sees the target, answers
+    the retriever's own top 10 is the list); the simulator, which never sees the target (unless
+    simulator_knows_target: told its attributes, never its title, as an upper bound), answers
     the top `show_top` movies as the seeker; both turns are appended to the dialogue. Items the
     recommender showed are not added to the items masked as already seen: masking them would
     remove a target ranked 2-10 from the next turn's candidates.
@@ -2189,13 +2214,15 @@ class Conversation:
                  simulator_weights: dict[str, torch.Tensor] | None, candidates: int = 20, show_top: int = 3,
                  max_turns: int = 4, simulator_max_turns: int = 8, rec_max_new_tokens: int = 320,
                  sim_max_new_tokens: int = 60, batch_size: int = 8, exclude_seen: bool = True,
-                 popularity: Sequence[float] | None = None, no_repeat_ngram: int = 0):
+                 popularity: Sequence[float] | None = None, no_repeat_ngram: int = 0,
+                 simulator_knows_target: bool = False):
         self.model, self.tok, self.items, self.retriever = model, tokenizer, items, retriever
         self.simulator_weights = simulator_weights
         self.k, self.show_top = candidates, show_top
         self.max_turns, self.simulator_max_turns = max_turns, simulator_max_turns
         self.rec_max_new_tokens, self.sim_max_new_tokens = rec_max_new_tokens, sim_max_new_tokens
         self.batch_size, self.exclude_seen, self.no_repeat_ngram = batch_size, exclude_seen, no_repeat_ngram
+        self.simulator_knows_target = simulator_knows_target
         self.titles = TitleIndex(items, popularity)
 
     def recommend(self, episodes: Sequence[Episode], weights, temperature: float = 0.0, top_p: float = 1.0,
@@ -2248,7 +2275,8 @@ class Conversation:
         only scored) and leaks (it names one that was neither shown to it nor said in the dialogue)."""
         said = [self.recommender_says(e.turns[-1]) for e in episodes]
         shown = [e.turns[-1]["ranked"][:self.show_top] for e in episodes]
-        prompts = [simulator_messages("feedback", e.context, self.items, s, ids, max_turns=self.simulator_max_turns)
+        prompts = [simulator_messages("feedback", e.context, self.items, s, ids, max_turns=self.simulator_max_turns,
+                                      target_ids=e.truth if self.simulator_knows_target else ())
                    for e, s, ids in zip(episodes, said, shown)]
         with adapter(self.model, self.simulator_weights):
             replies = generate(self.model, self.tok, prompts, max_new_tokens=self.sim_max_new_tokens,
@@ -2266,9 +2294,9 @@ class Conversation:
              temperature: float = 0.0, top_p: float = 1.0, stop_on_success: bool = False,
              dtype: torch.dtype | None = None) -> list[Episode]:
         """`turns` turns of every conversation (label-free: nothing the players see depends on the
-        true target). stop_on_success: an episode ends once the recommender's own list ranks a true
-        target first (own_rank 1: 04's absorbing success; 05's label-using --stop-on-label) and
-        keeps that list for the later turns.
+        true target, unless simulator_knows_target). stop_on_success: an episode ends once the
+        recommender's own list ranks a true target first (own_rank 1: 04's absorbing success; 05's
+        label-using --stop-on-label) and keeps that list for the later turns.
         temperature, top_p: the recommender's decoding (0 = greedy, for evaluation; RL samples).
         dtype: the dtype both players decode in (None = the model's own; 04's rollouts: decoding_dtype).
         progress: a bar over the turns with this description, and one over each turn's generation batches."""
@@ -2332,8 +2360,8 @@ def load_conversation(run: RunPaths, folders: Sequence[str], items: Sequence[dic
     The base is args.model, else the one recommender_sft/ (else the first adapter) was trained
     on. args: model, load_in_4bit, device, candidates, show_top, max_new_tokens, sim_max_new_tokens,
     gen_batch_size, exclude_seen and, where args has it, no_repeat_ngram (05's greedy loop guard; else
-    GREEDY_NO_REPEAT_NGRAM). LoRA dropout is 0: the swapped adapters are evaluated or trained as RL
-    policies, where dropout would make old and new log-probs differ.
+    GREEDY_NO_REPEAT_NGRAM) and simulator_knows_target (05's upper bound). LoRA dropout is 0: the
+    swapped adapters are evaluated or trained as RL policies, where dropout would make old and new log-probs differ.
     -> (conversation, {folder: LoRA weights}); the model's live adapter is a fresh zero-B one."""
     configs = {}
     for f in folders:
@@ -2357,6 +2385,7 @@ def load_conversation(run: RunPaths, folders: Sequence[str], items: Sequence[dic
         model, tok, items, retriever, simulator_weights=None, candidates=args.candidates, show_top=args.show_top,
         rec_max_new_tokens=args.max_new_tokens, sim_max_new_tokens=args.sim_max_new_tokens,
         batch_size=args.gen_batch_size, exclude_seen=args.exclude_seen, popularity=popularity,
-        no_repeat_ngram=getattr(args, "no_repeat_ngram", GREEDY_NO_REPEAT_NGRAM))
+        no_repeat_ngram=getattr(args, "no_repeat_ngram", GREEDY_NO_REPEAT_NGRAM),
+        simulator_knows_target=getattr(args, "simulator_knows_target", False))
     conversation.base_model = model_name  # written into the adapters 04 saves
     return conversation, weights
