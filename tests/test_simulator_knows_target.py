@@ -72,7 +72,8 @@ def test_target_aware_rows_are_told_the_target_and_kept_apart(inspired_tiny_adap
             for turn in conversation["turns"][:-1]:
                 assert any(turn["said"] in p and all(d in p for d in descriptions) for p in prompts)
             for p in prompts:  # what the simulator is told of a target never names it
-                assert not any(common.names_title(p.split("looking for")[1], items[t]["title"]) for t in truth)
+                told = p.split("The movie you are looking for")[1]
+                assert not any(common.names_title(told, items[t]["title"]) for t in truth)
         row = results["multi_turn"][name]
         replies = [t for c in log for t in c["turns"] if t["reply"] is not None]
         assert row["leakage_rate"] == sum(t["leaks"] for t in replies) / len(replies)
