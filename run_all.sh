@@ -11,7 +11,7 @@
 #                test split, a few steps of each LLM stage, 05's LLM rows on 12 conversations of 3 turns
 #                with 95% CIs, without the two ablations (feedback-only simulator, no preference reward);
 #                at this budget the LLM rows keep the retriever's order (README, results)
-# --budget cpu   the CPU setting of the README's measured results (hours per dataset on one core):
+# --budget cpu   the CPU setting of docs/findings.md's longer runs (hours per dataset on one core):
 #                02 50 steps, 03 40 steps, 04 6 steps of 1 start state x G 4 x T 2, 05 --limit 12, T 5;
 #                in runs/<dataset>, the stages' default run directory
 # --raw-dir DIR  read DIR/redial and DIR/inspired instead of downloading the public files
