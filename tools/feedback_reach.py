@@ -14,6 +14,7 @@ attributes (genre, director, star), R@10 (new targets) after turn 1 and after th
 change with its 95% CI.
 """
 import argparse
+import copy
 import importlib
 import re
 import sys
@@ -65,8 +66,9 @@ def main(argv=None) -> list[str]:
     lines = [f"`python tools/feedback_reach.py {command}`: {len(samples)} test samples, one reply after the "
              "retriever's first turn", "", "| reply from | replies naming a target attribute | R@10 turn 1 | "
              "R@10 after the reply | change [paired 95% CI] (samples up / down) |", "|---|---|---|---|---|"]
+    first_turn = conversation.play(common.start_episodes(samples), 1, "retriever")  # the same for every source
     for source in SOURCES:
-        episodes = conversation.play(common.start_episodes(samples), 1, "retriever")
+        episodes = copy.deepcopy(first_turn)
         if source == "templated description":
             templated_reply(conversation, episodes)
         else:
