@@ -13,7 +13,8 @@ Choices the papers leave open:
 - ReDial: catalogue = movies_with_mentions.csv, metadata from iEvaLM-CRS's id2info.json, liked =
   the seeker's questionnaire (the respondent's when the seeker's is empty); validation = a seeded
   random fraction of the training dialogues.
-- INSPIRED: catalogue = item_ids.json, attributes from the DBpedia sub-graph, titles from the
+- INSPIRED: catalogue = item_ids.json, attributes from the DBpedia sub-graph, and those it lacks (it
+  has few genres and no plots) from ReDial's id2info.json by title and year; titles from the
   dialogues' "Title (Year)" strings (else from the DBpedia URI); splits train/dev/test. INSPIRED has
   no questionnaire, so liked = the items the seeker mentions plus the last item the recommender
   mentions: in INSPIRED's protocol that is the recommendation the seeker ends up accepting.
@@ -72,6 +73,9 @@ SOURCES = {
                              "6a36fdf987d0597e8346c6d9a0e6333b6d3aea67cfe03bebce0114a0deaabda1"),
     },
 }
+# INSPIRED's DBpedia sub-graph gives 43 of its 1,123 films a genre and none a plot: its films borrow the
+# attributes they lack from ReDial's id2info.json, matched by title and year.
+SOURCES["inspired"]["id2info.json"] = SOURCES["redial"]["id2info.json"]
 INSPIRED_SPLIT_FILES = {"train": "train.jsonl", "valid": "dev.jsonl", "test": "test.jsonl"}
 MISSING_FIX = "pass --raw-dir DIR with the raw files, or leave --raw-dir out to download them"
 
@@ -159,10 +163,20 @@ def fetch_raw(dataset: str, raw_dir: Path) -> Path:
     return raw_dir
 
 
+def raw_file(raw_dir: Path, name: str) -> Path:
+    """raw_dir/name; ReDial's id2info.json, which INSPIRED borrows, may also sit in the ReDial folder beside it."""
+    path = raw_dir / name
+    if not path.is_file() and name == "id2info.json" and (raw_dir.parent / "redial" / name).is_file():
+        return raw_dir.parent / "redial" / name
+    return path
+
+
 def require_files(raw_dir: Path, dataset: str) -> None:
     for name in SOURCES[dataset]:
-        if not (raw_dir / name).is_file():
-            raise DataError(raw_dir / name, None, "file not found", MISSING_FIX)
+        if not raw_file(raw_dir, name).is_file():
+            fix = MISSING_FIX + (" (INSPIRED reads ReDial's id2info.json from DIR or DIR/../redial)"
+                                 if dataset == "inspired" and name == "id2info.json" else "")
+            raise DataError(raw_dir / name, None, "file not found", fix)
 
 
 def read_json(path: Path):
@@ -229,6 +243,8 @@ def recommendation_samples(dialogue: dict) -> list[dict]:
 # ----------------------------------------------------------------------------- ReDial
 
 MENTION = re.compile(r"@(\d+)")
+HAS_YEAR = re.compile(r"\(\d{4}\)")
+ID2INFO_FIELDS = {"genre": "genres", "director": "directors", "writer": "writers", "star": "stars", "plot": "plot"}
 
 
 def redial_catalogue(raw: Path) -> tuple[list[dict], dict[str, int], int]:
@@ -243,8 +259,7 @@ def redial_catalogue(raw: Path) -> tuple[list[dict], dict[str, int], int]:
                 raise DataError(path, reader.line_num, f"expected movieId,movieName, got {row!r}")
             titles[row[0].strip()] = " ".join(row[1].split())
     info = read_json(raw / "id2info.json")
-    fields = ("genre", "director", "writer", "star", "plot")
-    items = [item_row(i, movie_id, title, *(info.get(movie_id, {}).get(f) for f in fields))
+    items = [item_row(i, movie_id, title, *(info.get(movie_id, {}).get(f) for f in ID2INFO_FIELDS))
              for i, (movie_id, title) in enumerate(titles.items())]
     return items, {movie_id: i for i, movie_id in enumerate(titles)}, sum(movie_id in info for movie_id in titles)
 
@@ -327,7 +342,7 @@ def inspired_splits(raw: Path) -> dict[str, tuple[Path, list]]:
 def inspired_catalogue(raw: Path, splits: dict) -> tuple[list[dict], dict[str, int | None], int]:
     """Items = item_ids.json (file order); title = the dialogues' most frequent "Title (Year)"
     paired with the link, else one derived from the URI; attributes from the DBpedia sub-graph
-    (few films there carry dbo:genre, so most INSPIRED items have no genres). The returned link
+    (few films there carry dbo:genre), the rest borrowed from ReDial's id2info.json. The returned link
     index maps every known DBpedia link to its item id, or to None when it is not a catalogue item."""
     entity2id, kg = read_json(raw / "entity2id.json"), read_json(raw / "dbpedia_subkg.json")
     uri_of = {eid: uri for uri, eid in entity2id.items()}
@@ -354,7 +369,38 @@ def inspired_catalogue(raw: Path, splits: dict) -> tuple[list[dict], dict[str, i
         items.append(item_row(i, uri, title, **attributes))
         link_index[uri] = i
         with_metadata += any(attributes.values())
+    borrowed = borrow_metadata(items, read_json(raw_file(raw, "id2info.json")))
+    print(f"inspired: {borrowed} films took attributes DBpedia lacks from ReDial's id2info.json (by title and year)")
+    with_metadata = sum(any(item[field] for field in ID2INFO_FIELDS.values()) for item in items)
     return items, link_index, with_metadata
+
+
+def borrow_metadata(items: list[dict], info: dict) -> int:
+    """Fill each item's empty attribute fields from the id2info.json entry of the same title and year:
+    the same text (case and spacing aside) first, else the same normalised title ("The Matrix (1999)" =
+    "Matrix (1999)"). A title without a year, or one two entries share, matches nothing. Returns how
+    many items took any attribute."""
+    exact: dict[str, dict | None] = {}
+    normalised: dict[str, dict | None] = {}
+    for entry in info.values():
+        name = entry.get("name") or ""
+        if HAS_YEAR.search(name):
+            for index, key in ((exact, " ".join(name.lower().split())), (normalised, common.normalize_title(name))):
+                index[key] = entry if key not in index else None  # shared by two entries: ambiguous
+    borrowed = 0
+    for item in items:
+        if not HAS_YEAR.search(item["title"]):
+            continue
+        entry = (exact.get(" ".join(item["title"].lower().split()))
+                 or normalised.get(common.normalize_title(item["title"])))
+        if entry is None:
+            continue
+        filled = item_row(0, "", "", *(entry.get(f) for f in ID2INFO_FIELDS))
+        taken = [field for field in ID2INFO_FIELDS.values() if not item[field] and filled[field]]
+        for field in taken:
+            item[field] = filled[field]
+        borrowed += bool(taken)
+    return borrowed
 
 
 def inspired_dialogue(turns: list, dialog_id: str, path: Path, lineno: int,

@@ -196,7 +196,15 @@ def make_inspired(folder: Path, dialogue=INSPIRED_DIALOGUE) -> Path:
     (folder / "dbpedia_subkg.json").write_text(json.dumps({"0": [[3, 0], [0, 4], [1, 5], [2, 7], [0, 4]]}))
     for name in ("train.jsonl", "dev.jsonl", "test.jsonl"):
         write_lines(folder / name, [dialogue])
+    (folder / "id2info.json").write_text(json.dumps(ID2INFO))
     return folder
+
+
+# ReDial's metadata, which INSPIRED borrows by title and year: Knives Out keeps DBpedia's genre and
+# director and takes the plot; Up takes everything; "Heat" has no year, so Heat (1995) matches nothing.
+ID2INFO = {"1": {"name": "Knives Out (2019)", "genre": ["mystery"], "director": ["R. J."], "plot": "A detective."},
+           "2": {"name": "Up (2009)", "genre": ["animation"], "star": ["Ed Asner"], "plot": "A house flies."},
+           "3": {"name": "Heat", "genre": ["crime"], "plot": "Cops and robbers."}}
 
 
 def test_inspired_hand_made_dialogue(tmp_path):
@@ -204,8 +212,10 @@ def test_inspired_hand_made_dialogue(tmp_path):
     items = outputs(tmp_path / "run", "items")
     assert [it["title"] for it in items] == ["Knives Out (2019)", "Joker (2019)", "Up (2009)", "Heat (1995)"]
     assert items[0]["stars"] == ["Daniel Craig"] and items[0]["genres"] == ["Mystery film"]
-    assert items[0]["directors"] == ["Rian Johnson"] and items[0]["plot"] == ""
-    assert stats["items_with_metadata"] == 1
+    assert items[0]["directors"] == ["Rian Johnson"] and items[0]["plot"] == "A detective."
+    assert items[2]["genres"] == ["animation"] and items[2]["stars"] == ["Ed Asner"] and items[2]["plot"]
+    assert items[3]["genres"] == [] and items[3]["plot"] == "" and items[1]["plot"] == ""
+    assert stats["items_with_metadata"] == 2
 
     (dialogue,) = outputs(tmp_path / "run", "dialogues_test")
     assert dialogue["dialog_id"] == "test-1"
@@ -218,6 +228,31 @@ def test_inspired_hand_made_dialogue(tmp_path):
     assert first["seeker_reply"] == "ok, I also saw Frozen" and len(first["context"]) == 2
     assert second["targets"] == [2, 1] and second["new_targets"] == [2] and second["seeker_reply"] == "sure"
     assert stats["splits"]["test"]["dropped"] == {"mention_not_in_catalogue": 1, "unlinked_mention": 1}
+
+
+def test_inspired_metadata_is_found_beside_in_the_redial_folder(tmp_path):
+    raw = make_inspired(tmp_path / "data" / "inspired")
+    (raw / "id2info.json").rename(tmp_path / "id2info.json")
+    with pytest.raises(DataError, match=r"id2info\.json: file not found.*DIR/\.\./redial"):
+        run_prep(raw, tmp_path / "run", "inspired")
+    (tmp_path / "data" / "redial").mkdir()
+    (tmp_path / "id2info.json").rename(tmp_path / "data" / "redial" / "id2info.json")
+    run_prep(raw, tmp_path / "run", "inspired")
+    assert outputs(tmp_path / "run", "items")[2]["plot"] == "A house flies."
+
+
+def test_borrow_metadata_needs_the_year():
+    items = [prep.item_row(0, "a", "Heat (1995)"), prep.item_row(1, "b", "The Heat (1995)"),
+             prep.item_row(2, "c", "Heat"), prep.item_row(3, "d", "Twin (2001)")]
+    info = {"1": {"name": "Heat (1995)", "genre": ["crime"]}, "2": {"name": "Heat", "genre": ["drama"]},
+            "3": {"name": "Twin (2001)", "plot": "one"}, "4": {"name": "The Twin (2001)", "plot": "two"},
+            "5": {"name": "Twin  (2001)", "plot": "three"}}
+    assert prep.borrow_metadata(items, info) == 2
+    # "The Heat (1995)" normalises like "Heat (1995)"; a yearless title and an ambiguous one take nothing
+    assert [it["genres"] for it in items] == [["crime"], ["crime"], [], []] and items[3]["plot"] == ""
+    # the same text wins over a title that only normalises alike (ReDial has both Holiday and The Holiday)
+    twin = [prep.item_row(0, "a", "The Twin (2001)")]
+    assert prep.borrow_metadata(twin, info) == 1 and twin[0]["plot"] == "two"
 
 
 def test_inspired_liked_is_seeker_items_plus_last_recommendation():
@@ -319,6 +354,8 @@ def test_real_data(real_run):
     assert [it["item_id"] for it in items] == list(range(len(items)))
     if dataset == "redial":
         assert stats["items_without_metadata"] == 341
+    else:  # DBpedia alone gives 43 films a genre and none a plot
+        assert sum(bool(it["genres"]) for it in items) == 640 and sum(bool(it["plot"]) for it in items) == 599
     for split in prep.SPLITS:
         samples = outputs(run, f"samples_{split}")
         assert samples and len(samples) == stats["splits"][split]["samples"]
