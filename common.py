@@ -1223,17 +1223,6 @@ def lora_swapped(model: nn.Module, weights: dict[str, torch.Tensor]):
         set_lora_weights(model, saved)
 
 
-def decoding_dtype(device: torch.device | str) -> torch.dtype | None:
-    """The dtype 04's sampled rollouts decode in: bf16 where the device multiplies it natively (CUDA,
-    or a CPU with AVX512-BF16 or AMX), else None (the model's own). A bf16 CPU step streams half the
-    bytes of an fp32 one, the bound of a decode step: SmolLM2 on 2 cores went from 40 to 53
-    tokens/s (bench/generate.py). Training and the RL log-probs stay in the model's dtype; the
-    sampling policy differs from it by a mean KL of 0.0009 a token (docs/findings.md)."""
-    if torch.device(device).type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-
-
 @contextlib.contextmanager
 @torch.no_grad()
 def decoding_weights(model: nn.Module, dtype: torch.dtype | None = None):
@@ -2298,7 +2287,7 @@ class Conversation:
         recommender's own list ranks a true target first (own_rank 1: 04's absorbing success; 05's
         label-using --stop-on-label) and keeps that list for the later turns.
         temperature, top_p: the recommender's decoding (0 = greedy, for evaluation; RL samples).
-        dtype: the dtype both players decode in (None = the model's own; 04's rollouts: decoding_dtype).
+        dtype: the dtype both players decode in (None = the model's own; 04's rollouts use 04's decoding_dtype).
         progress: a bar over the turns with this description, and one over each turn's generation batches."""
         bar = tqdm(range(1, turns + 1), desc=progress or "turns", disable=not progress)
         for t in bar:
