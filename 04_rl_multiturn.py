@@ -419,11 +419,11 @@ def draw_samples(train: list[dict], step: int, rank: int, world: int, args) -> l
 
 
 def decoding_dtype(device: torch.device | str) -> torch.dtype | None:
-    """The dtype 04's sampled rollouts decode in: bf16 where the device multiplies it natively (CUDA,
-    or a CPU with AVX512-BF16 or AMX), else None (the model's own). A bf16 CPU step streams half the
-    bytes of an fp32 one, the bound of a decode step: SmolLM2 on 2 cores went from 40 to 53
-    tokens/s (bench/generate.py). Training and the RL log-probs stay in the model's dtype; the
-    sampling policy differs from it by a mean KL of 0.0009 a token (docs/findings.md)."""
+    """The dtype the sampled rollouts decode in: bf16 where the device multiplies it natively (CUDA,
+    or a CPU with AVX512-BF16 or AMX), else None (the model's own). A decode step is bound by the
+    bytes it streams, and a bf16 step streams half of an fp32 one (bench/generate.py). Training and
+    the RL log-probs stay in the model's dtype; the sampling policy differs from it by a small
+    per-token KL (docs/findings.md: bf16 decoding)."""
     if torch.device(device).type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
