@@ -418,12 +418,23 @@ def draw_samples(train: list[dict], step: int, rank: int, world: int, args) -> l
     return [train[i] for i in draw[rank::world]]
 
 
+def decoding_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The dtype the sampled rollouts decode in: bf16 where the device multiplies it natively (CUDA,
+    or a CPU with AVX512-BF16 or AMX), else None (the model's own). A decode step is bound by the
+    bytes it streams, and a bf16 step streams half of an fp32 one (bench/generate.py). Training and
+    the RL log-probs stay in the model's dtype; the sampling policy differs from it by a small
+    per-token KL (docs/findings.md: bf16 decoding)."""
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+
+
 def rollout(conversation: common.Conversation, samples: list[dict], policy: dict, args) -> list[list[common.Episode]]:
     """G episodes per start state with the policy sampling -> one group (list of G episodes) per sample."""
     # bf16 where the hardware has it: rollouts decode twice as fast, the update stays in fp32
     episodes = conversation.play(common.start_episodes(samples, args.group_size), args.turns, policy,
                                  temperature=args.temperature, stop_on_success=True,
-                                 dtype=common.decoding_dtype(conversation.model.device))
+                                 dtype=decoding_dtype(conversation.model.device))
     return [episodes[i:i + args.group_size] for i in range(0, len(episodes), args.group_size)]
 
 

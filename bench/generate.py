@@ -10,13 +10,14 @@ a LoRA adapter on the base as the stages decode (B random, so the adapter change
              weight once, in the dtype ours decodes in, and the KV cache of every row;
              bandwidth = a large tensor copy, timed here
 ours decodes in --decode-dtype (auto: 04's rollouts' choice, bf16 where the hardware has it,
-common.decoding_dtype; float32: the greedy evaluation of 02, 03 and 05), hf in the model's dtype.
+04's decoding_dtype; float32: the greedy evaluation of 02, 03 and 05), hf in the model's dtype.
 It reports whether both return the same tokens (and how many leading tokens each row shares), and
 appends one JSON line per run to --out.
 
     python bench/generate.py                                   # SmolLM2-135M on this CPU
     python bench/generate.py --model /tmp/qwen2.5-1.5b-random --load-in-4bit --batch-size 32   # a GPU
 """
+import importlib
 import json
 import statistics
 import sys
@@ -31,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 from common import arg  # noqa: E402
 
+rl = importlib.import_module("04_rl_multiturn")  # decoding_dtype: the dtype 04's rollouts decode in
+
 
 @dataclass
 class Args:
@@ -40,7 +43,7 @@ class Args:
     completion_tokens: int = arg(256, "new tokens of each completion")
     batch_size: int = arg(4, "prompts decoded together")
     distinct: int = arg(0, "distinct prompts among them, the rest copies, as in a GRPO group's first turn (0 = all)")
-    decode_dtype: str = arg("auto", "dtype ours decodes in: auto (04's rollouts, common.decoding_dtype), "
+    decode_dtype: str = arg("auto", "dtype ours decodes in: auto (04's rollouts, 04's decoding_dtype), "
                                     "float32 or bfloat16", choices=["auto", "float32", "bfloat16"])
     lora_r: int = arg(16, "rank of the LoRA adapter on the base (0 = none)")
     repeats: int = arg(2, "timed runs of each path (the median is reported), after one untimed run")
@@ -101,7 +104,7 @@ def decode_bytes(model, batch: int, context: int) -> float:
 
 
 def decode_dtype(args: Args, device) -> torch.dtype:
-    return common.decoding_dtype(device) if args.decode_dtype == "auto" else getattr(torch, args.decode_dtype)
+    return rl.decoding_dtype(device) if args.decode_dtype == "auto" else getattr(torch, args.decode_dtype)
 
 
 def time_path(path: str, model, tok, prompts: list[str], args: Args) -> tuple[float, list[list[int]]]:
