@@ -39,7 +39,8 @@ def test_runs_on_the_tiny_model(inspired_tiny_adapters, tmp_path, make_run, monk
     # the simulator answered twice (label-free, then told the target); the templated source needs no LLM
     assert len(prompts) == 6 and not any("The movie you are looking for" in p for p in prompts[:3])
     assert all("The movie you are looking for" in p for p in prompts[3:])
-    for row in rows:  # the change is the difference of the two recalls (the same labels)
-        assert float(row[4].split(" ")[0]) == pytest.approx(float(row[3]) - float(row[2]), abs=1e-3)
+    for row in rows:  # the change is the difference of the two recalls (the same labels), each printed
+        # to 3 decimals: 0.667 - 0.333 prints as +0.333, so rounding alone may part them by 0.0015
+        assert float(row[4].split(" ")[0]) == pytest.approx(float(row[3]) - float(row[2]), abs=2e-3)
         assert row[2] == rows[0][2]  # the same first turn for every source
     assert (run / "feedback_reach.md").read_text().splitlines() == lines
