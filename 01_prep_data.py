@@ -356,7 +356,7 @@ def inspired_catalogue(raw: Path, splits: dict) -> tuple[list[dict], dict[str, i
                     for title, link in zip(turn["movie"], turn["movie_link"]):
                         if TITLE_WITH_YEAR.match(title.strip()):  # skips broken ones like "Amber ()"
                             titles_seen.setdefault(link, Counter())[" ".join(title.split())] += 1
-    items, link_index, with_metadata = [], dict.fromkeys(entity2id), 0
+    items, link_index = [], dict.fromkeys(entity2id)
     for i, eid in enumerate(read_json(raw / "item_ids.json")):
         if eid not in uri_of:
             raise DataError(raw / "item_ids.json", None, f"item entity {eid} is not in entity2id.json")
@@ -368,7 +368,6 @@ def inspired_catalogue(raw: Path, splits: dict) -> tuple[list[dict], dict[str, i
         title = titles_seen[uri].most_common(1)[0][0] if uri in titles_seen else name_from_uri(uri)
         items.append(item_row(i, uri, title, **attributes))
         link_index[uri] = i
-        with_metadata += any(attributes.values())
     borrowed = borrow_metadata(items, read_json(raw_file(raw, "id2info.json")))
     print(f"inspired: {borrowed} films took attributes DBpedia lacks from ReDial's id2info.json (by title and year)")
     with_metadata = sum(any(item[field] for field in ID2INFO_FIELDS.values()) for item in items)

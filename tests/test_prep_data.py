@@ -230,7 +230,7 @@ def test_inspired_hand_made_dialogue(tmp_path):
     assert stats["splits"]["test"]["dropped"] == {"mention_not_in_catalogue": 1, "unlinked_mention": 1}
 
 
-def test_inspired_metadata_is_found_beside_in_the_redial_folder(tmp_path):
+def test_inspired_reads_id2info_from_the_redial_folder_beside(tmp_path):
     raw = make_inspired(tmp_path / "data" / "inspired")
     (raw / "id2info.json").rename(tmp_path / "id2info.json")
     with pytest.raises(DataError, match=r"id2info\.json: file not found.*DIR/\.\./redial"):
