@@ -114,7 +114,8 @@ class Args:
     micro_batch: int = arg(2, "recommender turns per forward/backward pass (memory)")
     gradient_checkpointing: bool = arg(True, "recompute activations in the backward pass (less memory, slower)")
     start_states: str = arg("all", "training and validation samples to start from: all with a target; reachable: a "
-                                   "target among the first turn's K candidates", choices=list(common.START_STATES))
+                                   "target among the first turn's K candidates; linked: a catalogue item in the "
+                                   "context", choices=list(common.START_STATES))
     eval_every: int = arg(0, "greedy validation every N steps (0 = none); the SFT start and the end always are")
     eval_samples: int = arg(16, "validation start states (seeded draw among samples with a new target; 0 = none)")
     save_every: int = arg(5, "checkpoint every N steps (a killed run resumes from the last one)")

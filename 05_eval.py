@@ -101,7 +101,8 @@ class Args:
     limit: int = arg(100, "multi-turn rows: samples (seeded draw among those with a new target); 0 = all")
     test_states: str = arg("all", "multi-turn rows: test samples to draw from; reachable: a target among the "
                                   "retriever's first-turn K candidates (the rows then compare re-ranking and "
-                                  "feedback, not recall)", choices=list(common.START_STATES))
+                                  "feedback, not recall); linked: a catalogue item mentioned in the context "
+                                  "(iEvaLM's ReDial subset)", choices=list(common.START_STATES))
     turns: int = arg(5, "multi-turn rows: turns T per conversation")
     stop_on_label: bool = arg(False, "label-using (iEvaLM): end a conversation once the recommender's own list "
                                      "ranks a true target first; default: every conversation plays all T turns "

@@ -2252,16 +2252,18 @@ class Conversation:
 
 
 # Which samples an RL run starts from (04 --start-states, which its validation follows) and which test
-# samples 05 draws (--test-states): all, or those whose first-turn candidates hold a true target
-START_STATES = ("all", "reachable")
+# samples 05 draws (--test-states): all, those whose first-turn candidates hold a true target, or those
+# whose context mentions a catalogue item (iEvaLM's ReDial subset keeps a context with a linked entity)
+START_STATES = ("all", "reachable", "linked")
 
 
 def keep_states(conversation: Conversation, samples: list[dict], rule: str) -> list[dict]:
-    """The samples that rule keeps: "all", or "reachable": a true target is among the first turn's
-    K candidates, recalled as in an episode (a turn played with the retriever's own list, no LLM, so
-    a training dialogue's candidates come from the fold net that did not train on it)."""
-    if rule == "all":
-        return list(samples)
+    """The samples that rule keeps: "all"; "linked": the context mentions a catalogue item; or
+    "reachable": a true target is among the first turn's K candidates, recalled as in an episode (a
+    turn played with the retriever's own list, no LLM, so a training dialogue's candidates come from
+    the fold net that did not train on it)."""
+    if rule in ("all", "linked"):
+        return [s for s in samples if rule == "all" or s["context_items"]]
     episodes = conversation.play(start_episodes(samples), 1, "retriever")
     return [e.sample for e in episodes if set(e.truth) & set(e.turns[0]["candidates"])]
 

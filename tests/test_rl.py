@@ -452,6 +452,8 @@ def test_reachable_start_states_are_those_whose_first_turn_candidates_hold_a_tar
     assert 0 < sum(held) < len(held)  # both kinds, so the rule has something to tell apart
     assert reachable == [s for s, h in zip(samples, held) if h]
     assert common.keep_states(conversation, samples, "all") == samples
+    linked = common.keep_states(conversation, samples, "linked")  # iEvaLM's subset: an item in the context
+    assert 0 < len(linked) < len(samples) and linked == [s for s in samples if s["context_items"]]
     stats = rl.summarize([{"terms": [{"reward": 0, "format": 0, "recommend": 0, "preference": 0}], "returns": [],
                            "hits": [rl.episode_hits(e, 2) for e in episodes], "zero_variance_groups": 0, "groups": 0,
                            "tokens_generated": 0}])
