@@ -60,6 +60,8 @@ feedback at all: the label-free simulator's replies may say nothing useful.
 With --test-states reachable the draw is among the samples whose first-turn K candidates hold a
 true target (the retriever's own first turn, no LLM): a table of conditional figures, where a row
 can gain by ranking and feedback alone, since the retriever's misses are left out for every row alike.
+With --test-states linked it is among the samples whose context mentions a catalogue item (iEvaLM's
+ReDial subset keeps a context with a linked entity).
 """
 from __future__ import annotations
 
@@ -551,8 +553,8 @@ def test_states_phrase(states: dict | None) -> str:
     """How the multi-turn draw was restricted (--test-states), for the table's heading; '' for all."""
     if not states or states["rule"] == "all":
         return ""
-    return (f"among the {states['kept']} of {states['of']} whose first-turn candidates hold a target "
-            f"(--test-states {states['rule']}): ")
+    kept = {"reachable": "whose first-turn candidates hold a target", "linked": "whose context mentions an item"}
+    return f"among the {states['kept']} of {states['of']} {kept[states['rule']]} (--test-states {states['rule']}): "
 
 
 def plot_recall_by_turn(results: dict, path) -> None:

@@ -2262,8 +2262,10 @@ def keep_states(conversation: Conversation, samples: list[dict], rule: str) -> l
     "reachable": a true target is among the first turn's K candidates, recalled as in an episode (a
     turn played with the retriever's own list, no LLM, so a training dialogue's candidates come from
     the fold net that did not train on it)."""
-    if rule in ("all", "linked"):
-        return [s for s in samples if rule == "all" or s["context_items"]]
+    if rule == "all":
+        return list(samples)
+    if rule == "linked":
+        return [s for s in samples if s["context_items"]]
     episodes = conversation.play(start_episodes(samples), 1, "retriever")
     return [e.sample for e in episodes if set(e.truth) & set(e.turns[0]["candidates"])]
 

@@ -437,6 +437,14 @@ def test_eval_smtpo_rows(inspired_tiny_adapters, tmp_path, make_run, monkeypatch
         evaluate.main(eval_args + ["--rows", "sft+simulator", "--merge"])
 
 
+def test_the_table_heading_names_the_rule_of_the_draw():
+    assert evaluate.test_states_phrase({"rule": "all", "kept": 9, "of": 9}) == ""
+    assert evaluate.test_states_phrase({"rule": "reachable", "kept": 3, "of": 9}) == \
+        "among the 3 of 9 whose first-turn candidates hold a target (--test-states reachable): "
+    assert evaluate.test_states_phrase({"rule": "linked", "kept": 7, "of": 9}) == \
+        "among the 7 of 9 whose context mentions an item (--test-states linked): "
+
+
 def test_reachable_start_states_are_those_whose_first_turn_candidates_hold_a_target(rollout):
     conversation, samples = rollout.conversation, [s for s in common.load_samples(
         common.RunPaths(rollout.args.run_dir), "train")[:60] if common.sample_truth(s)]
